@@ -1,0 +1,5 @@
+import sys
+
+from bootkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,77 @@
+"""The ``bootkit`` command line: one parser, subcommands dispatched in one place.
+
+Each module of this package registers the subcommands of one area (``image``: inspect/map/convert/check,
+``nbd``: serve-nbd/attach/detach, ...) and turns the parsed arguments into library calls; nothing past this
+package sees an ``argparse.Namespace``. Library errors become one ``error: ...`` line and an exit status:
+0 success, 1 runtime failure, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+from bootkit import __version__
+from bootkit.errors import BootkitError
+from bootkit.log import log, setup
+
+#: modules that register subcommands, in the order they appear in ``--help``
+COMMAND_MODULES = (
+    "bootkit.cli.image",
+    "bootkit.cli.nbd",
+    "bootkit.cli.fetch",
+    "bootkit.cli.pxe",
+    "bootkit.cli.initrd",
+)
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage as one ``error:`` line and exit status 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"error: {self.prog}: {message}\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="bootkit", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"bootkit {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more diagnostics (repeatable)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue  # an area not built yet
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup(-1 if args.quiet else args.verbose)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except BootkitError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return e.exit_status
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return 1
+    except OSError as e:
+        # an environment failure (disk full, permission) rather than a bug: one line, no traceback
+        log.debug("OS error", exc_info=True)
+        sys.stderr.write(f"error: {e}\n")
+        return 1
