@@ -1,0 +1,87 @@
+"""Internal snapshots: the snapshot table (QEMU docs/interop/qcow2.rst "Snapshots"; block/qcow2-snapshot.c
+``qcow2_do_read_snapshots``). A snapshot is a saved L1 table; reading the disk "as of" a snapshot means
+mapping through that L1 instead of the active one. VM state stored after the disk is never exposed.
+
+Runs inside the initramfs: standard library only, Python >= 3.9.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import List, NamedTuple, Sequence
+
+from bootkit.errors import InvalidImage
+from bootkit.qcow2.header import Header
+from bootkit.source import ByteSource
+
+# QCowSnapshotHeader (block/qcow2.h): l1_table_offset, l1_size, id_str_size, name_size, date_sec, date_nsec,
+# vm_clock_nsec, vm_state_size, extra_data_size
+SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")
+QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
+QCOW_MAX_SNAPSHOTS_SIZE = 64 * 1024 * 1024
+
+
+class Snapshot(NamedTuple):
+    id: str
+    name: str
+    l1_table_offset: int
+    l1_size: int
+    disk_size: int
+    vm_state_size: int
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    icount: int  # -1: not recorded
+
+
+def read_snapshots(source: ByteSource, header: Header) -> List[Snapshot]:
+    """Parse and validate the whole snapshot table."""
+    snapshots: List[Snapshot] = []
+    offset = header.snapshots_offset
+    for i in range(header.nb_snapshots):
+        offset = (offset + 7) & ~7
+        if offset - header.snapshots_offset > QCOW_MAX_SNAPSHOTS_SIZE:
+            raise InvalidImage(f"{source.name}: snapshot table is too big")
+        raw = source.pread(offset, SNAPSHOT_HEADER.size)
+        if len(raw) < SNAPSHOT_HEADER.size:
+            raise InvalidImage(f"{source.name}: snapshot table entry {i} at offset {offset:#x} is past end of file")
+        (l1_offset, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state_size, extra_size) = (
+            SNAPSHOT_HEADER.unpack(raw)
+        )
+        if extra_size > QCOW_MAX_SNAPSHOT_EXTRA_DATA:
+            raise InvalidImage(f"{source.name}: too much extra metadata in snapshot table entry {i}")
+        if header.version >= 3 and extra_size < 16:
+            raise InvalidImage(f"{source.name}: snapshot table entry {i} is incomplete (extra_data_size {extra_size})")
+        body_len = extra_size + id_len + name_len
+        body = source.pread(offset + SNAPSHOT_HEADER.size, body_len)
+        if len(body) < body_len:
+            raise InvalidImage(f"{source.name}: snapshot table entry {i} reaches past end of file")
+        extra = body[:extra_size]
+        vm_state_large = struct.unpack_from(">Q", extra, 0)[0] if extra_size >= 8 else vm_state_size
+        disk_size = struct.unpack_from(">Q", extra, 8)[0] if extra_size >= 16 else header.size
+        icount = struct.unpack_from(">Q", extra, 16)[0] if extra_size >= 24 else -1
+        if icount == (1 << 64) - 1:
+            icount = -1
+        ident = body[extra_size : extra_size + id_len].decode("utf-8", "replace")
+        name = body[extra_size + id_len :].decode("utf-8", "replace")
+        snapshots.append(
+            Snapshot(ident, name, l1_offset, l1_size, disk_size, vm_state_large, date_sec, date_nsec, vm_clock, icount)
+        )
+        offset += SNAPSHOT_HEADER.size + body_len
+    if offset - header.snapshots_offset > QCOW_MAX_SNAPSHOTS_SIZE:
+        raise InvalidImage(f"{source.name}: snapshot table is too big")
+    return snapshots
+
+
+def find_snapshot(snapshots: Sequence[Snapshot], wanted: str, image_name: str) -> Snapshot:
+    """Pick a snapshot by id or name, as ``qemu-img convert -l`` does: an exact id wins, then a name."""
+    for sn in snapshots:
+        if sn.id == wanted:
+            return sn
+    matches = [sn for sn in snapshots if sn.name == wanted]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise InvalidImage(f"{image_name}: snapshot name {wanted!r} is ambiguous; use its id")
+    known = ", ".join(f"{sn.id}:{sn.name}" for sn in snapshots) or "none"
+    raise InvalidImage(f"{image_name}: no snapshot {wanted!r} (snapshots: {known})")
