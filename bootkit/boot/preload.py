@@ -1,0 +1,100 @@
+"""Everything the boot code and the NBD server it leaves behind can ever import, imported up front.
+
+After switch_root the server's own root directory is empty: a lazy ``import`` there fails with
+``ModuleNotFoundError`` (measured, dracut-notes §7). So the boot code imports this whole list before it does
+anything, error and logging paths included, and ``bootkit build-initrd`` imports the same list on the host
+to learn which files to put into the initramfs: one list, two uses.
+
+Runs inside the initramfs: standard library only, Python >= 3.9.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import List, Tuple
+
+#: bootkit's own runtime modules (never the CLI, templates or host-side builders)
+BOOTKIT_MODULES: Tuple[str, ...] = (
+    "bootkit.errors",
+    "bootkit.log",
+    "bootkit.source",
+    "bootkit.boot.cmdline",
+    "bootkit.boot.partitions",
+    "bootkit.boot.status",
+    "bootkit.boot.main",
+    "bootkit.qcow2",
+    "bootkit.nbd",
+    "bootkit.nbd.protocol",
+    "bootkit.nbd.server",
+    "bootkit.nbd.kernel",
+    "bootkit.fetch",
+)
+
+#: standard library modules used lazily somewhere on the boot, serve, error or log paths
+STDLIB_MODULES: Tuple[str, ...] = (
+    "argparse",
+    "base64",
+    "binascii",
+    "codecs",
+    "concurrent.futures",
+    "concurrent.futures.thread",
+    "ctypes",
+    "dataclasses",
+    "email.parser",
+    "encodings.ascii",
+    "encodings.idna",
+    "encodings.latin_1",
+    "encodings.utf_8",
+    "errno",
+    "fcntl",
+    "hashlib",
+    "http.client",
+    "json",
+    "logging",
+    "logging.handlers",
+    "mmap",
+    "os",
+    "queue",
+    "resource",
+    "select",
+    "selectors",
+    "shutil",
+    "signal",
+    "socket",
+    "ssl",
+    "stat",
+    "struct",
+    "subprocess",
+    "threading",
+    "time",
+    "traceback",
+    "urllib.error",
+    "urllib.parse",
+    "urllib.request",
+    "uuid",
+    "zlib",
+)
+
+#: third-party modules: zstandard decodes zstd-compressed clusters
+EXTRA_MODULES: Tuple[str, ...] = ("zstandard",)
+
+
+def preload(*, strict: bool = True) -> List[str]:
+    """Import every module the runtime may need; returns the names that could not be imported.
+
+    ``strict`` raises on the first missing module (the boot code: a missing module must fail now, not after
+    the root switch); non-strict is for ``build-initrd`` while parts of bootkit are still missing.
+    """
+    missing: List[str] = []
+    for name in STDLIB_MODULES + EXTRA_MODULES + BOOTKIT_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            if strict:
+                raise
+            missing.append(name)
+    # traceback formats exceptions lazily through linecache and its tokenizer
+    import linecache  # noqa: F401
+    import tokenize  # noqa: F401
+
+    return missing

@@ -1,0 +1,72 @@
+"""``bootkit build-initrd`` (host) and ``bootkit status`` (on a system booted by bootkit)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "build-initrd",
+        help="build an initramfs that boots root=qcow2:URL (dracut + bootkit's module)",
+        description="Build an initramfs with dracut and bootkit's dracut module: Python with just the "
+        "standard library the boot code imports, bootkit's runtime, zstandard, and the kernel modules "
+        "for NBD, the overlay, common filesystems and network drivers. Without --kver/--kmoddir, the "
+        "current Debian bookworm kernel package is downloaded into the cache and used.",
+    )
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="FILE", help="initramfs to write")
+    p.add_argument("--kver", metavar="VER", help="kernel version (default: the cached Debian kernel)")
+    p.add_argument("--kmoddir", type=Path, metavar="DIR", help="kernel modules, .../lib/modules/VER")
+    flavour = p.add_mutually_exclusive_group()
+    flavour.add_argument("--systemd", dest="systemd", action="store_true",
+                         help="systemd initramfs, network through systemd-networkd")
+    flavour.add_argument("--no-systemd", dest="systemd", action="store_false",
+                         help="shell initramfs, network through network-legacy (default)")
+    p.add_argument("--drivers", metavar="LIST",
+                   help="comma-separated NIC drivers to include (default: every network driver), "
+                   "e.g. virtio_net,e1000")
+    p.add_argument("--dracut-arg", dest="dracut_args", action="append", default=[], metavar="ARG",
+                   help="extra argument passed to dracut (repeatable)")
+    p.set_defaults(handler=_build_initrd, systemd=False)
+
+    s = sub.add_parser("status", help="show how the running system was booted (/run/bootkit/status.json)")
+    s.add_argument("--file", type=Path, default=None, metavar="PATH",
+                   help="status file (default: /run/bootkit/status.json)")
+    s.add_argument("--json", action="store_true", help="print the raw JSON")
+    s.set_defaults(handler=_status)
+
+
+def _build_initrd(args: argparse.Namespace) -> int:
+    from bootkit.initrd import InitrdOptions, build_initrd, describe
+
+    drivers = None
+    if args.drivers is not None:
+        drivers = tuple(d.strip() for d in args.drivers.split(",") if d.strip())
+    result = build_initrd(
+        InitrdOptions(
+            output=args.output,
+            kver=args.kver,
+            kmoddir=args.kmoddir,
+            systemd=args.systemd,
+            drivers=drivers,
+            dracut_args=tuple(args.dracut_args),
+        )
+    )
+    print(describe(result))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from bootkit.boot.status import STATUS_FILE, format_status, read_status
+
+    data = read_status(args.file or Path(STATUS_FILE))
+    if args.json:
+        import json
+
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(format_status(data))
+    return 0

@@ -1,0 +1,312 @@
+"""``bootkit build-initrd``: an initramfs that boots a root filesystem from a QCOW2 image over HTTP.
+
+dracut builds it with bootkit's module (``dracut-module/90bootkit``), without copying anything into the
+system's dracut directory and isolated from the host's dracut configuration (../shared/reference/
+dracut-notes.md §3, §10):
+
+* ``dracutbasedir`` points at a temporary symlink farm of ``/usr/lib/dracut`` whose ``modules.d`` also holds
+  our module, and, when the NIC drivers are trimmed, our own ``90kernel-network-modules`` shadowing the
+  stock one (which installs every NIC driver with ``--no-hostonly``);
+* ``--conf /dev/null --confdir <empty>``: dracut-network's ``11-ifcfg.conf`` and the like stay out;
+* the network handler is named (network-legacy or systemd-networkd): left alone, dracut on Debian 12 picks
+  systemd-networkd even for a shell initramfs.
+
+Python goes in with just the standard library files the runtime imports: this module runs the host's
+``python3`` on :func:`bootkit.boot.preload.preload` and lists ``sys.modules``; the dracut module installs the
+files and resolves the C extensions' libraries itself (dracut does not follow files it did not install).
+
+Host side only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+from bootkit.errors import BootkitError, UsageError
+from bootkit.log import human_size, log
+from bootkit.run import run
+
+DRACUT_DIR = Path("/usr/lib/dracut")
+#: the interpreter that goes into the initramfs (Debian's; the venv's python is the same binary)
+PYTHON = "/usr/bin/python3"
+
+#: dracut modules of each flavour; the network handler is always named (see the module docstring)
+SHELL_MODULES = ("base", "bash", "udev-rules", "network-legacy", "bootkit")
+SYSTEMD_MODULES = (
+    "base",
+    "bash",
+    "systemd",
+    "systemd-initrd",
+    "dracut-systemd",
+    "udev-rules",
+    "systemd-networkd",
+    "bootkit",
+)
+
+#: extra modules a driver needs to be usable (virtio_net is nothing without its PCI transport)
+_DRIVER_COMPANIONS = {"virtio_net": ("virtio_pci",)}
+
+
+class InitrdError(BootkitError):
+    """The initramfs could not be built."""
+
+
+@dataclass(frozen=True)
+class InitrdOptions:
+    """What ``bootkit build-initrd`` was asked for."""
+
+    output: Path
+    kver: str | None = None
+    kmoddir: Path | None = None
+    systemd: bool = False
+    #: NIC drivers to include; None = every network driver (real clients have all kinds of NICs)
+    drivers: tuple[str, ...] | None = None
+    dracut_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class InitrdResult:
+    output: Path
+    size: int
+    kver: str
+    kmoddir: Path
+    #: the kernel image matching the modules, when bootkit fetched the kernel package itself
+    vmlinuz: Path | None
+    systemd: bool
+    drivers: tuple[str, ...] | None
+    #: bootkit runtime modules that could not be imported (the image cannot boot while this is not empty)
+    missing_modules: tuple[str, ...]
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def module_dir() -> Path:
+    """bootkit's dracut module (``dracut-module/90bootkit`` in the source tree)."""
+    return repo_root() / "dracut-module" / "90bootkit"
+
+
+def check_tools() -> None:
+    """One clear line naming the package to install when a build dependency is missing."""
+    if shutil.which("dracut") is None or not (DRACUT_DIR / "modules.d").is_dir():
+        raise InitrdError("dracut not found: install the Debian package 'dracut-core'")
+    if not (DRACUT_DIR / "modules.d" / "35network-legacy").is_dir():
+        raise InitrdError("dracut's network modules not found: install the Debian package 'dracut-network'")
+    if not os.access(PYTHON, os.X_OK):
+        raise InitrdError(f"{PYTHON} not found: install the Debian package 'python3'")
+    if shutil.which("dhclient") is None:
+        raise InitrdError("dhclient not found (network-legacy needs it): install 'isc-dhcp-client'")
+
+
+def resolve_kernel(kver: str | None, kmoddir: Path | None) -> tuple[str, Path, Path | None]:
+    """(kver, kmoddir, vmlinuz or None) for the options; fetches the Debian kernel when none is named."""
+    from bootkit import kernelpkg
+
+    if kmoddir is not None:
+        kmoddir = kmoddir.resolve()
+        kver = kver or kmoddir.name
+        if kmoddir.name != kver or kmoddir.parent.name != "modules" or kmoddir.parent.parent.name != "lib":
+            # dracut itself refuses it (dracut-notes §2); say so before it does, with the reason
+            raise UsageError(f"--kmoddir {kmoddir}: must be a directory named .../lib/modules/{kver}")
+        vmlinuz: Path | None = kmoddir.parent.parent.parent / "vmlinuz"
+    elif kver is not None and (Path("/lib/modules") / kver / "kernel").is_dir():
+        kmoddir, vmlinuz = Path("/lib/modules") / kver, Path(f"/boot/vmlinuz-{kver}")
+    else:
+        kernel = kernelpkg.ensure_kernel(kver)
+        kver, kmoddir, vmlinuz = kernel.kver, kernel.kmoddir, kernel.vmlinuz
+    if not (kmoddir / "kernel").is_dir():
+        raise InitrdError(
+            f"no kernel modules in {kmoddir}: install the Debian package 'linux-image-{kver}' "
+            "or pass --kmoddir"
+        )
+    if not (kmoddir / "modules.dep").exists():
+        raise InitrdError(f"{kmoddir}: no modules.dep: run 'depmod -b <root> {kver}' first")
+    if vmlinuz is not None and not vmlinuz.exists():
+        vmlinuz = None
+    return kver, kmoddir, vmlinuz
+
+
+# Runs in the target interpreter: import what the initramfs runtime imports, report the files behind it.
+_COLLECT = textwrap.dedent(
+    """
+    import json, sys
+    sys.path[:0] = json.loads(sys.argv[1])
+    from bootkit.boot.preload import preload
+    missing = preload(strict=False)
+    files = sorted({m.__file__ for m in list(sys.modules.values()) if getattr(m, "__file__", None)})
+    stdlib = sys.prefix + "/lib/python%d.%d" % sys.version_info[:2]
+    print(json.dumps({"missing": missing, "files": files, "stdlib": stdlib}))
+    """
+)
+
+
+@dataclass(frozen=True)
+class _PythonFiles:
+    stdlib: list[Path]
+    bootkit: list[Path]
+    zstandard: Path
+    missing: list[str]
+
+
+def collect_python_files() -> _PythonFiles:
+    """The stdlib, bootkit and zstandard files that the runtime imports, asked from the target interpreter."""
+    try:
+        import zstandard
+    except ImportError as e:
+        raise InitrdError("zstandard not importable: pip install zstandard (a bootkit dependency)") from e
+    zstd_dir = Path(zstandard.__file__).resolve().parent
+    paths = [str(repo_root()), str(zstd_dir.parent)]
+    # -s -E: neither the user's site directory nor PYTHONPATH may decide what goes into the image
+    proc = run([PYTHON, "-s", "-E", "-c", _COLLECT, json.dumps(paths)], capture=True)
+    report = json.loads(proc.stdout)
+    stdlib_dir = Path(report["stdlib"])
+    root = repo_root() / "bootkit"
+    stdlib: list[Path] = []
+    bootkit: list[Path] = []
+    for name in report["files"]:
+        f = Path(name)
+        if f.is_relative_to(root):
+            bootkit.append(f)
+        elif f.is_relative_to(stdlib_dir) and not {"site-packages", "dist-packages"} & set(f.parts):
+            stdlib.append(f)
+    # codecs are looked up by name at run time (an HTTP header, a hostname): all of the pure-Python ones
+    stdlib += sorted((stdlib_dir / "encodings").glob("*.py"))
+    with_pyc: set[Path] = set()
+    for f in stdlib:
+        with_pyc.add(f)
+        if f.suffix == ".py":
+            pyc = f.parent / "__pycache__" / f"{f.stem}.{sys.implementation.cache_tag}.pyc"
+            if pyc.exists():
+                with_pyc.add(pyc)
+    missing = [m for m in report["missing"] if m.startswith("bootkit")]
+    return _PythonFiles(sorted(with_pyc), sorted(set(bootkit)), zstd_dir, missing)
+
+
+def _stage_python(stage: Path) -> list[str]:
+    files = collect_python_files()
+    (stage / "stdlib.list").write_text("".join(f"{f}\n" for f in files.stdlib))
+    site = stage / "site"
+    for f in files.bootkit:
+        dest = site / f.relative_to(repo_root())
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, dest)
+    zdest = site / "zstandard"
+    zdest.mkdir(parents=True)
+    shutil.copy2(files.zstandard / "__init__.py", zdest)
+    for so in files.zstandard.glob("backend_c*.so"):
+        shutil.copy2(so, zdest)
+    # compile once here, not at every boot under an emulated CPU
+    run([PYTHON, "-s", "-E", "-m", "compileall", "-q", "-j", "0", site])
+    return files.missing
+
+
+def _dracutbase(work: Path, drivers: tuple[str, ...] | None) -> Path:
+    """The symlink farm dracut uses as ``dracutbasedir`` (dracut-notes §3)."""
+    base = work / "dracutbase"
+    mods = base / "modules.d"
+    mods.mkdir(parents=True)
+    for f in DRACUT_DIR.iterdir():
+        if f.name != "modules.d":
+            (base / f.name).symlink_to(f)
+    for m in (DRACUT_DIR / "modules.d").iterdir():
+        (mods / m.name).symlink_to(m)
+    (mods / "90bootkit").symlink_to(module_dir())
+    if drivers is not None:
+        own = work / "modules" / "90kernel-network-modules"
+        own.mkdir(parents=True)
+        names = list(dict.fromkeys(d for drv in drivers for d in (drv, *_DRIVER_COMPANIONS.get(drv, ()))))
+        (own / "module-setup.sh").write_text(
+            "#!/bin/bash\n"
+            "# bootkit build-initrd --drivers: only the named NIC drivers (shadows the stock module)\n"
+            "check() { return 255; }\n"
+            "depends() { return 0; }\n"
+            f"installkernel() {{ hostonly='' instmods {' '.join(names)} af_packet; }}\n"
+            "install() { return 0; }\n"
+        )
+        (mods / "90kernel-network-modules").unlink()
+        (mods / "90kernel-network-modules").symlink_to(own)
+    return base
+
+
+def dracut_command(opts: InitrdOptions, kver: str, kmoddir: Path, confdir: Path, output: Path) -> list[str]:
+    modules = SYSTEMD_MODULES if opts.systemd else SHELL_MODULES
+    return [
+        "dracut",
+        "--conf", "/dev/null",
+        "--confdir", str(confdir),
+        "--no-hostonly",
+        "--no-early-microcode",
+        "--kver", kver,
+        "--kmoddir", str(kmoddir),
+        "--modules", " ".join(modules),
+        "--zstd",
+        "--force",
+        *opts.dracut_args,
+        str(output),
+    ]  # fmt: skip
+
+
+def build_initrd(opts: InitrdOptions) -> InitrdResult:
+    """Build the initramfs described by ``opts``; see the module docstring."""
+    check_tools()
+    if opts.drivers is not None and not opts.drivers:
+        raise UsageError("--drivers: name at least one network driver (e.g. virtio_net)")
+    kver, kmoddir, vmlinuz = resolve_kernel(opts.kver, opts.kmoddir)
+    if opts.drivers is not None:
+        for drv in opts.drivers:
+            found = run(["modinfo", "-k", kver, "-b", kmoddir.parent.parent.parent, "-F", "filename", drv],
+                        check=False, capture=True)
+            if found.returncode != 0:
+                raise UsageError(f"--drivers: no kernel module '{drv}' in {kmoddir}")
+    output = opts.output.resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bootkit-initrd.") as tmp:
+        work = Path(tmp)
+        stage = work / "stage"
+        stage.mkdir()
+        missing = _stage_python(stage)
+        if missing:
+            log.warning("build-initrd: bootkit modules not available yet, the image cannot boot: %s",
+                        ", ".join(missing))
+        confdir = work / "emptyconf"
+        confdir.mkdir()
+        env = dict(os.environ, dracutbasedir=str(_dracutbase(work, opts.drivers)), BOOTKIT_STAGE=str(stage))
+        # dracut writes next to the output and renames: a failed build leaves no half image behind
+        partial = output.with_name(f".{output.name}.partial")
+        log.info("build-initrd: dracut for kernel %s (%s, %s)", kver,
+                 "systemd" if opts.systemd else "shell init",
+                 "all NIC drivers" if opts.drivers is None else "NIC drivers " + ",".join(opts.drivers))
+        try:
+            run(dracut_command(opts, kver, kmoddir, confdir, partial), env=env, timeout=1800)
+        except BootkitError as e:
+            partial.unlink(missing_ok=True)
+            raise InitrdError(f"dracut failed: {e}") from e
+        os.replace(partial, output)
+    size = output.stat().st_size
+    return InitrdResult(
+        output=output,
+        size=size,
+        kver=kver,
+        kmoddir=kmoddir,
+        vmlinuz=vmlinuz,
+        systemd=opts.systemd,
+        drivers=opts.drivers,
+        missing_modules=tuple(missing),
+    )
+
+
+def describe(result: InitrdResult) -> str:
+    """The one result line ``bootkit build-initrd`` prints."""
+    return (
+        f"{result.output}: {human_size(result.size)} ({result.size} bytes), kernel {result.kver}"
+        + (f", vmlinuz {result.vmlinuz}" if result.vmlinuz else "")
+    )
+

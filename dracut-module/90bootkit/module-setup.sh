@@ -1,0 +1,82 @@
+#!/bin/bash
+# shellcheck disable=SC2154  # dracut provides initdir, moddir, systemd*dir and the inst_* functions
+# dracut module "bootkit": boot the root filesystem of a QCOW2 image fetched over HTTP(S).
+#
+# root=qcow2:<URL> claims the root (cmdline hook), the network comes up through dracut's own network module
+# (network-legacy or systemd-networkd, named by `bootkit build-initrd`), then bootkit's Python boot code
+# fetches and verifies the image, serves it to the kernel NBD driver and mounts the root at the new root.
+#
+# Not meant to be copied into /usr/lib/dracut: `bootkit build-initrd` points dracut at it through a
+# dracutbasedir overlay and passes what to install in the environment:
+#   BOOTKIT_STAGE  directory prepared by bootkit.initrd: stdlib.list (absolute paths of the Python files and
+#                  C extensions the runtime imports), site/ (bootkit's runtime modules and zstandard).
+
+# called by dracut
+check() {
+    require_binaries python3 mount modprobe || return 1
+    # only when asked for (-m bootkit)
+    return 255
+}
+
+# called by dracut
+depends() {
+    echo network
+    return 0
+}
+
+# called by dracut
+installkernel() {
+    # nbd with partitions, the overlay for the writable root, and the filesystems a root may use
+    hostonly='' instmods nbd overlay ext4 xfs btrfs vfat squashfs erofs nls_cp437 nls_iso8859-1 nls_utf8 af_packet
+}
+
+# called by dracut
+install() {
+    if [[ -z $BOOTKIT_STAGE || ! -r $BOOTKIT_STAGE/stdlib.list ]]; then
+        derror "bootkit: BOOTKIT_STAGE is not set: build with 'bootkit build-initrd'"
+        return 1
+    fi
+
+    # The interpreter, by its real path (python3 -> python3.11), and the stdlib files the runtime imports.
+    local _python _f _so _lib
+    _python=$(readlink -f "$(command -v python3)")
+    inst_binary "$_python"
+    ln_r "$_python" /usr/bin/python3
+    local -a _stdlib _sos
+    mapfile -t _stdlib < "$BOOTKIT_STAGE/stdlib.list"
+    for _f in "${_stdlib[@]}"; do
+        inst_simple "$_f"
+    done
+    # bootkit's runtime package and zstandard, next to the boot entry point
+    mkdir -p "$initdir/usr/lib/bootkit"
+    cp -a "$BOOTKIT_STAGE/site/." "$initdir/usr/lib/bootkit/"
+
+    # C extensions are mode 0644 and were not installed through dracut-install, so dracut does not resolve
+    # their libraries (dracut-notes §10.9): do it here.
+    mapfile -t _sos < <(grep '\.so$' "$BOOTKIT_STAGE/stdlib.list"; find "$BOOTKIT_STAGE/site" -name '*.so')
+    if ((${#_sos[@]})); then
+        for _lib in $(ldd "${_sos[@]}" 2> /dev/null | awk '/=> \//{print $3}' | sort -u); do
+            inst_library "$_lib"
+        done
+    fi
+
+    # HTTPS: the system CA bundle, for rd.qcow2.cacert= defaults
+    inst_simple -o /etc/ssl/certs/ca-certificates.crt
+
+    # tools the boot code runs
+    inst_multiple mount umount modprobe sleep
+    inst_multiple -o blkid
+
+    inst_script "$moddir/bootkit-boot.py" /usr/lib/bootkit/bootkit-boot
+    inst_hook cmdline 90 "$moddir/parse-qcow2.sh"
+
+    if dracut_module_included "systemd"; then
+        inst_simple "$moddir/bootkit-root.service" "$systemdsystemunitdir/bootkit-root.service"
+        inst_script "$moddir/bootkit-generator.sh" "$systemdutildir/system-generators/bootkit-generator"
+    else
+        # netroot handler: /sbin/netroot runs /sbin/<scheme>root once an interface is up
+        inst_script "$moddir/qcow2root.sh" /sbin/qcow2root
+        inst_hook pre-mount 10 "$moddir/qcow2-failed.sh"
+    fi
+    dracut_need_initqueue
+}

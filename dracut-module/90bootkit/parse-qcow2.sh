@@ -1,0 +1,31 @@
+#!/bin/sh
+# cmdline hook: claim root=qcow2:<URL> (dracut's rootok/netroot model) and validate bootkit's options.
+# Sourced by dracut: return, never exit.
+
+# shellcheck source=/dev/null
+command -v getarg > /dev/null || . /lib/dracut-lib.sh
+
+[ -z "$root" ] && root=$(getarg root=)
+case "$root" in
+    qcow2:*) ;;
+    *) return 0 ;;
+esac
+
+# every rd.qcow2.* option is checked now, before the network comes up: a typo fails the boot at once
+if ! _bootkit_err=$(/usr/bin/python3 -s -E /usr/lib/bootkit/bootkit-boot --check-cmdline 2>&1); then
+    die "bootkit: ${_bootkit_err#error: }"
+fi
+unset _bootkit_err
+
+# read by dracut's init and /sbin/netroot
+# shellcheck disable=SC2034
+netroot=$root
+root=qcow2
+# shellcheck disable=SC2034
+rootok=1
+# the network must come up even without rd.neednet=1
+echo "rd.neednet=1" > /etc/cmdline.d/90bootkit-neednet.conf
+mkdir -p /run/bootkit
+# the main loop ends when the root is mounted, or when the boot code gave up (then pre-mount dies)
+# shellcheck disable=SC2154  # hookdir is set by dracut
+echo "[ -e /run/bootkit/done ]" > "$hookdir/initqueue/finished/90-bootkit.sh"
