@@ -1,0 +1,263 @@
+"""HTTP(S) plumbing shared by the downloader and the lazy byte source.
+
+Connections (``http.client``, one TLS context per CA setting), ``http_proxy``/``https_proxy``/``no_proxy``,
+redirects with loop detection, the mapping of HTTP statuses and socket exceptions to ``bootkit.fetch.errors``,
+and the retry policy (exponential backoff with jitter, bounded attempts and total time).
+
+Runs inside the initramfs: standard library only, Python >= 3.9.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import random
+import socket
+import ssl
+import time
+import urllib.parse
+import urllib.request
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+from bootkit import __version__
+from bootkit.errors import BootkitError, FetchError, UsageError
+from bootkit.fetch.errors import (
+    FetchTimeout,
+    GaveUp,
+    HTTPStatusError,
+    NotFound,
+    RedirectError,
+    TLSError,
+    TransientError,
+)
+from bootkit.fetch.options import FetchOptions
+from bootkit.log import log
+
+USER_AGENT = f"bootkit/{__version__}"
+MAX_REDIRECTS = 10
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+#: statuses worth another attempt: the server is overloaded, restarting or behind a flaky proxy
+TRANSIENT_STATUSES = (408, 429)
+
+
+class Url(NamedTuple):
+    """A parsed http(s) URL: what a connection needs."""
+
+    scheme: str
+    host: str
+    port: int
+    #: path and query, as sent in the request line
+    target: str
+    text: str
+
+
+def parse_url(url: str) -> Url:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise UsageError(f"{url}: only http:// and https:// URLs can be fetched")
+    if not parts.hostname:
+        raise UsageError(f"{url}: no host in URL")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as e:
+        raise UsageError(f"{url}: bad port") from e
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    return Url(parts.scheme, parts.hostname, port, target, url)
+
+
+@functools.lru_cache(maxsize=8)
+def ssl_context(cacert: Optional[str], insecure: bool) -> ssl.SSLContext:
+    """The system CA bundle, or only ``cacert``; ``insecure`` verifies nothing (self-signed lab servers)."""
+    if insecure:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    try:
+        return ssl.create_default_context(cafile=cacert)
+    except (OSError, ssl.SSLError) as e:
+        raise UsageError(f"cacert {cacert}: cannot load CA certificates: {e}") from e
+
+
+def _proxy_for(url: Url) -> Optional[Tuple[str, int]]:
+    """(host, port) of the proxy ``http_proxy``/``https_proxy`` name for ``url``, unless ``no_proxy`` says no."""
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(url.scheme)
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+    if not proxy or bypass(url.host, proxies):
+        return None
+    if "://" not in proxy:
+        proxy = "http://" + proxy
+    parts = urllib.parse.urlsplit(proxy)
+    if parts.scheme != "http" or not parts.hostname:
+        raise UsageError(f"{url.scheme}_proxy={proxy}: only http:// proxies are supported")
+    return parts.hostname, parts.port or 80
+
+
+def connect(url: Url, options: FetchOptions) -> Tuple[http.client.HTTPConnection, str]:
+    """A (not yet connected) connection for ``url`` and the request target to send on it."""
+    proxy = _proxy_for(url)
+    if url.scheme == "https":
+        context = ssl_context(options.cacert, options.insecure)
+        if proxy is None:
+            return http.client.HTTPSConnection(url.host, url.port, timeout=options.timeout, context=context), url.target
+        conn = http.client.HTTPSConnection(proxy[0], proxy[1], timeout=options.timeout, context=context)
+        conn.set_tunnel(url.host, url.port)
+        return conn, url.target
+    if proxy is None:
+        return http.client.HTTPConnection(url.host, url.port, timeout=options.timeout), url.target
+    # a plain-HTTP proxy takes the absolute URL in the request line
+    return http.client.HTTPConnection(proxy[0], proxy[1], timeout=options.timeout), url.text
+
+
+def request(
+    conn: http.client.HTTPConnection,
+    target: str,
+    headers: Optional[Dict[str, str]] = None,
+    method: str = "GET",
+) -> http.client.HTTPResponse:
+    all_headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    all_headers.update(headers or {})
+    conn.request(method, target, headers=all_headers)
+    return conn.getresponse()
+
+
+class Opened(NamedTuple):
+    """A response whose headers have arrived; the caller reads the body and closes ``conn``."""
+
+    conn: http.client.HTTPConnection
+    response: http.client.HTTPResponse
+    #: the URL after redirects
+    url: str
+
+
+def open_url(
+    url: str,
+    options: FetchOptions,
+    headers: Optional[Dict[str, str]] = None,
+    method: str = "GET",
+) -> Opened:
+    """Send one request, following redirects; any status other than a redirect is returned, not raised.
+
+    Raises ``RedirectError`` for loops and long chains, and lets socket/TLS exceptions through (see
+    ``classify``).
+    """
+    seen: List[str] = [url]
+    current = url
+    while True:
+        conn, target = connect(parse_url(current), options)
+        try:
+            response = request(conn, target, headers, method)
+        except BaseException:
+            conn.close()
+            raise
+        if response.status not in REDIRECT_STATUSES:
+            return Opened(conn, response, current)
+        location = response.getheader("Location")
+        conn.close()
+        if not location:
+            raise RedirectError(f"{current}: HTTP {response.status} redirect without a Location header")
+        current = urllib.parse.urljoin(current, location)
+        if current in seen:
+            chain = " -> ".join([*seen[seen.index(current) :], current])
+            raise RedirectError(f"{url}: redirect loop: {chain}")
+        seen.append(current)
+        if len(seen) > MAX_REDIRECTS + 1:
+            raise RedirectError(f"{url}: more than {MAX_REDIRECTS} redirects (last: {current})")
+        log.debug("fetch: redirected to %s", current)
+
+
+def check_status(response: http.client.HTTPResponse, url: str, expected: Tuple[int, ...] = (200,)) -> None:
+    """Raise the error that fits a status outside ``expected``."""
+    status = response.status
+    if status in expected:
+        return
+    text = f"{url}: HTTP {status} {response.reason}".rstrip()
+    if status in (404, 410):
+        raise NotFound(text)
+    if status >= 500 or status in TRANSIENT_STATUSES:
+        raise TransientError(text)
+    raise HTTPStatusError(text)
+
+
+def classify(exc: BaseException, url: str, timeout: float) -> BootkitError:
+    """Turn a socket, TLS or http.client exception into a one-line FetchError naming ``url``."""
+    if isinstance(exc, BootkitError):
+        return exc
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return TLSError(
+            f"{url}: TLS certificate verification failed: {exc.verify_message or exc.reason}"
+            " (give the CA file with --cacert, or --insecure for a self-signed lab server)"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return TransientError(f"{url}: TLS error: {exc.reason or exc}")
+    if isinstance(exc, socket.timeout):  # TimeoutError on 3.10+
+        return TransientError(f"{url}: no data for {timeout:g} s (timed out)")
+    if isinstance(exc, socket.gaierror):
+        return TransientError(f"{url}: cannot resolve host: {exc.strerror}")
+    if isinstance(exc, http.client.IncompleteRead):
+        return TransientError(f"{url}: connection closed early ({exc.expected} bytes missing)")
+    if isinstance(exc, http.client.HTTPException):
+        return TransientError(f"{url}: bad HTTP response: {type(exc).__name__} {exc}".rstrip())
+    if isinstance(exc, OSError):
+        return TransientError(f"{url}: {exc.strerror or exc}")
+    return FetchError(f"{url}: {type(exc).__name__}: {exc}")
+
+
+class Retry:
+    """Exponential backoff with jitter, bounded in consecutive failed attempts and in total time.
+
+    ``retries`` counts attempts in a row that made no progress: a flaky network that drops a long download
+    every few minutes keeps resuming, while a dead server is given up after ``retries + 1`` attempts.
+    """
+
+    def __init__(self, url: str, options: FetchOptions) -> None:
+        self.url = url
+        self.options = options
+        self.started = time.monotonic()
+        self.deadline = self.started + options.total_timeout
+        self.failures = 0
+        self.attempts = 0
+        self._delay = options.retry_delay
+
+    def check_deadline(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise FetchTimeout(f"{self.url}: not done within the total time limit of {self.options.total_timeout:g} s")
+
+    def failed(self, error: BootkitError, progressed: bool = False) -> None:
+        """Record a failed attempt: sleep before the next one, or raise the error that ends the fetch."""
+        self.attempts += 1
+        if not isinstance(error, TransientError):
+            raise error
+        if progressed:
+            self.failures = 0
+            self._delay = self.options.retry_delay
+        self.failures += 1
+        if self.failures > self.options.retries:
+            raise GaveUp(f"{error} (gave up after {self.failures} attempts in a row)")
+        delay = self._delay * random.uniform(0.75, 1.25)
+        if time.monotonic() + delay > self.deadline:
+            raise FetchTimeout(f"{error} (total time limit of {self.options.total_timeout:g} s reached)")
+        log.warning("fetch: %s; retry %d of %d in %.1f s", error, self.failures, self.options.retries, delay)
+        time.sleep(delay)
+        self._delay = min(self._delay * 2, self.options.retry_delay_max)
+
+
+def get_small(url: str, options: FetchOptions, limit: int = 1 << 20) -> bytes:
+    """The body of a small resource (a checksum file, a manifest), with retries; NotFound is not retried."""
+    retry = Retry(url, options)
+    while True:
+        try:
+            opened = open_url(url, options)
+            try:
+                check_status(opened.response, opened.url)
+                data = opened.response.read(limit + 1)
+            finally:
+                opened.conn.close()
+            if len(data) > limit:
+                raise HTTPStatusError(f"{url}: larger than {limit} bytes; not a checksum or manifest file")
+            return data
+        except Exception as e:  # classify decides what is retried
+            retry.failed(classify(e, url, options.timeout))

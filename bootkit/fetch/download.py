@@ -1,0 +1,478 @@
+"""Ram mode: download a whole image into a file (under a tmpfs at boot), verified before it gets its name.
+
+The bytes stream to ``DEST.part`` and are hashed as they arrive; only a verified file is renamed to ``DEST``.
+Before the first byte, the announced size is compared with what fits: the free space of DEST's filesystem
+and, when that filesystem lives in RAM (tmpfs, ramfs), ``MemAvailable`` minus a reserve (dracut's
+``rd.minmem``). Connection drops, timeouts and 5xx are retried with backoff and resumed with ``Range`` +
+``If-Range``, so a file that changed on the server restarts from zero instead of being spliced.
+
+Runs inside the initramfs: standard library only, Python >= 3.9.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import re
+import threading
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any, List, Optional, Tuple
+
+from bootkit.fetch import client
+from bootkit.fetch.errors import (
+    ChecksumMismatch,
+    ChecksumMissing,
+    NotEnoughSpace,
+    NotFound,
+    SizeMismatch,
+    TransientError,
+)
+from bootkit.fetch.options import FetchOptions
+from bootkit.fetch.progress import Progress, human_duration
+from bootkit.log import human_size, log
+
+#: bytes read from the network per block; each block is hashed and written while the next one is read
+BLOCK_SIZE = 1 << 20
+#: blocks in flight between the network reader and the hash-and-write thread
+PIPELINE_DEPTH = 4
+#: restarts from zero (file changed on the server) before giving up
+MAX_RESTARTS = 3
+RAM_FILESYSTEMS = ("tmpfs", "ramfs")
+
+_CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)")
+_SUMS_LINE = re.compile(r"([0-9a-fA-F]{64})\s+\*?(.+)")
+_BSD_SUMS_LINE = re.compile(r"SHA256\s*\((.+)\)\s*=\s*([0-9a-fA-F]{64})")
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    """A verified file: where it is, how big, its SHA-256 and the URL it came from."""
+
+    path: str
+    size: int
+    sha256: str
+    url: str
+
+
+# -- where the file goes: does it fit? ------------------------------------------------------------------
+
+
+def filesystem_type(path: str) -> str:
+    """The type (``tmpfs``, ``ext4``, ...) of the filesystem holding ``path``, from /proc/self/mounts."""
+    path = os.path.realpath(path)
+    best, best_type = "", "unknown"
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                mount_point = fields[1].replace("\\040", " ")
+                inside = path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
+                if inside and len(mount_point) >= len(best):
+                    best, best_type = mount_point, fields[2]
+    except OSError:
+        pass
+    return best_type
+
+
+def mem_available() -> Optional[int]:
+    """``MemAvailable`` from /proc/meminfo in bytes (None if the kernel does not say)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def space_budget(directory: str, reserve: int) -> Tuple[int, str]:
+    """How many bytes may be written under ``directory``, and what limits it (for the error message)."""
+    fstype = filesystem_type(directory)
+    limits: List[Tuple[int, str]] = []
+    if fstype != "ramfs":  # ramfs reports no size: only RAM bounds it
+        st = os.statvfs(directory)
+        free = st.f_bavail * st.f_frsize
+        limits.append((free, f"{human_size(free)} free on {directory} ({fstype})"))
+    if fstype in RAM_FILESYSTEMS:
+        available = mem_available()
+        if available is not None:
+            limits.append(
+                (
+                    available - reserve,
+                    f"{human_size(max(available - reserve, 0))} of RAM available after keeping "
+                    f"{human_size(reserve)} in reserve (MemAvailable {human_size(available)})",
+                )
+            )
+    if not limits:
+        return 1 << 62, "no limit known"
+    return min(limits)
+
+
+def check_fits(url: str, size: int, dest: str, reserve: int) -> int:
+    """Raise NotEnoughSpace unless ``size`` bytes fit; returns the budget (also enforced while streaming)."""
+    budget, why = space_budget(os.path.dirname(os.path.abspath(dest)), reserve)
+    if size > budget:
+        raise NotEnoughSpace(
+            f"{url}: image is {human_size(size)} but only {why}; use lazy mode, more RAM, a smaller reserve"
+            " or a larger filesystem"
+        )
+    return budget
+
+
+# -- what the bytes must hash to ---------------------------------------------------------------------------
+
+
+def parse_sums(text: str, name: str) -> Optional[str]:
+    """The hash for ``name`` in a ``sha256sum``-style (GNU or BSD) listing; None if not listed."""
+    for line in text.splitlines():
+        line = line.strip()
+        m = _SUMS_LINE.fullmatch(line)
+        if m and posixpath.basename(m.group(2).strip()) == name:
+            return m.group(1).lower()
+        m = _BSD_SUMS_LINE.fullmatch(line)
+        if m and posixpath.basename(m.group(1).strip()) == name:
+            return m.group(2).lower()
+    return None
+
+
+def sidecar_checksum(url: str, options: FetchOptions) -> Tuple[str, str]:
+    """The expected SHA-256 from ``URL.sha256``, else from ``SHA256SUMS`` in the same directory.
+
+    Returns (hex digest, URL it came from).
+    """
+    parts = urllib.parse.urlsplit(url)
+    name = urllib.parse.unquote(posixpath.basename(parts.path))
+    sidecar = urllib.parse.urlunsplit(parts._replace(path=parts.path + ".sha256", fragment=""))
+    try:
+        text = client.get_small(sidecar, options).decode("utf-8", errors="replace")
+    except NotFound:
+        pass
+    else:
+        words = text.split()
+        digest = words[0].lower() if words else ""
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            digest = parse_sums(text, name) or ""
+        if not digest:
+            raise ChecksumMissing(f"{sidecar}: no SHA-256 in it")
+        return digest, sidecar
+    sums = urllib.parse.urljoin(urllib.parse.urlunsplit(parts._replace(query="", fragment="")), "SHA256SUMS")
+    try:
+        text = client.get_small(sums, options).decode("utf-8", errors="replace")
+    except NotFound as e:
+        raise ChecksumMissing(f"{url}: verify=sidecar but neither {sidecar} nor {sums} exists") from e
+    found = parse_sums(text, name)
+    if found is None:
+        raise ChecksumMissing(f"{sums}: no entry for {name}")
+    return found, sums
+
+
+# -- the hash-and-write stage ------------------------------------------------------------------------------
+
+
+class _Sink:
+    """Hashes and writes blocks in a worker thread while the caller reads the next block from the network.
+
+    hashlib and os.write release the GIL on large buffers, so network, hashing and writing overlap.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.hasher = hashlib.sha256()
+        self.written = 0
+        self._free: List[bytearray] = [bytearray(BLOCK_SIZE) for _ in range(PIPELINE_DEPTH)]
+        self._queue: List[Tuple[bytearray, int]] = []
+        self._cond = threading.Condition()
+        self._error: Optional[BaseException] = None
+        self._stop = False
+        self._busy = False
+        self._thread = threading.Thread(target=self._work, name="fetch-sink", daemon=True)
+        self._thread.start()
+
+    def buffer(self) -> bytearray:
+        with self._cond:
+            while not self._free and self._error is None:
+                self._cond.wait()
+            self._raise()
+            return self._free.pop()
+
+    def give_back(self, buf: bytearray) -> None:
+        with self._cond:
+            self._free.append(buf)
+            self._cond.notify_all()
+
+    def submit(self, buf: bytearray, n: int) -> None:
+        with self._cond:
+            self._raise()
+            self._queue.append((buf, n))
+            self._cond.notify_all()
+
+    def flush(self) -> None:
+        """Wait until every submitted block is hashed and written."""
+        with self._cond:
+            while (self._queue or self._busy) and self._error is None:
+                self._cond.wait()
+            self._raise()
+
+    def restart(self) -> None:
+        """Forget everything written: the file starts again from zero."""
+        self.flush()
+        os.ftruncate(self.fd, 0)
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        self.hasher = hashlib.sha256()
+        self.written = 0
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stop:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                buf, n = self._queue.pop(0)
+                self._busy = True
+            try:
+                view = memoryview(buf)[:n]
+                self.hasher.update(view)
+                while view:
+                    view = view[os.write(self.fd, view) :]
+                self.written += n
+            except BaseException as e:  # handed to the reading thread
+                with self._cond:
+                    self._error = e
+            with self._cond:
+                self._busy = False
+                self._free.append(buf)
+                self._cond.notify_all()
+
+
+# -- the download ------------------------------------------------------------------------------------------
+
+
+def _validator(response: Any) -> Optional[str]:
+    """What ``If-Range`` can send: a strong ETag, else Last-Modified (None if the server gives neither)."""
+    etag: Optional[str] = response.getheader("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    modified: Optional[str] = response.getheader("Last-Modified")
+    return modified
+
+
+def _content_range(response: Any) -> Tuple[Optional[int], Optional[int]]:
+    """(first byte, total size) from a Content-Range header; None where the server says ``*`` or nothing."""
+    m = _CONTENT_RANGE.fullmatch((response.getheader("Content-Range") or "").strip())
+    if not m:
+        return None, None
+    first = int(m.group(1)) if m.group(1) is not None else None
+    total = int(m.group(3)) if m.group(3) != "*" else None
+    return first, total
+
+
+class _Download:
+    """The state of one download: the .part file, what has been written, what the server announced."""
+
+    def __init__(self, url: str, dest: str, options: FetchOptions) -> None:
+        self.url = url
+        self.dest = dest
+        self.part = dest + ".part"
+        self.options = options
+        self.size: Optional[int] = None
+        self.validator: Optional[str] = None
+        self.budget: Optional[int] = None
+        self.restarts = 0
+        self.progress = Progress(url, None, options.progress_interval)
+
+    def run(self, expected: Optional[str], expected_from: str) -> DownloadResult:
+        fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        sink = _Sink(fd)
+        try:
+            self._transfer(sink)
+            sink.flush()
+            os.fsync(fd)
+        finally:
+            sink.close()
+            os.close(fd)
+        digest = sink.hasher.hexdigest()
+        if expected is not None and digest != expected:
+            raise ChecksumMismatch(
+                f"{self.url}: SHA-256 mismatch: got {digest}, expected {expected} ({expected_from});"
+                " the download was deleted"
+            )
+        os.replace(self.part, self.dest)
+        elapsed = self.progress.elapsed()
+        log.info(
+            "fetch: %s in %s (%s/s), SHA-256 %s: %s (%s)",
+            human_size(sink.written),
+            human_duration(elapsed),
+            human_size(sink.written / elapsed if elapsed > 0 else 0),
+            "verified" if expected else "not verified",
+            self.dest,
+            self.url,
+        )
+        return DownloadResult(self.dest, sink.written, digest, self.url)
+
+    def _transfer(self, sink: _Sink) -> None:
+        retry = client.Retry(self.url, self.options)
+        while True:
+            before = sink.written
+            try:
+                if self._attempt(sink, retry):
+                    return
+            except Exception as e:  # classify decides what is retried
+                error = client.classify(e, self.url, self.options.timeout)
+                if not isinstance(error, TransientError):
+                    raise error from e
+                sink.flush()  # count what reached the file before deciding on progress
+                retry.failed(error, progressed=sink.written > before)
+
+    def _attempt(self, sink: _Sink, retry: client.Retry) -> bool:
+        """One request; True when the whole file is in. False: ask again at once (restart from zero)."""
+        sink.flush()
+        offset = sink.written
+        headers = {}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+            if self.validator:
+                headers["If-Range"] = self.validator
+        opened = client.open_url(self.url, self.options, headers)
+        try:
+            response = opened.response
+            if offset and response.status == 206:
+                changed = self._changed(response, offset)
+                if changed:
+                    self._restart(sink, changed)
+                    return False
+                log.info("fetch: resuming at %s of %s (%s)", human_size(offset), human_size(self.size or 0), self.url)
+            elif offset and response.status == 416:
+                return self._restart_after_416(response, sink)
+            else:
+                client.check_status(response, opened.url)
+                if offset:
+                    self._restart(sink, "the server sent the whole file again (it changed, or ignores Range)")
+                self._start(response)
+            self._stream(response, sink, retry)
+        finally:
+            opened.conn.close()
+        sink.flush()
+        if self.size is not None and sink.written != self.size:
+            raise TransientError(
+                f"{self.url}: connection closed after {sink.written} of {self.size} bytes"
+            )
+        return True
+
+    def _start(self, response: Any) -> None:
+        """A 200 answer: learn size and validator, check that the file fits."""
+        length = response.getheader("Content-Length")
+        self.size = int(length) if length and length.isdigit() else None
+        self.validator = _validator(response)
+        self.progress.total = self.size
+        if self.size is not None:
+            self.budget = check_fits(self.url, self.size, self.dest, self.options.reserve_bytes)
+            log.info("fetch: downloading %s (%s) to %s", self.url, human_size(self.size), self.dest)
+        else:
+            self.budget = check_fits(self.url, 0, self.dest, self.options.reserve_bytes)
+            log.info("fetch: downloading %s (size not announced) to %s", self.url, self.dest)
+
+    def _changed(self, response: Any, offset: int) -> Optional[str]:
+        """Why a 206 answer belongs to another version of the file (a server that ignores If-Range), or None.
+
+        Two versions are never spliced: the caller restarts from zero.
+        """
+        first, total = _content_range(response)
+        if first != offset:
+            raise TransientError(f"{self.url}: asked for bytes from {offset}, got Content-Range from {first}")
+        if self.size is not None and total is not None and total != self.size:
+            return f"the size changed from {self.size} to {total} bytes"
+        new_validator = _validator(response)
+        if self.validator and new_validator and new_validator != self.validator:
+            return f"the validator changed from {self.validator} to {new_validator}"
+        return None
+
+    def _restart_after_416(self, response: Any, sink: _Sink) -> bool:
+        _, total = _content_range(response)
+        same = self.validator is not None and _validator(response) == self.validator
+        if same and total is not None and self.size is not None and total < self.size:
+            raise SizeMismatch(
+                f"{self.url}: server announced {self.size} bytes but the file has {total}"
+                " (Content-Length does not match the file)"
+            )
+        self._restart(sink, "the server has fewer bytes than before (the file changed)")
+        return False
+
+    def _restart(self, sink: _Sink, why: str) -> None:
+        self.restarts += 1
+        if self.restarts > MAX_RESTARTS:
+            raise TransientError(f"{self.url}: changed on the server {self.restarts} times during the download")
+        log.warning("fetch: restarting from zero: %s (%s)", why, self.url)
+        sink.restart()
+        self.size = None
+        self.validator = None
+
+    def _stream(self, response: Any, sink: _Sink, retry: client.Retry) -> None:
+        done = sink.written
+        budget = self.budget if self.budget is not None else 1 << 62
+        while True:
+            buf = sink.buffer()
+            try:
+                n = response.readinto(buf)
+            except BaseException:
+                sink.give_back(buf)
+                raise
+            if not n:
+                sink.give_back(buf)
+                return
+            done += n
+            if done > budget:
+                sink.give_back(buf)
+                raise NotEnoughSpace(
+                    f"{self.url}: more than {human_size(budget)} arrived, which is all that fits under"
+                    f" {os.path.dirname(os.path.abspath(self.dest))}"
+                )
+            if self.size is not None and done > self.size:
+                sink.give_back(buf)
+                raise SizeMismatch(f"{self.url}: server sent more than the announced {self.size} bytes")
+            sink.submit(buf, n)
+            self.progress.update(done)
+            retry.check_deadline()
+
+
+def download(url: str, dest: str, options: FetchOptions) -> DownloadResult:
+    """Download ``url`` to ``dest``, verified as ``options`` says; raises a FetchError subclass on failure.
+
+    The bytes go to ``dest + ".part"``, which is renamed to ``dest`` only once verified; on failure it is
+    removed. Progress lines go to the ``bootkit`` logger every ``options.progress_interval`` seconds.
+    """
+    client.parse_url(url)
+    expected: Optional[str] = None
+    expected_from = "not verified"
+    if options.verify == "pinned":
+        expected, expected_from = options.sha256, "pinned"
+    elif options.verify == "sidecar":
+        expected, sidecar = sidecar_checksum(url, options)
+        expected_from = f"from {sidecar}"
+        log.info("fetch: expecting SHA-256 %s %s", expected, expected_from)
+    else:
+        log.warning("fetch: %s will not be verified (verify=none)", url)
+    job = _Download(url, dest, options)
+    try:
+        return job.run(expected, expected_from)
+    except BaseException:
+        try:
+            os.unlink(job.part)
+        except FileNotFoundError:
+            pass
+        raise

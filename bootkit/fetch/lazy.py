@@ -1,0 +1,478 @@
+"""Lazy mode: a byte source for the QCOW2 reader backed by HTTP range requests.
+
+The image is read in fixed chunks (1 MiB by default, the manifest's chunk size when there is one). Chunks live
+in an in-RAM LRU cache bounded in bytes; concurrent readers of one chunk share a single request; sequential
+access triggers read-ahead on a few keep-alive connections. Each request is retried like a download, and each
+chunk is checked against the ``Manifest`` before anyone sees it: a bad chunk is fetched once more, then
+reported as ``ChunkError`` (the NBD server answers EIO) -- never served.
+
+``start_background_fill(path)`` streams the whole image into a local file meanwhile; chunks already written
+are read from it, and once it is complete every read comes from it and the network is no longer needed.
+
+Runs inside the initramfs: standard library only, Python >= 3.9.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import http.client
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Dict, List, Optional, Tuple
+
+from bootkit.errors import BootkitError, UsageError
+from bootkit.fetch import client
+from bootkit.fetch.download import _content_range, _validator, check_fits
+from bootkit.fetch.errors import ChunkError, HTTPStatusError, RemoteChanged, SizeMismatch, TransientError
+from bootkit.fetch.manifest import DEFAULT_CHUNK_SIZE, Manifest
+from bootkit.fetch.options import FetchOptions
+from bootkit.fetch.progress import Progress, human_duration
+from bootkit.log import human_size, log
+
+DEFAULT_CACHE_BYTES = 64 << 20
+DEFAULT_READAHEAD = 8
+DEFAULT_CONNECTIONS = 4
+
+
+class HTTPSource:
+    """A read-only, thread-safe ByteSource (``name``, ``size``, ``pread``, ``close``) over HTTP range requests.
+
+    ``manifest`` is required unless ``options.verify == "none"``; ``options.sha256`` is not used here (the
+    boot configuration pins the manifest's hash instead, see ``Manifest.load``).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        options: FetchOptions,
+        *,
+        chunk_size: Optional[int] = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        manifest: Optional[Manifest] = None,
+        readahead: int = DEFAULT_READAHEAD,
+        connections: int = DEFAULT_CONNECTIONS,
+    ) -> None:
+        if manifest is None and options.verify != "none":
+            raise UsageError(f"{url}: lazy mode verifies chunks with a manifest; give one, or use verify=none")
+        if manifest is not None:
+            if chunk_size is not None and chunk_size != manifest.chunk_size:
+                raise UsageError(f"{url}: chunk size {chunk_size} differs from the manifest's {manifest.chunk_size}")
+            chunk_size = manifest.chunk_size
+        self.name = url
+        self.options = options
+        self.chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
+        self.manifest = manifest
+        self.readahead = readahead
+        self.cache_bytes = cache_bytes
+        self.stats: Dict[str, int] = collections.Counter()
+        self._lock = threading.Lock()
+        self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._cached_bytes = 0
+        self._inflight: Dict[int, Future[bytes]] = {}
+        self._idle: List[http.client.HTTPConnection] = []
+        self._last_chunk = -2
+        self._closed = False
+        self._executor = ThreadPoolExecutor(max_workers=max(1, connections), thread_name_prefix="fetch-ahead")
+        self._size, self._url, self._validator = self._probe()
+        if manifest is not None and manifest.size != self._size:
+            raise SizeMismatch(f"{url}: the server has {self._size} bytes, the manifest says {manifest.size}")
+        self._target = client.connect(client.parse_url(self._url), options)[1]
+        self._chunks = (self._size + self.chunk_size - 1) // self.chunk_size
+        # background fill: which chunks are in the local file, and the file once complete
+        self._have = bytearray(self._chunks)
+        self._fill_fd = -1
+        self._fill_part = ""
+        self._fill_thread: Optional[threading.Thread] = None
+        self._fill_conn: Optional[http.client.HTTPConnection] = None
+        self._fill_error: Optional[BaseException] = None
+        self._local = False
+        self.fill_done = threading.Event()
+        log.info(
+            "fetch: reading %s lazily (%s, chunks of %s, %s)",
+            url,
+            human_size(self._size),
+            human_size(self.chunk_size),
+            "verified by manifest" if manifest else "NOT verified",
+        )
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    # -- the ByteSource interface --
+
+    def pread(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError(f"{self.name}: negative offset or length")
+        end = min(offset + length, self._size)
+        if offset >= end:
+            return b""
+        if self._local:
+            return os.pread(self._fill_fd, end - offset, offset)
+        first, last = offset // self.chunk_size, (end - 1) // self.chunk_size
+        self._read_ahead(first, last)
+        if first == last:
+            base = first * self.chunk_size
+            return self._chunk(first)[offset - base : end - base]
+        parts = []
+        for index in range(first, last + 1):
+            base = index * self.chunk_size
+            data = self._chunk(index)
+            parts.append(data[max(offset - base, 0) : end - base])
+        return b"".join(parts)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            idle, self._idle = self._idle, []
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for conn in idle:
+            conn.close()
+        fill_conn = self._fill_conn
+        if fill_conn is not None and fill_conn.sock is not None:
+            fill_conn.sock.close()  # wakes the fill thread out of its read
+        if self._fill_thread is not None:
+            self._fill_thread.join()
+        if self._fill_fd >= 0:
+            os.close(self._fill_fd)
+            self._fill_fd = -1
+            if not self._local:
+                try:
+                    os.unlink(self._fill_part)
+                except FileNotFoundError:
+                    pass
+
+    def __enter__(self) -> HTTPSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"HTTPSource({self.name!r})"
+
+    # -- background fill --
+
+    def start_background_fill(self, path: str) -> None:
+        """Start copying the whole image to ``path`` (via ``path.part``) in a background thread.
+
+        Raises NotEnoughSpace at once if it cannot fit (same rule as ``download``). ``fill_done`` is set when
+        the copy is complete (``filled`` is then True) or has failed (``wait_filled`` raises the error; reads
+        carry on over the network).
+        """
+        with self._lock:
+            if self._fill_thread is not None:
+                raise UsageError(f"{self.name}: background fill already started")
+            check_fits(self.name, self._size, path, self.options.reserve_bytes)
+            self._fill_part = path + ".part"
+            fd = os.open(self._fill_part, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            os.ftruncate(fd, self._size)
+            self._fill_fd = fd
+            self._fill_thread = threading.Thread(target=self._fill, args=(path,), name="fetch-fill", daemon=True)
+        self._fill_thread.start()
+
+    @property
+    def filled(self) -> bool:
+        """True once every read comes from the complete local copy."""
+        return self._local
+
+    def wait_filled(self, timeout: Optional[float] = None) -> bool:
+        """Wait for the background fill; True when complete, False on timeout; raises the fill's error."""
+        if self._fill_thread is None:
+            raise UsageError(f"{self.name}: no background fill was started")
+        if not self.fill_done.wait(timeout):
+            return False
+        if self._fill_error is not None:
+            raise self._fill_error
+        return True
+
+    # -- chunks --
+
+    def _chunk(self, index: int) -> bytes:
+        """Chunk ``index``: from the cache, the local copy, a request already on its way, or a new request."""
+        with self._lock:
+            data = self._cache.get(index)
+            if data is not None:
+                self._cache.move_to_end(index)
+                self.stats["cache_hits"] += 1
+                return data
+            local = bool(self._have[index])
+            waiting = self._inflight.get(index)
+            if not local and waiting is None:
+                mine: Future[bytes] = Future()
+                self._inflight[index] = mine
+        if local:
+            offset, length = self._span(index)
+            return os.pread(self._fill_fd, length, offset)
+        if waiting is not None:
+            return waiting.result()
+        return self._fetch_as_owner(index, mine)
+
+    def _fetch_as_owner(self, index: int, future: Future[bytes]) -> bytes:
+        try:
+            data = self._fetch_chunk(index)
+        except BaseException as e:
+            with self._lock:
+                del self._inflight[index]
+            future.set_exception(e)
+            raise
+        with self._lock:
+            del self._inflight[index]
+            self._cache_put(index, data)
+        future.set_result(data)
+        return data
+
+    def _cache_put(self, index: int, data: bytes) -> None:
+        """Insert under the lock, evicting the least recently used chunks beyond ``cache_bytes``."""
+        if index in self._cache:
+            return
+        self._cache[index] = data
+        self._cached_bytes += len(data)
+        while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cached_bytes -= len(old)
+
+    def _read_ahead(self, first: int, last: int) -> None:
+        """After sequential access, fetch the next ``readahead`` chunks on the worker threads."""
+        with self._lock:
+            sequential = first in (self._last_chunk, self._last_chunk + 1)
+            self._last_chunk = last
+            if not sequential or not self.readahead or self._closed:
+                return
+            claimed = []
+            for index in range(last + 1, min(last + 1 + self.readahead, self._chunks)):
+                if index in self._cache or index in self._inflight or self._have[index]:
+                    continue
+                future: Future[bytes] = Future()
+                self._inflight[index] = future
+                claimed.append((index, future))
+        for index, future in claimed:
+            try:
+                self._executor.submit(self._prefetch, index, future)
+            except RuntimeError:  # closed meanwhile
+                with self._lock:
+                    self._inflight.pop(index, None)
+                future.set_exception(TransientError(f"{self.name}: source closed"))
+
+    def _prefetch(self, index: int, future: Future[bytes]) -> None:
+        try:
+            self._fetch_as_owner(index, future)
+            self.stats["readahead"] += 1
+        except BaseException as e:  # the reader that needs the chunk will see it again
+            log.debug("fetch: read-ahead of chunk %d failed: %s", index, e)
+
+    def _span(self, index: int) -> Tuple[int, int]:
+        offset = index * self.chunk_size
+        return offset, min(self.chunk_size, self._size - offset)
+
+    def _fetch_chunk(self, index: int) -> bytes:
+        """One chunk, retried on transient errors, checked against the manifest (fetched twice at most)."""
+        offset, length = self._span(index)
+        retry = client.Retry(self.name, self.options)
+        bad = 0
+        while True:
+            try:
+                data = self._request_range(offset, length)
+            except Exception as e:  # classify decides what is retried
+                retry.failed(client.classify(e, self.name, self.options.timeout))
+                continue
+            if self.manifest is None or self.manifest.check(index, data):
+                return data
+            bad += 1
+            self.stats["bad_chunks"] += 1
+            what = f"{self.name}: chunk {index} (bytes {offset}-{offset + length - 1}) does not match the manifest"
+            if bad >= 2:
+                raise ChunkError(f"{what}, also when fetched again; not served")
+            log.warning("fetch: %s; fetching it again", what)
+
+    def _request_range(self, offset: int, length: int) -> bytes:
+        """One range request on a keep-alive connection; a stale idle connection is replaced once, silently."""
+        conn, reused = self._get_conn()
+        try:
+            data = self._range_on(conn, offset, length)
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            conn.close()
+            if not reused:
+                raise
+            conn = client.connect(self._url_parts(), self.options)[0]
+            try:
+                data = self._range_on(conn, offset, length)
+            except BaseException:
+                conn.close()
+                raise
+        except BaseException:
+            conn.close()
+            raise
+        self._put_conn(conn)
+        return data
+
+    def _range_on(self, conn: http.client.HTTPConnection, offset: int, length: int) -> bytes:
+        headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
+        if self._validator:
+            headers["If-Range"] = self._validator
+        response = client.request(conn, self._target, headers)
+        self._check_range_response(response, offset)
+        data = response.read()
+        if len(data) != length:
+            raise TransientError(f"{self.name}: got {len(data)} bytes for a range of {length}")
+        if response.will_close:
+            conn.close()
+        self.stats["requests"] += 1
+        self.stats["bytes"] += length
+        return data
+
+    def _check_range_response(self, response: http.client.HTTPResponse, offset: int) -> None:
+        if response.status in (200, 416):
+            response.close()
+            raise RemoteChanged(
+                f"{self.name}: the file changed on the server since it was opened"
+                f" (HTTP {response.status} to a range request)"
+            )
+        client.check_status(response, self.name, (206,))
+        first, total = _content_range(response)
+        if first != offset or total != self._size:
+            response.close()
+            raise RemoteChanged(
+                f"{self.name}: asked for bytes from {offset} of {self._size}, the server sent"
+                f" Content-Range {response.getheader('Content-Range')}"
+            )
+        validator = _validator(response)
+        if self._validator and validator and validator != self._validator:
+            response.close()
+            raise RemoteChanged(f"{self.name}: the file changed on the server (validator {validator})")
+
+    def _url_parts(self) -> client.Url:
+        return client.parse_url(self._url)
+
+    def _get_conn(self) -> Tuple[http.client.HTTPConnection, bool]:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop(), True
+        return client.connect(self._url_parts(), self.options)[0], False
+
+    def _put_conn(self, conn: http.client.HTTPConnection) -> None:
+        if conn.sock is None:
+            return
+        with self._lock:
+            if not self._closed:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def _probe(self) -> Tuple[int, str, Optional[str]]:
+        """Size, URL after redirects and validator, from a one-byte range request (also proves Range works)."""
+        retry = client.Retry(self.name, self.options)
+        while True:
+            try:
+                opened = client.open_url(self.name, self.options, {"Range": "bytes=0-0"})
+                try:
+                    response = opened.response
+                    if response.status == 200:
+                        raise HTTPStatusError(
+                            f"{self.name}: the server ignores Range requests; lazy mode needs them (use ram mode)"
+                        )
+                    _, total = _content_range(response)
+                    if response.status == 416 and total == 0:
+                        return 0, opened.url, _validator(response)
+                    client.check_status(response, self.name, (206,))
+                    response.read()
+                    if total is None:
+                        raise HTTPStatusError(f"{self.name}: no size in the Content-Range of a range request")
+                    return total, opened.url, _validator(response)
+                finally:
+                    opened.conn.close()
+            except Exception as e:  # classify decides what is retried
+                retry.failed(client.classify(e, self.name, self.options.timeout))
+
+    # -- background fill thread --
+
+    def _fill(self, path: str) -> None:
+        progress = Progress(self.name, self._size, self.options.progress_interval, label="fill")
+        try:
+            with self._lock:  # what the cache holds already need not be fetched again
+                cached = list(self._cache.items())
+            for index, data in cached:
+                self._store(index, data)
+            retry = client.Retry(self.name, self.options)
+            index = 0
+            while index < self._chunks:
+                if self._closed:
+                    return
+                if self._have[index]:
+                    index += 1
+                    continue
+                before = index
+                try:
+                    index = self._fill_stream(index, progress)
+                except Exception as e:  # classify decides what is retried
+                    if self._closed:
+                        return
+                    retry.failed(client.classify(e, self.name, self.options.timeout), progressed=index > before)
+                    index = before
+                    while index < self._chunks and self._have[index]:
+                        index += 1
+            os.fsync(self._fill_fd)
+            os.rename(self._fill_part, path)
+            with self._lock:
+                self._local = True
+                self._cache.clear()
+                self._cached_bytes = 0
+                idle, self._idle = self._idle, []
+            for conn in idle:
+                conn.close()
+            log.info(
+                "fill: %s complete in %s: reads now come from %s (%s)",
+                human_size(self._size),
+                human_duration(progress.elapsed()),
+                path,
+                self.name,
+            )
+        except BaseException as e:  # reported through wait_filled
+            self._fill_error = e if isinstance(e, BootkitError) else client.classify(e, self.name, self.options.timeout)
+            if not self._closed:
+                log.error("fill: %s; reads carry on over the network", self._fill_error)
+        finally:
+            self.fill_done.set()
+
+    def _store(self, index: int, data: bytes) -> None:
+        if not self._have[index]:
+            os.pwrite(self._fill_fd, data, index * self.chunk_size)
+            self._have[index] = 1
+
+    def _fill_stream(self, index: int, progress: Progress) -> int:
+        """Stream from chunk ``index`` to the end into the local file; returns the next chunk to fetch."""
+        offset = index * self.chunk_size
+        conn = client.connect(self._url_parts(), self.options)[0]
+        self._fill_conn = conn
+        try:
+            headers = {"Range": f"bytes={offset}-"}
+            if self._validator:
+                headers["If-Range"] = self._validator
+            response = client.request(conn, self._target, headers)
+            self._check_range_response(response, offset)
+            buf = bytearray(self.chunk_size)
+            while index < self._chunks and not self._closed:
+                _, length = self._span(index)
+                view = memoryview(buf)[:length]
+                got = 0
+                while got < length:
+                    n = response.readinto(view[got:])
+                    if not n:
+                        raise TransientError(f"{self.name}: connection closed early in chunk {index}")
+                    got += n
+                if not self._have[index]:
+                    if self.manifest is not None and hashlib.sha256(view).digest() != self.manifest.chunks[index]:
+                        self.stats["bad_chunks"] += 1
+                        self._store(index, self._fetch_chunk(index))  # fetched again, or ChunkError
+                    else:
+                        self._store(index, view)  # type: ignore[arg-type]
+                index += 1
+                progress.update(index * self.chunk_size if index < self._chunks else self._size)
+            return index
+        finally:
+            self._fill_conn = None
+            conn.close()
