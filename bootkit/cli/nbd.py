@@ -1,0 +1,178 @@
+"""``bootkit serve-nbd``, ``bootkit attach``, ``bootkit detach``: the NBD server and the kernel attach."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from bootkit.errors import BootkitError, UsageError
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve-nbd",
+        help="serve an image read-only over NBD (Unix socket, TCP or socket activation)",
+        description="Serve IMAGE read-only to NBD clients. Prints the NBD URI once listening. Without --unix "
+        "or --tcp: the sockets passed by socket activation (LISTEN_FDS), else TCP 127.0.0.1:10809.",
+    )
+    p.add_argument("image", metavar="IMAGE", help="QCOW2 image file")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--unix", metavar="PATH", help="listen on a Unix socket")
+    where.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP (HOST defaults to 127.0.0.1; port 0: any)")
+    _common(p)
+    p.add_argument("--export", metavar="NAME", default="", help="export name (the default export '' also works)")
+    p.set_defaults(handler=serve_nbd)
+
+    p = sub.add_parser(
+        "attach",
+        help="attach an image to the kernel NBD driver, read-only, and serve it",
+        description="Configure the kernel NBD driver over socketpairs (generic netlink) and serve IMAGE to it. "
+        "Prints the device name; stays in the foreground until detached, or with --daemon detaches itself.",
+    )
+    p.add_argument("image", metavar="IMAGE", help="QCOW2 image file")
+    p.add_argument("--device", metavar="/dev/nbdN", help="device to use (default: the kernel picks a free one)")
+    p.add_argument("--connections", type=int, default=1, metavar="N", help="sockets to the kernel (default 1)")
+    p.add_argument("--timeout", type=int, default=0, metavar="SECONDS", help="kernel request timeout (0: none)")
+    _common(p)
+    p.set_defaults(handler=attach)
+
+    p = sub.add_parser("detach", help="disconnect an NBD device attached by `bootkit attach`")
+    p.add_argument("device", metavar="/dev/nbdN")
+    p.set_defaults(handler=detach)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--snapshot", metavar="NAME", help="serve an internal snapshot instead of the active layer")
+    p.add_argument("--threads", type=int, default=4, metavar="N", help="requests in progress per connection")
+    p.add_argument("--daemon", action="store_true", help="detach once ready (argv[0] '@bootkit-nbd', memory locked)")
+    p.add_argument("--pid-file", metavar="PATH", help="with --daemon: write the daemon's pid here")
+
+
+def _open_image(args: argparse.Namespace) -> Any:
+    from bootkit import qcow2
+
+    return qcow2.open(args.image, snapshot=args.snapshot)
+
+
+def _as_daemon(args: argparse.Namespace, body: Callable[[Callable[[str], None]], int]) -> int:
+    """Run ``body(ready)`` in the foreground, or, with --daemon, in a detached '@' process.
+
+    ``ready(line)`` is called once serving: the line goes to stdout (from the original process when
+    daemonized, which then exits 0). A BootkitError before that becomes the original process's error line.
+    """
+    from bootkit.nbd import kernel
+
+    if args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: must be at least 1")
+    if not args.daemon:
+        if args.pid_file:
+            raise UsageError("--pid-file needs --daemon")
+
+        def say(line: str) -> None:
+            print(line, flush=True)
+
+        return body(say)
+    if not kernel.argv0().startswith("@"):
+        kernel.reexec_with_argv0(sys.argv[1:])
+    report, fd = kernel.fork_daemon()
+    if report is None:
+        status, line = kernel.wait_daemon(fd)
+        print(line, file=sys.stdout if status == 0 else sys.stderr, flush=True)
+        return status
+    pid_file = os.path.abspath(args.pid_file) if args.pid_file else None
+
+    def ready(line: str) -> None:
+        kernel.preload()
+        kernel.harden()
+        if pid_file:
+            kernel.write_pid_file(pid_file)
+        report.send(0, line)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+
+    try:
+        return body(ready)
+    except BootkitError as e:
+        report.send(e.exit_status, f"error: {e}")
+        return e.exit_status
+    finally:
+        if pid_file:
+            try:
+                os.unlink(pid_file)
+            except OSError:
+                pass
+
+
+def serve_nbd(args: argparse.Namespace) -> int:
+    from bootkit.nbd import transport
+    from bootkit.nbd.server import NBDServer
+
+    activated = transport.activation_listeners()
+
+    def body(ready: Callable[[str], None]) -> int:
+        if args.unix:
+            listeners = [transport.unix_listener(args.unix)]
+        elif args.tcp:
+            listeners = [transport.tcp_listener(*transport.parse_hostport(args.tcp))]
+        elif activated:
+            listeners = activated
+        else:
+            listeners = [transport.tcp_listener("127.0.0.1", transport.DEFAULT_PORT)]
+        with _open_image(args) as image:
+            server = NBDServer(image, name=args.export, threads=args.threads)
+            # socket activation by a client (nbdcopy -- [ CMD ]): done when that client is
+            acceptor = transport.Acceptor(listeners, server.serve_connection, once=bool(activated) and not args.daemon)
+            if activated and not args.daemon:
+                pass  # stdout belongs to the client that started us (nbdcopy ... -)
+            else:
+                ready(" ".join(transport.describe(s) for s in listeners))
+            try:
+                acceptor.run()
+            finally:
+                server.shutdown_connections()
+                if args.unix:
+                    try:
+                        os.unlink(args.unix)
+                    except OSError:
+                        pass
+        return 0
+
+    return _as_daemon(args, body)
+
+
+def attach(args: argparse.Namespace) -> int:
+    from bootkit.nbd import kernel
+
+    if args.connections < 1:
+        raise UsageError(f"--connections {args.connections}: must be at least 1")
+
+    def body(ready: Callable[[str], None]) -> int:
+        with _open_image(args) as image:
+            attachment = kernel.attach(
+                image,
+                device=args.device,
+                connections=args.connections,
+                timeout=args.timeout,
+                threads=args.threads,
+            )
+            ready(attachment.device)
+            try:
+                while not attachment.wait(1.0):
+                    pass
+            except KeyboardInterrupt:
+                attachment.close()
+                return 130
+        return 0
+
+    return _as_daemon(args, body)
+
+
+def detach(args: argparse.Namespace) -> int:
+    from bootkit.nbd import kernel
+
+    kernel.detach(args.device)
+    return 0
