@@ -10,6 +10,8 @@ apt_packages=(
     qemu-utils qemu-block-extra libnbd-bin python3-libnbd nbdkit fio
     # guests, firmware and boot loaders for the end-to-end boots
     qemu-system-x86 ovmf ipxe-qemu grub-pc-bin grub-efi-amd64-bin grub-common dnsmasq-base
+    # iPXE builds (undionly.kpxe, ipxe.efi) that pxe-config copies into the TFTP tree for dnsmasq clients
+    ipxe
     # initramfs and root images
     dracut-core dracut-network kmod isc-dhcp-client cpio debootstrap busybox-static fdisk e2fsprogs
     dosfstools zstd

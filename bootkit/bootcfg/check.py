@@ -1,0 +1,112 @@
+"""``pxe-config --check``: does the web server serve what the generated configuration points to?
+
+For every kernel, initrd, image and manifest URL of the description (each once): a HEAD request must answer
+200; when the local file is known, the served size must equal it; when a SHA-256 is pinned (or left to a
+``.sha256`` sidecar), the served bytes are streamed through SHA-256 and compared. The result is one line per
+problem, ``URL: what is wrong``; an empty list means everything answered as described.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import requests
+
+from bootkit.bootcfg.model import Artifact, Config
+from bootkit.log import human_size, log
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Target:
+    """One URL to check and what is expected of it."""
+
+    artifact: Artifact
+    #: expected SHA-256 of the served bytes; None: not pinned
+    sha256: str | None = None
+    #: compare against the ``<url>.sha256`` sidecar instead of a pinned value
+    sidecar: bool = False
+
+
+def targets(config: Config) -> list[Target]:
+    """Every distinct URL of ``config`` with the strongest expectation any entry states about it."""
+    found: dict[str, Target] = {}
+
+    def add(target: Target) -> None:
+        old = found.get(target.artifact.url)
+        if old is None or (old.sha256 is None and not old.sidecar):
+            found[target.artifact.url] = target
+
+    for e in config.entries:
+        add(Target(e.kernel))
+        add(Target(e.initrd))
+        add(Target(e.image, e.sha256, sidecar=e.sha256 is None and e.manifest is None))
+        if e.manifest is not None:
+            add(Target(e.manifest, e.manifest_sha256))
+    return list(found.values())
+
+
+def _stream_sha256(session: requests.Session, url: str, timeout: float) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with session.get(url, stream=True, timeout=timeout) as r:
+        r.raise_for_status()
+        for chunk in r.iter_content(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _sidecar(session: requests.Session, url: str, timeout: float) -> str:
+    """The hash in ``<url>.sha256`` (``sha256sum`` format: the first word)."""
+    r = session.get(url + ".sha256", timeout=timeout)
+    r.raise_for_status()
+    words = r.text.split()
+    if not words:
+        raise ValueError(f"{url}.sha256 is empty")
+    return words[0].lower()
+
+
+def check_target(session: requests.Session, target: Target, timeout: float) -> list[str]:
+    """The problems of one URL (none: it is served as described)."""
+    url = target.artifact.url
+    problems = []
+    try:
+        head = session.head(url, allow_redirects=True, timeout=timeout)
+    except requests.RequestException as e:
+        return [f"{url}: no answer: {e}"]
+    if head.status_code != 200:
+        return [f"{url}: HEAD answered {head.status_code} {head.reason}"]
+    served_size = head.headers.get("Content-Length")
+    path = target.artifact.path
+    if path is not None and served_size is not None:
+        local_size = path.stat().st_size
+        if int(served_size) != local_size:
+            problems.append(f"{url}: served size {served_size} differs from {path} ({local_size} bytes)")
+    expected = target.sha256
+    try:
+        if target.sidecar:
+            expected = _sidecar(session, url, timeout)
+        if expected is not None:
+            log.info("check: hashing %s (%s)", url, human_size(int(served_size or 0)))
+            actual, size = _stream_sha256(session, url, timeout)
+            if actual != expected:
+                what = "the .sha256 sidecar" if target.sidecar else "the pinned hash"
+                problems.append(f"{url}: served bytes have SHA-256 {actual}, {what} says {expected}")
+            if served_size is not None and size != int(served_size):
+                problems.append(f"{url}: served {size} bytes, Content-Length said {served_size}")
+    except (requests.RequestException, ValueError) as e:
+        problems.append(f"{url}: {e}")
+    return problems
+
+
+def check(config: Config, *, timeout: float = 30.0) -> list[str]:
+    """Check every URL of ``config``; one line per problem."""
+    problems = []
+    with requests.Session() as session:
+        for target in targets(config):
+            log.info("check: %s", target.artifact.url)
+            problems += check_target(session, target, timeout)
+    return problems

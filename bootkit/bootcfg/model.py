@@ -1,0 +1,178 @@
+"""The boot description as typed values: what ``pxe-config`` reads (TOML or flags) once, then passes down.
+
+Everything here is frozen and already validated by :mod:`bootkit.bootcfg.load`: URLs are absolute, hashes
+are 64 lower-case hex digits, MAC addresses are lower-case with colons, entry names exist. Closed sets are
+``StrEnum`` with the behaviour that depends on them (``Firmware.bios.grub_platform``), so the renderers and
+templates never branch on strings.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlsplit
+
+
+class Mode(enum.StrEnum):
+    """How the initramfs uses the image: ``ram`` downloads it whole first, ``lazy`` reads ranges on demand."""
+
+    ram = "ram"
+    lazy = "lazy"
+
+
+class Overlay(enum.StrEnum):
+    """The writable layer over the read-only image: a tmpfs overlay, or none (root mounted read-only)."""
+
+    tmpfs = "tmpfs"
+    none = "none"
+
+
+class Bootloader(enum.StrEnum):
+    """A bootloader whose configuration ``pxe-config`` writes."""
+
+    ipxe = "ipxe"
+    grub = "grub"
+
+
+class Firmware(enum.StrEnum):
+    """The two x86-64 firmware families a PXE client can run, and what each needs."""
+
+    bios = "bios"
+    uefi = "uefi"
+
+    def grub_platform(self) -> str:
+        """GRUB's platform directory under /usr/lib/grub (and under boot/grub in the TFTP tree)."""
+        return {"bios": "i386-pc", "uefi": "x86_64-efi"}[self]
+
+    def grub_image(self) -> str:
+        """The netboot image ``grub-mknetdir`` writes for this firmware."""
+        return {"bios": "core.0", "uefi": "core.efi"}[self]
+
+    def ipxe_binary(self) -> str:
+        """The iPXE build a firmware PXE ROM chain-loads (Debian package ``ipxe``, /usr/lib/ipxe)."""
+        return {"bios": "undionly.kpxe", "uefi": "ipxe.efi"}[self]
+
+    def client_arches(self) -> tuple[int, ...]:
+        """DHCP option 93 (client system architecture, RFC 4578 / IANA) values of this firmware on x86-64."""
+        # 7 is "EFI BC" and 9 "EFI x86-64": firmware in the field sends either for x86-64 UEFI
+        return {"bios": (0,), "uefi": (7, 9)}[self]
+
+    def pxe_csas(self) -> tuple[str, ...]:
+        """dnsmasq's names for the same architectures in ``pxe-service`` (proxy DHCP)."""
+        return {"bios": ("x86PC",), "uefi": ("BC_EFI", "X86-64_EFI")}[self]
+
+
+class DhcpMode(enum.StrEnum):
+    """``proxy``: an existing DHCP server hands out addresses, dnsmasq adds boot information only;
+    ``full``: dnsmasq is the DHCP server."""
+
+    proxy = "proxy"
+    full = "full"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A file the boot fetches over HTTP; ``path`` is the same file on this machine, when known."""
+
+    url: str
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        """The file name at the end of the URL's path (``initrd.img``)."""
+        return PurePosixPath(unquote(urlsplit(self.url).path)).name
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One boot menu entry: a kernel, an initramfs and the QCOW2 image it boots."""
+
+    name: str
+    title: str
+    kernel: Artifact
+    initrd: Artifact
+    image: Artifact
+    #: pinned SHA-256 of the whole image (ram mode); None: the manifest pins lazy reads, or, without one,
+    #: the initramfs verifies against the ``<image URL>.sha256`` sidecar
+    sha256: str | None
+    mode: Mode = Mode.ram
+    #: ``N`` (partition number), ``LABEL=..``, ``UUID=..`` or ``PARTUUID=..``; None: found automatically
+    root: str | None = None
+    overlay: Overlay = Overlay.tmpfs
+    #: size of the tmpfs overlay (``2G``, ``25%``); None: the kernel's tmpfs default
+    overlay_size: str | None = None
+    #: per-cluster hash manifest for verified lazy mode, and its pinned SHA-256
+    manifest: Artifact | None = None
+    manifest_sha256: str | None = None
+    #: internal QCOW2 snapshot to boot instead of the active state
+    snapshot: str | None = None
+    console: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Overrides for one machine, recognised by the MAC address it boots from."""
+
+    #: lower case, colon separated: ``52:54:00:12:34:56``
+    mac: str
+    default: str
+    timeout: int
+    args: tuple[str, ...] = ()
+    #: a human name, written as a comment next to the machine's section
+    name: str | None = None
+
+    @property
+    def hexhyp(self) -> str:
+        """``52-54-00-12-34-56``: the form of iPXE's ``${mac:hexhyp}`` and of GRUB's per-MAC file names."""
+        return self.mac.replace(":", "-")
+
+    @property
+    def label(self) -> str:
+        """``525400123456``: usable in iPXE labels and GRUB ids."""
+        return self.mac.replace(":", "")
+
+
+@dataclass(frozen=True)
+class Dhcp:
+    """What the generated dnsmasq configuration does."""
+
+    mode: DhcpMode
+    #: the bootloader a firmware PXE ROM gets first (clients already running iPXE always get boot.ipxe)
+    loader: Bootloader
+    #: proxy mode: the network (address) dnsmasq answers on, e.g. ``192.168.1.0``
+    subnet: str | None = None
+    #: full mode: the address pool, netmask, lease time, router and DNS servers handed out
+    range_start: str | None = None
+    range_end: str | None = None
+    netmask: str | None = None
+    lease_time: str = "1h"
+    router: str | None = None
+    dns: tuple[str, ...] = ()
+    interface: str | None = None
+    #: where the TFTP tree lives on the server; None: ``OUT/tftp`` (absolute) at write time
+    tftp_root: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole description: every entry, the menu, per-machine overrides and the DHCP side."""
+
+    #: where it came from, for messages and the generated files' headers (``pxe.toml``, ``command line``)
+    source: str
+    entries: tuple[Entry, ...]
+    default: str
+    #: menu timeout in seconds; 0 boots the default entry without showing the menu
+    timeout: int
+    machines: tuple[Machine, ...] = ()
+    bootloaders: frozenset[Bootloader] = frozenset(Bootloader)
+    dhcp: Dhcp | None = None
+    #: GRUB on BIOS also uses serial port 0 at this speed (UEFI firmware mirrors its console itself)
+    grub_serial_speed: int | None = None
+
+    def entry(self, name: str) -> Entry:
+        for e in self.entries:
+            if e.name == name:
+                return e
+        raise KeyError(name)
