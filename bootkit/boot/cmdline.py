@@ -46,7 +46,7 @@ _VALUED = (
     "minmem",
     "cacert",
 )
-KNOWN_OPTIONS: Tuple[str, ...] = tuple(PREFIX + o for o in _VALUED + _FLAGS) + (PREFIX + "sha256.<file>",)
+KNOWN_OPTIONS: Tuple[str, ...] = (*(PREFIX + o for o in _VALUED + _FLAGS), PREFIX + "sha256.<file>")
 
 
 @dataclass(frozen=True)
@@ -254,22 +254,26 @@ def _parse_value(option: str, name: str, value: str) -> object:
 
 def _build(url: str, values: Dict[str, object], backing: Dict[str, str], rw: bool) -> BootConfig:
     sha256 = values.get("sha256")
+    mode = values.get("mode", "ram")
     verify = values.get("verify")
     if verify is None:
-        verify = "pinned" if sha256 else "sidecar"
-    if verify == "pinned" and not sha256:
+        verify = "pinned" if sha256 or values.get("manifest-sha256") else "sidecar"
+    if mode != "lazy" and (values.get("manifest") or values.get("manifest-sha256")):
+        raise ConfigError(f"{PREFIX}manifest and {PREFIX}manifest-sha256 are only used with {PREFIX}mode=lazy")
+    if verify == "pinned" and mode == "ram" and not sha256:
         raise ConfigError(f"{PREFIX}verify=pinned needs {PREFIX}sha256=<hex>")
-    if verify != "pinned" and sha256:
-        raise ConfigError(f"{PREFIX}sha256 is given but {PREFIX}verify={verify}: drop one of them")
-    if values.get("manifest-sha256") and not values.get("manifest"):
-        raise ConfigError(f"{PREFIX}manifest-sha256 needs {PREFIX}manifest=<URL>")
-    if values.get("manifest") and values.get("mode", "ram") != "lazy":
-        raise ConfigError(f"{PREFIX}manifest is only used with {PREFIX}mode=lazy")
+    if verify == "pinned" and mode == "lazy" and not values.get("manifest-sha256"):
+        raise ConfigError(
+            f"{PREFIX}verify=pinned with {PREFIX}mode=lazy needs {PREFIX}manifest-sha256=<hex> "
+            "(lazy mode checks every chunk against the manifest, whose hash is pinned)"
+        )
+    if verify != "pinned" and (sha256 or values.get("manifest-sha256")):
+        raise ConfigError(f"a hash is pinned but {PREFIX}verify={verify}: drop one of them")
     return BootConfig(
         url=url,
         sha256=sha256,  # type: ignore[arg-type]
         verify=verify,  # type: ignore[arg-type]
-        mode=values.get("mode", "ram"),  # type: ignore[arg-type]
+        mode=mode,  # type: ignore[arg-type]
         root=values.get("root", RootSpec()),  # type: ignore[arg-type]
         overlay=values.get("overlay", Overlay()),  # type: ignore[arg-type]
         manifest=values.get("manifest"),  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ import struct
 import uuid
 import zlib
 from dataclasses import dataclass
-from typing import List, Optional, Protocol
+from typing import List, Optional, Protocol, Set
 
 from bootkit.boot.cmdline import RootSpec
 from bootkit.errors import BootkitError
@@ -196,7 +196,8 @@ def read_mbr(reader: Reader) -> Optional[List[Partition]]:
             add(i + 1, ptype, lba, sectors)
     number = 5
     for ext_base in extended[:1]:
-        ebr_lba, seen = ext_base, set()
+        ebr_lba = ext_base
+        seen: Set[int] = set()
         while ebr_lba not in seen and len(seen) < 128:
             seen.add(ebr_lba)
             ebr = reader.pread(ebr_lba * SECTOR, SECTOR)

@@ -12,10 +12,12 @@ case "$root" in
 esac
 
 # every rd.qcow2.* option is checked now, before the network comes up: a typo fails the boot at once
-if ! _bootkit_err=$(/usr/bin/python3 -s -E /usr/lib/bootkit/bootkit-boot --check-cmdline 2>&1); then
-    die "bootkit: ${_bootkit_err#error: }"
+if ! _bootkit_out=$(/usr/bin/python3 -s -E /usr/lib/bootkit/bootkit-boot --check-cmdline 2>&1); then
+    die "bootkit: ${_bootkit_out#error: }"
 fi
-unset _bootkit_err
+# with rd.qcow2.debug the check reports the interpreter and the parsed configuration
+[ -n "$_bootkit_out" ] && info "$_bootkit_out"
+unset _bootkit_out
 
 # read by dracut's init and /sbin/netroot
 # shellcheck disable=SC2034
