@@ -223,7 +223,7 @@ class Retry:
         self._delay = options.retry_delay
 
     def check_deadline(self) -> None:
-        if time.monotonic() > self.deadline:
+        if time.monotonic() >= self.deadline:
             raise FetchTimeout(f"{self.url}: not done within the total time limit of {self.options.total_timeout:g} s")
 
     def failed(self, error: BootkitError, progressed: bool = False) -> None:

@@ -15,11 +15,14 @@ import hashlib
 import os
 import posixpath
 import re
+import socket
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
+from bootkit.errors import BootkitError
 from bootkit.fetch import client
 from bootkit.fetch.errors import (
     ChecksumMismatch,
@@ -35,6 +38,8 @@ from bootkit.log import human_size, log
 
 #: bytes read from the network per block; each block is hashed and written while the next one is read
 BLOCK_SIZE = 1 << 20
+#: bytes asked of the socket at a time while a block fills
+READ_SLICE = 256 << 10
 #: blocks in flight between the network reader and the hash-and-write thread
 PIPELINE_DEPTH = 4
 #: restarts from zero (file changed on the server) before giving up
@@ -333,6 +338,7 @@ class _Download:
                 if self._attempt(sink, retry):
                     return
             except Exception as e:  # classify decides what is retried
+                retry.check_deadline()
                 error = client.classify(e, self.url, self.options.timeout)
                 if not isinstance(error, TransientError):
                     raise error from e
@@ -349,6 +355,9 @@ class _Download:
             if self.validator:
                 headers["If-Range"] = self.validator
         opened = client.open_url(self.url, self.options, headers)
+        watchdog = threading.Timer(max(retry.deadline - time.monotonic(), 0.0), _cut, (opened.conn,))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             response = opened.response
             if offset and response.status == 206:
@@ -366,6 +375,7 @@ class _Download:
                 self._start(response)
             self._stream(response, sink, retry)
         finally:
+            watchdog.cancel()
             opened.conn.close()
         sink.flush()
         if self.size is not None and sink.written != self.size:
@@ -423,31 +433,53 @@ class _Download:
         self.validator = None
 
     def _stream(self, response: Any, sink: _Sink, retry: client.Retry) -> None:
+        """Copy the body into the sink; bytes that arrived before a failure are kept (the resume starts there)."""
         done = sink.written
         budget = self.budget if self.budget is not None else 1 << 62
-        while True:
+        limit = min(budget, self.size if self.size is not None else budget)
+        eof = False
+        while not eof:
             buf = sink.buffer()
+            view = memoryview(buf)
+            n = 0
             try:
-                n = response.readinto(buf)
-            except BaseException:
-                sink.give_back(buf)
-                raise
-            if not n:
-                sink.give_back(buf)
-                return
+                while n < BLOCK_SIZE:
+                    # slices, so that progress, the deadline and a failure are seen at a fine grain
+                    got = response.readinto(view[n : n + READ_SLICE])
+                    if not got:
+                        eof = True
+                        break
+                    n += got
+                    if done + n > limit:
+                        n = 0
+                        raise self._too_much(budget)
+                    self.progress.update(done + n)
+                    retry.check_deadline()
+            finally:
+                view.release()
+                if n:
+                    sink.submit(buf, n)
+                else:
+                    sink.give_back(buf)
             done += n
-            if done > budget:
-                sink.give_back(buf)
-                raise NotEnoughSpace(
-                    f"{self.url}: more than {human_size(budget)} arrived, which is all that fits under"
-                    f" {os.path.dirname(os.path.abspath(self.dest))}"
-                )
-            if self.size is not None and done > self.size:
-                sink.give_back(buf)
-                raise SizeMismatch(f"{self.url}: server sent more than the announced {self.size} bytes")
-            sink.submit(buf, n)
-            self.progress.update(done)
-            retry.check_deadline()
+
+    def _too_much(self, budget: int) -> BootkitError:
+        if self.size is not None and budget >= self.size:
+            return SizeMismatch(f"{self.url}: server sent more than the announced {self.size} bytes")
+        return NotEnoughSpace(
+            f"{self.url}: more than {human_size(budget)} arrived, which is all that fits under"
+            f" {os.path.dirname(os.path.abspath(self.dest))}"
+        )
+
+
+def _cut(conn: Any) -> None:
+    """Watchdog: end a transfer that outlives the total time limit (a trickle never trips the read timeout)."""
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def download(url: str, dest: str, options: FetchOptions) -> DownloadResult:
