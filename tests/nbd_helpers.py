@@ -31,8 +31,13 @@ class RawFileDouble:
     ``corrupt_ranges`` raise CorruptImage when read, like a broken compressed cluster.
     """
 
-    def __init__(self, path: str, *, zero_ranges: tuple[tuple[int, int], ...] = (),
-                 corrupt_ranges: tuple[tuple[int, int], ...] = ()) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        zero_ranges: tuple[tuple[int, int], ...] = (),
+        corrupt_ranges: tuple[tuple[int, int], ...] = (),
+    ) -> None:
         self.source = FileSource(path)
         self.virtual_size = self.source.size
         self.cluster_size = 65536

@@ -38,8 +38,9 @@ def data_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, bytes]:
 @pytest.fixture
 def server_sock(data_file: tuple[str, bytes], tmp_path: Path) -> Iterator[str]:
     sock_path = str(tmp_path / "nbd.sock")
-    with RawFileDouble(data_file[0], zero_ranges=(ZERO_AT,), corrupt_ranges=(CORRUPT_AT,)) as image, serve_unix(
-        image, sock_path, name="disk", description="test disk"
+    with (
+        RawFileDouble(data_file[0], zero_ranges=(ZERO_AT,), corrupt_ranges=(CORRUPT_AT,)) as image,
+        serve_unix(image, sock_path, name="disk", description="test disk"),
     ):
         yield sock_path
 

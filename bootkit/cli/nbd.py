@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -77,12 +79,12 @@ def _as_daemon(args: argparse.Namespace, body: Callable[[Callable[[str], None]],
         return body(say)
     if not kernel.argv0().startswith("@"):
         kernel.reexec_with_argv0(sys.argv[1:])
+    pid_file = os.path.abspath(args.pid_file) if args.pid_file else None
     report, fd = kernel.fork_daemon()
     if report is None:
         status, line = kernel.wait_daemon(fd)
         print(line, file=sys.stdout if status == 0 else sys.stderr, flush=True)
         return status
-    pid_file = os.path.abspath(args.pid_file) if args.pid_file else None
 
     def ready(line: str) -> None:
         kernel.preload()
@@ -112,28 +114,33 @@ def serve_nbd(args: argparse.Namespace) -> int:
     from bootkit.nbd.server import NBDServer
 
     activated = transport.activation_listeners()
+    args.image = os.path.abspath(args.image)  # the daemon runs in /
+    if args.unix:
+        args.unix = os.path.abspath(args.unix)
 
     def body(ready: Callable[[str], None]) -> int:
-        if args.unix:
-            listeners = [transport.unix_listener(args.unix)]
-        elif args.tcp:
-            listeners = [transport.tcp_listener(*transport.parse_hostport(args.tcp))]
-        elif activated:
-            listeners = activated
-        else:
-            listeners = [transport.tcp_listener("127.0.0.1", transport.DEFAULT_PORT)]
         with _open_image(args) as image:
+            if args.unix:
+                listeners = [transport.unix_listener(args.unix)]
+            elif args.tcp:
+                listeners = [transport.tcp_listener(*transport.parse_hostport(args.tcp))]
+            elif activated:
+                listeners = activated
+            else:
+                listeners = [transport.tcp_listener("127.0.0.1", transport.DEFAULT_PORT)]
             server = NBDServer(image, name=args.export, threads=args.threads)
             # socket activation by a client (nbdcopy -- [ CMD ]): done when that client is
-            acceptor = transport.Acceptor(listeners, server.serve_connection, once=bool(activated) and not args.daemon)
-            if activated and not args.daemon:
-                pass  # stdout belongs to the client that started us (nbdcopy ... -)
-            else:
-                ready(" ".join(transport.describe(s) for s in listeners))
+            by_client = listeners is activated and not args.daemon
+            acceptor = transport.Acceptor(listeners, server.serve_connection, once=by_client)
+            signal.signal(signal.SIGTERM, lambda *_: acceptor.stop())
             try:
+                if not by_client:  # else stdout belongs to the client that started us (nbdcopy ... -)
+                    ready(" ".join(transport.describe(s) for s in listeners))
                 acceptor.run()
             finally:
                 server.shutdown_connections()
+                for s in listeners:
+                    s.close()
                 if args.unix:
                     try:
                         os.unlink(args.unix)
@@ -149,6 +156,7 @@ def attach(args: argparse.Namespace) -> int:
 
     if args.connections < 1:
         raise UsageError(f"--connections {args.connections}: must be at least 1")
+    args.image = os.path.abspath(args.image)  # the daemon runs in /
 
     def body(ready: Callable[[str], None]) -> int:
         with _open_image(args) as image:
@@ -159,10 +167,13 @@ def attach(args: argparse.Namespace) -> int:
                 timeout=args.timeout,
                 threads=args.threads,
             )
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
             ready(attachment.device)
             try:
                 while not attachment.wait(1.0):
-                    pass
+                    if stop.is_set():
+                        attachment.close()
             except KeyboardInterrupt:
                 attachment.close()
                 return 130

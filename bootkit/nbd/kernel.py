@@ -367,10 +367,16 @@ def reexec_with_argv0(args: Sequence[str], name: str = DAEMON_ARGV0) -> None:
     """Replace this process by ``python -m bootkit ARGS`` whose argv[0] is ``name`` (like ``exec -a``).
 
     Python finds its prefix (and a virtualenv's site-packages) from argv[0]; '@name' is no path, so the
-    current ``sys.path`` is passed on as PYTHONPATH.
+    current ``sys.path`` is passed on as PYTHONPATH. Inside the initramfs one would rather start the
+    process that way in the first place (``exec -a @bootkit-nbd python3 -m bootkit attach ...``): then
+    argv[0] already starts with '@' and nothing is re-executed.
     """
+    import bootkit
+
+    # the package's own parent first: an editable install is found through a .pth hook, not a path entry
+    here = os.path.dirname(os.path.dirname(os.path.abspath(bootkit.__file__)))
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env["PYTHONPATH"] = os.pathsep.join([here, *(p for p in sys.path if p and p != here)])
     os.execve(sys.executable, [name, "-m", "bootkit", *args], env)
 
 

@@ -559,4 +559,3 @@ def _parse_meta_context_request(data: bytes) -> Optional[Tuple[str, List[str]]]:
     if pos != len(data):
         return None
     return name, queries
-
