@@ -101,6 +101,11 @@ class HTTPSource:
     def size(self) -> int:
         return self._size
 
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes held in the chunk cache now (at most ``cache_bytes``, or one chunk if that is smaller)."""
+        return self._cached_bytes
+
     # -- the ByteSource interface --
 
     def pread(self, offset: int, length: int) -> bytes:

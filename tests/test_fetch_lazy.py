@@ -1,0 +1,255 @@
+"""Lazy mode: HTTPSource against bootkit serve-http and nginx (the same tests), and the fault server.
+
+The proof: bootkit's QCOW2 reader on an HTTP source returns exactly what it returns on the local file, for
+images qemu-img made (plain, deflate, zstd, small clusters, extended L2); a chunk that does not match the
+manifest is fetched again, then reported -- never served; a background fill ends with reads that no longer
+need the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from faultserver import Fault, FaultState, fault_server
+from fetch_fixtures import fast_options, make_data, nginx
+
+from bootkit import qcow2
+from bootkit.errors import FetchError, UsageError
+from bootkit.fetch import ChunkError, HTTPSource, HTTPStatusError, Manifest, RemoteChanged, SizeMismatch
+from bootkit.httpserve import http_server
+from bootkit.run import run
+
+CHUNK = 64 * 1024
+VIRTUAL_SIZE = 24 * 1024 * 1024
+
+#: name -> extra qemu-img convert options
+IMAGES = {
+    "plain": [],
+    "deflate": ["-c"],
+    "zstd": ["-c", "-o", "compression_type=zstd"],
+    "small-clusters": ["-o", "cluster_size=4096"],
+    "extended-l2": ["-c", "-o", "extended_l2=on,cluster_size=128k"],
+}
+
+
+def make_raw(path: Path) -> None:
+    """A disk with random data, a repeated pattern, zeros and holes, at offsets that straddle clusters."""
+    rng = random.Random(7)
+    with open(path, "wb") as f:
+        f.truncate(VIRTUAL_SIZE)
+        for offset, length in [(0, 70_000), (1_000_000, 3_000_000), (9_437_000, 512), (20_000_000, 4_000_000)]:
+            f.seek(offset)
+            f.write(rng.randbytes(length))
+        f.seek(5_000_000)
+        f.write(b"bootkit lazy " * 100_000)  # compressible
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory with the reference images, their manifests and a raw file of random bytes."""
+    if shutil.which("qemu-img") is None:
+        pytest.skip("qemu-img is not installed (Debian package qemu-utils)")
+    root = tmp_path_factory.mktemp("lazy")
+    make_raw(root / "disk.raw")
+    for name, extra in IMAGES.items():
+        run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", *extra, root / "disk.raw", root / f"{name}.qcow2"])
+        Manifest.build(str(root / f"{name}.qcow2"), CHUNK).write(str(root / f"{name}.qcow2.manifest"))
+    (root / "random.bin").write_bytes(make_data(5 * CHUNK + 1234, seed=9))
+    Manifest.build(str(root / "random.bin"), CHUNK).write(str(root / "random.bin.manifest"))
+    return root
+
+
+@pytest.fixture(scope="module", params=["serve-http", "nginx"])
+def base_url(request: pytest.FixtureRequest, served: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The served directory's URL, from bootkit's own server and from nginx."""
+    if request.param == "nginx":
+        with nginx(served, tmp_path_factory.mktemp("nginx")) as url:
+            yield url + "/"
+    else:
+        with http_server(str(served)) as url:
+            yield url
+
+
+def open_http(base_url: str, served: Path, name: str, **kwargs: object) -> HTTPSource:
+    manifest = Manifest.load(str(served / f"{name}.manifest"))
+    return HTTPSource(base_url + name, fast_options(), manifest=manifest, **kwargs)  # type: ignore[arg-type]
+
+
+def test_raw_bytes_match_from_many_threads(base_url: str, served: Path) -> None:
+    data = (served / "random.bin").read_bytes()
+    rng = random.Random(1)
+    ranges = [(rng.randrange(len(data) + 100), rng.randrange(3 * CHUNK)) for _ in range(300)]
+    errors: list[str] = []
+    with open_http(base_url, served, "random.bin", cache_bytes=2 * CHUNK) as source:
+        assert source.size == len(data)
+
+        def reader(part: list[tuple[int, int]]) -> None:
+            for offset, length in part:
+                if source.pread(offset, length) != data[offset : offset + length]:
+                    errors.append(f"{offset}+{length}")
+
+        threads = [threading.Thread(target=reader, args=(ranges[i::8],)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert source.pread(len(data) - 10, 100) == data[-10:]
+        assert source.pread(len(data), 10) == b""
+
+
+@pytest.mark.parametrize("name", list(IMAGES))
+def test_qcow2_reader_reads_the_same_over_http(base_url: str, served: Path, name: str) -> None:
+    path = served / f"{name}.qcow2"
+    with open_http(base_url, served, path.name) as source, qcow2.open(source) as remote, qcow2.open(str(path)) as local:
+        assert remote.virtual_size == local.virtual_size == VIRTUAL_SIZE
+        step = 1536 * 1024  # not a multiple of the cluster or chunk size
+        for offset in range(0, VIRTUAL_SIZE, step):
+            assert remote.pread(offset, step) == local.pread(offset, step), f"{name} at {offset}"
+        rng = random.Random(2)
+        for _ in range(100):
+            offset, length = rng.randrange(VIRTUAL_SIZE), rng.randrange(1, 300_000)
+            assert remote.pread(offset, length) == local.pread(offset, length), f"{name} at {offset}+{length}"
+
+
+def test_sequential_reads_trigger_read_ahead_within_the_cache_bound(base_url: str, served: Path) -> None:
+    data = (served / "plain.qcow2").read_bytes()
+    with open_http(base_url, served, "plain.qcow2", cache_bytes=6 * CHUNK, readahead=3) as source:
+        for offset in range(0, len(data), 4096):
+            assert source.pread(offset, 4096) == data[offset : offset + 4096]
+        assert source.stats["readahead"] > 0
+        assert source.cached_bytes <= 6 * CHUNK
+
+
+def test_background_fill_then_no_network_needed(served: Path, tmp_path: Path) -> None:
+    data = (served / "zstd.qcow2").read_bytes()
+    with http_server(str(served)) as url:
+        source = open_http(url, served, "zstd.qcow2")
+        assert source.pread(100_000, 10) == data[100_000:100_010]  # one chunk cached before the fill
+        source.start_background_fill(str(tmp_path / "copy.qcow2"))
+        assert source.wait_filled(timeout=120)
+    # the server is gone: every read now comes from the local copy
+    try:
+        assert source.filled
+        assert source.pread(0, len(data)) == data
+        with qcow2.open(source) as image, qcow2.open(str(served / "zstd.qcow2")) as local:
+            assert image.pread(0, VIRTUAL_SIZE) == local.pread(0, VIRTUAL_SIZE)
+    finally:
+        source.close()
+    assert (tmp_path / "copy.qcow2").read_bytes() == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.qcow2"]
+
+
+# -- against the fault server --
+
+
+DATA = make_data(6 * CHUNK + 999, seed=11)
+MANIFEST = Manifest(
+    len(DATA),
+    CHUNK,
+    hashlib.sha256(DATA).hexdigest(),
+    tuple(hashlib.sha256(DATA[i : i + CHUNK]).digest() for i in range(0, len(DATA), CHUNK)),
+)
+
+
+@pytest.fixture
+def faulty() -> Iterator[tuple[str, FaultState]]:
+    with fault_server() as (url, state):
+        state.files["/img"] = DATA
+        yield f"{url}/img", state
+
+
+def ranges_asked(state: FaultState) -> list[str | None]:
+    return [r.headers.get("Range") for r in state.requests_for("/img")]
+
+
+def test_tampered_chunk_is_never_served(faulty: tuple[str, FaultState]) -> None:
+    url, state = faulty
+    tampered = bytearray(DATA)
+    tampered[3 * CHUNK + 5] ^= 1
+    state.files["/img"] = bytes(tampered)
+    with HTTPSource(url, fast_options(), manifest=MANIFEST, readahead=0) as source:
+        assert source.pread(0, CHUNK) == DATA[:CHUNK]
+        with pytest.raises(ChunkError) as info:
+            source.pread(3 * CHUNK + 100, 10)
+        assert str(info.value) == (
+            f"{url}: chunk 3 (bytes {3 * CHUNK}-{4 * CHUNK - 1}) does not match the manifest,"
+            " also when fetched again; not served"
+        )
+        # fetched exactly twice, and the source keeps serving the good chunks
+        assert ranges_asked(state).count(f"bytes={3 * CHUNK}-{4 * CHUNK - 1}") == 2
+        assert source.pread(4 * CHUNK, CHUNK) == DATA[4 * CHUNK : 5 * CHUNK]
+
+
+def test_tampered_chunk_through_the_qcow2_reader(served: Path) -> None:
+    raw = bytearray((served / "plain.qcow2").read_bytes())
+    manifest = Manifest.load(str(served / "plain.qcow2.manifest"))
+    with qcow2.open(str(served / "plain.qcow2")) as local:
+        extent = next(e for e in local.extents() if e.kind == qcow2.DATA and e.length >= 65536)
+        guest_offset, host_offset = extent.offset, extent.host_offset
+    assert host_offset is not None
+    raw[host_offset + 10] ^= 0x40
+    with fault_server() as (url, state):
+        state.files["/plain.qcow2"] = bytes(raw)
+        source = HTTPSource(url + "/plain.qcow2", fast_options(), manifest=manifest)
+        with source, qcow2.open(source) as image, pytest.raises(FetchError, match="does not match the manifest"):
+            image.pread(guest_offset, 512)
+
+
+def test_bad_chunk_once_is_fetched_again(faulty: tuple[str, FaultState]) -> None:
+    url, state = faulty
+    with HTTPSource(url, fast_options(), manifest=MANIFEST, readahead=0) as source:
+        state.add_faults("/img", Fault(corrupt_at=7))
+        assert source.pread(2 * CHUNK, 3 * CHUNK) == DATA[2 * CHUNK : 5 * CHUNK]
+        assert source.stats["bad_chunks"] == 1
+
+
+def test_each_request_is_retried(faulty: tuple[str, FaultState]) -> None:
+    url, state = faulty
+    with HTTPSource(url, fast_options(timeout=0.5), manifest=MANIFEST, readahead=0) as source:
+        state.add_faults("/img", Fault(status=503), Fault(drop_after=100), Fault(stall_after=10, stall=2))
+        assert source.pread(CHUNK, 10) == DATA[CHUNK : CHUNK + 10]
+
+
+def test_file_changed_on_server_is_an_error(faulty: tuple[str, FaultState]) -> None:
+    url, state = faulty
+    with HTTPSource(url, fast_options(), manifest=MANIFEST, readahead=0) as source:
+        state.files["/img"] = make_data(len(DATA), seed=12)
+        with pytest.raises(RemoteChanged, match=rf"^{url}: the file changed on the server since it was opened"):
+            source.pread(0, 10)
+
+
+def test_manifest_of_another_size(faulty: tuple[str, FaultState]) -> None:
+    url, state = faulty
+    state.files["/img"] = DATA + b"x"
+    with pytest.raises(SizeMismatch, match=rf"^{url}: the server has {len(DATA) + 1} bytes, the manifest says"):
+        HTTPSource(url, fast_options(), manifest=MANIFEST)
+
+
+def test_manifest_required_unless_verify_none(faulty: tuple[str, FaultState]) -> None:
+    url, _ = faulty
+    with pytest.raises(UsageError, match="lazy mode verifies chunks with a manifest"):
+        HTTPSource(url, fast_options(verify="sidecar"))
+
+
+def test_server_without_range_support(faulty: tuple[str, FaultState]) -> None:
+    url, state = faulty
+    state.add_faults("/img", Fault(ignore_range=True))
+    with pytest.raises(HTTPStatusError, match="the server ignores Range requests; lazy mode needs them"):
+        HTTPSource(url, fast_options(), manifest=MANIFEST)
+
+
+def test_background_fill_survives_drops(faulty: tuple[str, FaultState], tmp_path: Path) -> None:
+    url, state = faulty
+    with HTTPSource(url, fast_options(), manifest=MANIFEST, readahead=0) as source:
+        state.add_faults("/img", Fault(drop_after=CHUNK + 100), Fault(corrupt_at=CHUNK * 2 + 1))
+        source.start_background_fill(str(tmp_path / "copy"))
+        assert source.wait_filled(timeout=60)
+        assert source.pread(0, len(DATA)) == DATA
+    assert (tmp_path / "copy").read_bytes() == DATA
