@@ -1,0 +1,347 @@
+"""QEMU guests under TCG, and their serial console read as the boot story.
+
+A :class:`Guest` is a running ``qemu-system-x86_64`` whose first serial port is a pipe. A reader thread
+splits it into lines, stamps each with the seconds since QEMU was started (host clock), appends it to a log
+file and wakes whoever waits in :meth:`Guest.expect`. Every boot has an overall timeout after which QEMU is
+killed; QEMU is always killed by PID when the context manager exits.
+
+Rules for every guest on this machine (../shared/reference/dracut-notes.md): ``-accel tcg`` always (the
+/dev/kvm here does not run ordinary guests), ``-no-reboot`` so a panic or a reboot ends the run,
+``-nodefaults -display none``. PXE goes through QEMU's user networking: its built-in DHCP hands out
+``bootfile``, its TFTP server serves ``tftp_dir``, and the guest reaches the host's loopback as 10.0.2.2.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bootkit.log import log
+from bootkit.run import spawn
+
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+#: iPXE for virtio-net as an EFI option ROM; the BIOS one (pxe-virtio.rom) is QEMU's default for the NIC
+IPXE_EFI_ROM = Path("/usr/lib/ipxe/qemu/efi-virtio.rom")
+
+#: the host as seen from the guest on QEMU's user network
+HOST_FROM_GUEST = "10.0.2.2"
+
+#: kernel arguments every test guest gets: serial console, and a panic ends the run (-no-reboot) at once
+GUEST_KERNEL_ARGS = ("console=ttyS0,115200", "panic=-1")
+
+
+class Firmware(enum.StrEnum):
+    """The firmware a guest boots with, and what QEMU needs for it."""
+
+    bios = "bios"
+    uefi = "uefi"
+
+    def machine(self) -> str:
+        # OVMF's 4M build with pflash as measured (dracut-notes §9) runs on q35; SeaBIOS on the default pc
+        return "q35" if self is Firmware.uefi else "pc"
+
+    def nic_options(self) -> str:
+        # BIOS: QEMU loads pxe-virtio.rom (iPXE) by itself. UEFI: OVMF's own PXE would be used unless the EFI
+        # iPXE ROM is named; the issue wants QEMU's iPXE on both.
+        return f",romfile={IPXE_EFI_ROM}" if self is Firmware.uefi else ""
+
+
+class GuestError(AssertionError):
+    """A guest did not do what the test expected; the message carries the end of its console."""
+
+
+@dataclass(frozen=True)
+class ConsoleLine:
+    """One line of the serial console and when the host saw it (seconds since QEMU started)."""
+
+    t: float
+    text: str
+
+
+LineHandler = Callable[[ConsoleLine], None]
+
+
+class Guest:
+    """A running QEMU guest and its serial console.
+
+    ``expect`` searches the console output after the previous match, so a test reads in boot order:
+    ``vm.expect(r"Linux version")``, then ``vm.expect(r"BOOTKIT-PROOF-DONE")``, then ``vm.wait_exit()``.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        name: str,
+        log_path: Path,
+        boot_timeout: float,
+        on_line: LineHandler | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.boot_timeout = boot_timeout
+        self.lines: list[ConsoleLine] = []
+        self._on_line = on_line
+        self._text = ""  # everything read so far, \r removed
+        self._cursor = 0  # expect() searches from here
+        self._eof = False
+        self._timed_out = False
+        self._cond = threading.Condition()
+        self._log = log_path.open("w", encoding="utf-8", errors="replace")
+        self.started = time.monotonic()
+        self._proc = spawn(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # so killing QEMU never touches the test runner's process group
+        )
+        self.pid = self._proc.pid
+        self._log.write(f"# {' '.join(self.argv)}\n")
+        self._reader = threading.Thread(target=self._read, name=f"{name}-console", daemon=True)
+        self._reader.start()
+        self._watchdog = threading.Timer(boot_timeout, self._overall_timeout)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    # -- console ---------------------------------------------------------------------------------------
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        fd = self._proc.stdout.fileno()
+        pending = b""
+        while True:
+            chunk = os.read(fd, 65536)
+            now = time.monotonic() - self.started
+            if not chunk:
+                break
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            text = chunk.decode("utf-8", errors="replace").replace("\r", "")
+            new_lines = [ConsoleLine(now, c.decode("utf-8", errors="replace").rstrip("\r")) for c in complete]
+            with self._cond:
+                self._text += text
+                self.lines.extend(new_lines)
+                self._cond.notify_all()
+            for line in new_lines:
+                self._log.write(f"[{line.t:8.3f}] {line.text}\n")
+                if self._on_line is not None:
+                    self._on_line(line)
+            self._log.flush()
+        if pending:
+            line = ConsoleLine(time.monotonic() - self.started, pending.decode("utf-8", errors="replace"))
+            self.lines.append(line)
+            self._log.write(f"[{line.t:8.3f}] {line.text}\n")
+            if self._on_line is not None:
+                self._on_line(line)
+        self._log.flush()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    @property
+    def output(self) -> str:
+        """The whole console so far."""
+        with self._cond:
+            return self._text
+
+    def tail(self, n: int = 25) -> str:
+        return "\n".join(line.text for line in self.lines[-n:])
+
+    def _fail(self, what: str) -> GuestError:
+        return GuestError(f"{self.name}: {what}\n--- last console lines ({self.log_path}) ---\n{self.tail()}")
+
+    def expect(self, pattern: str, timeout: float = 120.0) -> re.Match[str]:
+        """Wait until the console shows ``pattern`` (a regex, MULTILINE) after the previous match."""
+        rx = re.compile(pattern, re.MULTILINE)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                # complete lines only: a chunk boundary must not let ``.*`` match half a line
+                end = len(self._text) if self._eof else self._text.rfind("\n") + 1
+                m = rx.search(self._text, self._cursor, end) if end > self._cursor else None
+                if m is not None:
+                    self._cursor = m.end()
+                    return m
+                if self._eof:
+                    raise self._fail(f"QEMU exited ({self._exit_reason()}) before {pattern!r} appeared")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._fail(f"{pattern!r} did not appear within {timeout:.0f} s")
+                self._cond.wait(min(left, 1.0))
+
+    def seen(self, pattern: str) -> bool:
+        """Whether ``pattern`` appears anywhere in the console so far (does not move the cursor)."""
+        return re.search(pattern, self.output, re.MULTILINE) is not None
+
+    def first_time(self, pattern: str) -> float | None:
+        """Host time of the first console line matching ``pattern``, if any."""
+        rx = re.compile(pattern)
+        return next((line.t for line in self.lines if rx.search(line.text)), None)
+
+    # -- process ---------------------------------------------------------------------------------------
+    def _overall_timeout(self) -> None:
+        self._timed_out = True
+        log.warning("%s: overall boot timeout (%.0f s) reached: killing QEMU %d", self.name,
+                    self.boot_timeout, self.pid)
+        self.kill()
+
+    def _exit_reason(self) -> str:
+        if self._timed_out:
+            return f"killed after the overall boot timeout of {self.boot_timeout:.0f} s"
+        return f"status {self._proc.poll()}"
+
+    def wait_exit(self, timeout: float = 120.0) -> int:
+        """Wait for QEMU to exit by itself (the guest powered off) and return its exit status."""
+        try:
+            status = self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise self._fail(f"QEMU still running {timeout:.0f} s after the wait began") from None
+        self._reader.join(10)
+        if self._timed_out:
+            raise self._fail(f"QEMU {self._exit_reason()}")
+        return status
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def kill(self) -> None:
+        if self._proc.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def close(self) -> None:
+        self._watchdog.cancel()
+        self.kill()
+        self._proc.wait()
+        self._reader.join(10)
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+        self._log.close()
+
+
+def qemu_command(
+    *,
+    firmware: Firmware = Firmware.bios,
+    memory_mib: int = 1024,
+    tftp_dir: Path | None = None,
+    bootfile: str | None = None,
+    kernel: Path | None = None,
+    initrd: Path | None = None,
+    append: str | None = None,
+    disks: Sequence[Path] = (),
+    vars_file: Path | None = None,
+) -> list[str]:
+    """The QEMU command line for one test guest (written as data: one option and its value per line)."""
+    cmd = [
+        "qemu-system-x86_64",
+        "-accel", "tcg",
+        "-machine", firmware.machine(),
+        "-m", str(memory_mib),
+        "-smp", "1",
+        "-nodefaults",
+        "-display", "none",
+        "-no-reboot",
+        "-chardev", "stdio,id=ser0,signal=off",
+        "-serial", "chardev:ser0",
+    ]  # fmt: skip
+    if firmware is Firmware.uefi:
+        if vars_file is None:
+            raise ValueError("UEFI guests need a writable copy of the OVMF variable store")
+        cmd += [
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}",
+        ]  # fmt: skip
+    netdev = "user,id=n0"
+    if tftp_dir is not None:
+        netdev += f",tftp={tftp_dir}"
+        if bootfile is not None:
+            netdev += f",bootfile={bootfile}"
+    cmd += [
+        "-netdev", netdev,
+        "-device", f"virtio-net-pci,netdev=n0,bootindex=1{firmware.nic_options()}",
+    ]  # fmt: skip
+    for i, disk in enumerate(disks):
+        fmt = "qcow2" if disk.suffix == ".qcow2" else "raw"
+        cmd += [
+            "-drive", f"if=none,id=d{i},format={fmt},file={disk},snapshot=on",
+            "-device", f"virtio-blk-pci,drive=d{i}",
+        ]  # fmt: skip
+    if kernel is not None:
+        cmd += ["-kernel", str(kernel)]
+        if initrd is not None:
+            cmd += ["-initrd", str(initrd)]
+        if append is not None:
+            cmd += ["-append", append]
+    elif tftp_dir is not None:
+        cmd += ["-boot", "n"]
+    return cmd
+
+
+@contextmanager
+def _guest(cmd: list[str], name: str, log_dir: Path, boot_timeout: float,
+           on_line: LineHandler | None) -> Iterator[Guest]:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    guest = Guest(cmd, name=name, log_path=log_dir / f"{name}.serial.log", boot_timeout=boot_timeout,
+                  on_line=on_line)
+    try:
+        yield guest
+    finally:
+        guest.close()
+
+
+@contextmanager
+def qemu_pxe(
+    tftp_dir: Path,
+    bootfile: str,
+    *,
+    log_dir: Path,
+    firmware: Firmware = Firmware.bios,
+    memory_mib: int = 1024,
+    name: str = "guest",
+    boot_timeout: float = 600.0,
+    on_line: LineHandler | None = None,
+) -> Iterator[Guest]:
+    """Boot a guest from the network: firmware PXE -> QEMU's DHCP/TFTP hands out ``bootfile`` from ``tftp_dir``."""
+    vars_file = None
+    if firmware is Firmware.uefi:
+        vars_file = log_dir / f"{name}.OVMF_VARS.fd"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(OVMF_VARS, vars_file)
+    cmd = qemu_command(firmware=firmware, memory_mib=memory_mib, tftp_dir=tftp_dir, bootfile=bootfile,
+                       vars_file=vars_file)
+    with _guest(cmd, name, log_dir, boot_timeout, on_line) as guest:
+        yield guest
+
+
+@contextmanager
+def qemu_direct(
+    kernel: Path,
+    initrd: Path | None,
+    append: str,
+    *,
+    log_dir: Path,
+    disks: Sequence[Path] = (),
+    memory_mib: int = 1024,
+    name: str = "guest",
+    boot_timeout: float = 600.0,
+    on_line: LineHandler | None = None,
+) -> Iterator[Guest]:
+    """Boot a kernel directly (``-kernel``/``-initrd``), with the network and optional local virtio disks."""
+    cmd = qemu_command(memory_mib=memory_mib, kernel=kernel, initrd=initrd, append=append, disks=disks)
+    with _guest(cmd, name, log_dir, boot_timeout, on_line) as guest:
+        yield guest
