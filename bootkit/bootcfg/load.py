@@ -554,7 +554,7 @@ def _config(top: _Table, base_dir: Path) -> Config:
     for i, t in enumerate(entry_tables):
         entry = _entry(t, i, ctx, console)
         if entry.name in entries:
-            raise t.error("name", f"{entry.name!r} is used by another entry too")
+            raise ConfigError(f"{origin.where((f'entry[{i}]', 'name'))}: {entry.name!r} is used by another entry too")
         entries[entry.name] = entry
     default = top.get_str("default", next(iter(entries)))
     assert default is not None
