@@ -135,15 +135,15 @@ def zstd_cluster(data: bytes, cluster_size: int) -> bytes:
             content = zstd.get_frame_parameters(frame).content_size
             if content != ZSTD_CONTENTSIZE_UNKNOWN and content > want:
                 raise CorruptImage(f"zstd frame of {content} bytes overflows the cluster")
-            if content == 0:
-                raise CorruptImage("zstd: empty frame")
             if content == ZSTD_CONTENTSIZE_UNKNOWN:
                 piece = _decompressor().decompress(frame, max_output_size=want)
             else:
                 piece = _decompressor().decompress(frame)
-            if not piece:
-                raise CorruptImage("zstd: frame made no progress")
-            out = piece if not out else out + piece
+            # An empty frame is not an error: QEMU's loop counts consumed input as progress and goes on to
+            # the next frame (it fails only when neither input nor output moves, i.e. the data ran out, which
+            # is the check at the top of this loop). Every frame advances ``pos``, so the loop ends.
+            if piece:
+                out = piece if not out else out + piece
     except zstd.ZstdError as e:
         raise CorruptImage(f"zstd error: {e}") from None
     if len(out) != cluster_size:
