@@ -269,8 +269,9 @@ def _read_extensions(
 ) -> Tuple[Tuple[Extension, ...], Dict[Tuple[int, int], str]]:
     """Walk the extension area [header_length, backing_file_offset or cluster_size) (qcow2_read_extensions)."""
     name = source.name
-    if header.version == 2:
-        return (), {}
+    # Version 2 images have extensions too, right after the 72-byte header: QEMU writes the backing format
+    # there for compat=0.10 images and qcow2_do_open reads them whatever the version. Skipping them would
+    # mean probing a backing file that the image says is raw.
     start = header.header_length
     end = header.backing_file_offset if header.backing_file_offset else cluster_size
     area = source.pread(start, max(0, end - start))
