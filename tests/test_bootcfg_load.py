@@ -193,7 +193,7 @@ def test_flags_only_single_image(
         "--initrd", str(docroot / "initrd.img"),  # an absolute path under the docroot works too
         "--image-url", "images/disk.qcow2",
         "--console", "ttyS0,115200",
-        "--arg", "quiet",
+        "--args", "quiet",
         "--timeout", "0",
         "--out", str(out),
         "--no-grub-images",
@@ -275,3 +275,18 @@ def test_grub_mknetdir_builds_bios_and_uefi_images(
     conf = (out / "dnsmasq.conf").read_text()
     assert 'pxe-service=x86PC,"bootkit",boot/grub/i386-pc/core.0\n' in conf
     assert 'pxe-service=X86-64_EFI,"bootkit",boot/grub/x86_64-efi/core.efi\n' in conf
+
+
+# -- documentation -------------------------------------------------------------------------------------------
+
+
+def test_readme_documents_every_key() -> None:
+    from bootkit.bootcfg.load import DHCP_SETTINGS, ENTRY_SETTINGS, GRUB_SETTINGS, MACHINE_SETTINGS, TOP_SETTINGS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## PXE configuration (`bootkit pxe-config`)", 1)[1].split("\n## ", 1)[0]
+    for settings in (TOP_SETTINGS, ENTRY_SETTINGS, MACHINE_SETTINGS, DHCP_SETTINGS, GRUB_SETTINGS):
+        for setting in settings:
+            assert f"`{setting.key}`" in section or f"[[{setting.key}]]" in section or f"[{setting.key}]" in section, (
+                setting.key
+            )
