@@ -328,8 +328,13 @@ def _interpret_extensions(
                 raise InvalidImage(f"{name}: full disk encryption header extension is only valid with LUKS")
             if len(ext.data) != 16:
                 raise InvalidImage(f"{name}: invalid full disk encryption header extension length {len(ext.data)}")
-        elif ext.type == QCOW2_EXT_MAGIC_BITMAPS and header.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS:
-            _check_bitmaps_extension(name, ext, 1 << header.cluster_bits)
+        elif ext.type == QCOW2_EXT_MAGIC_BITMAPS:
+            # qcow2_read_extensions checks the length first, even when a cleared autoclear bit says the
+            # bitmaps are stale ("bitmaps_ext: Invalid extension length"); the rest only if they are live.
+            if len(ext.data) != 24:
+                raise InvalidImage(f"{name}: bitmaps header extension has length {len(ext.data)}, expected 24")
+            if header.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS:
+                _check_bitmaps_extension(name, ext, 1 << header.cluster_bits)
     return {"backing_file": backing_file, "backing_format": backing_format, "data_file": data_file}
 
 
