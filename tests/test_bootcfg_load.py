@@ -290,3 +290,17 @@ def test_readme_documents_every_key() -> None:
             assert f"`{setting.key}`" in section or f"[[{setting.key}]]" in section or f"[{setting.key}]" in section, (
                 setting.key
             )
+
+
+def test_rerun_removes_per_mac_grub_files_of_machines_no_longer_described(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, docroot: Path
+) -> None:
+    out = tmp_path / "out"
+    with_machine = _write(tmp_path, ENTRY + '[[machine]]\nmac = "52:54:00:12:34:56"\n')
+    assert run_cli(capsys, "pxe-config", str(with_machine), "--out", str(out), "--no-grub-images")[0] == 0
+    per_mac = out / "tftp" / "boot" / "grub" / "grub.cfg-01-52-54-00-12-34-56"
+    assert per_mac.exists()
+    without = _write(tmp_path, ENTRY)
+    assert run_cli(capsys, "pxe-config", str(without), "--out", str(out), "--no-grub-images")[0] == 0
+    assert not per_mac.exists()
+    assert (out / "tftp" / "boot" / "grub" / "grub.cfg").exists()

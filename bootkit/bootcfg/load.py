@@ -60,7 +60,7 @@ TOP_SETTINGS = (
     Setting("default", "name of the entry booted when the menu times out", metavar="NAME"),
     Setting("timeout", "menu timeout in seconds; 0 boots the default entry at once (default 5)", "int", "SECONDS"),
     Setting("console", "kernel console= values for entries that set none (repeatable)", "list", "CONSOLE"),
-    Setting("bootloaders", "bootloaders to configure: ipxe, grub (default both)", "list", "NAME"),
+    Setting("bootloaders", "bootloaders to configure: ipxe, grub (default both; the flag repeats)", "list", "NAME"),
     Setting("entry", "boot entries (array of tables)", "tables"),
     Setting("machine", "per-machine overrides (array of tables)", "tables"),
     Setting("dhcp", "dnsmasq configuration (table); without it no dnsmasq.conf is written", "table"),
@@ -75,8 +75,8 @@ ENTRY_SETTINGS = (
     Setting("image", "QCOW2 image: URL, or path relative to base_url", metavar="FILE|URL", aliases=("--image-url",)),
     Setting(
         "sha256",
-        "image SHA-256: 64 hex digits, 'compute' (hash the local file; the default) or 'sidecar' "
-        "(the initramfs checks <image URL>.sha256)",
+        "image SHA-256: 64 hex digits, 'compute' (hash the local file; the default in ram mode) or "
+        "'sidecar' (the initramfs checks <image URL>.sha256)",
         metavar="HEX|compute|sidecar",
     ),
     Setting("mode", "ram: download the whole image first (default); lazy: read ranges on demand", metavar="MODE"),
@@ -101,8 +101,10 @@ MACHINE_SETTINGS = (
 )
 
 DHCP_SETTINGS = (
-    Setting("mode", "proxy: next to an existing DHCP server (default); full: dnsmasq hands out addresses"),
-    Setting("loader", "what firmware PXE clients load first: ipxe (default) or grub"),
+    Setting(
+        "mode", "proxy: next to an existing DHCP server (default); full: dnsmasq hands out addresses", metavar="MODE"
+    ),
+    Setting("loader", "what firmware PXE clients load first: ipxe (default) or grub", metavar="LOADER"),
     Setting("subnet", "proxy mode: address of the network to answer on (192.168.1.0)", metavar="ADDR"),
     Setting("range_start", "full mode: first address of the pool", metavar="ADDR"),
     Setting("range_end", "full mode: last address of the pool", metavar="ADDR"),

@@ -29,8 +29,15 @@ def write(config: Config, out: Path, *, grub_images: bool = True, ipxe_lib: Path
     """Render ``config`` into ``out`` (created if needed); return the paths written, netboot trees last."""
     out = out.resolve()
     tftp = out / "tftp"
+    files = render_all(config, str(tftp))
+    # a per-MAC file left from an earlier run would still win over grub.cfg for that machine: remove it
+    grub_dir = tftp / "boot" / "grub"
+    for stale in sorted(grub_dir.glob("grub.cfg-01-*")):
+        if stale.relative_to(out).as_posix() not in {str(p) for p in files}:
+            stale.unlink()
+            log.info("pxe-config: removed %s (no such machine any more)", stale)
     written = []
-    for relative, text in render_all(config, str(tftp)).items():
+    for relative, text in files.items():
         path = out / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

@@ -58,6 +58,8 @@ class MenuView:
     machine: Machine | None
     default_label: str
     default_id: str
+    #: False: boot the default entry at once (timeout 0)
+    show_menu: bool
     timeout: int
     timeout_ms: int
     boots: tuple[BootView, ...]
@@ -146,6 +148,7 @@ def menus(config: Config) -> tuple[MenuView, ...]:
                 machine=machine,
                 default_label=f"{label}-{default}",
                 default_id=default,
+                show_menu=timeout > 0,
                 timeout=timeout,
                 timeout_ms=timeout * 1000,
                 boots=boots,
