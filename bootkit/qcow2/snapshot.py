@@ -11,7 +11,8 @@ import struct
 from typing import List, NamedTuple, Sequence
 
 from bootkit.errors import InvalidImage
-from bootkit.qcow2.header import Header
+from bootkit.log import log
+from bootkit.qcow2.header import INT64_MAX, Header
 from bootkit.source import ByteSource
 
 # QCowSnapshotHeader (block/qcow2.h): l1_table_offset, l1_size, id_str_size, name_size, date_sec, date_nsec,
@@ -37,25 +38,24 @@ class Snapshot(NamedTuple):
 def read_snapshots(source: ByteSource, header: Header) -> List[Snapshot]:
     """Parse and validate the whole snapshot table."""
     snapshots: List[Snapshot] = []
+    incomplete: List[int] = []
     offset = header.snapshots_offset
     for i in range(header.nb_snapshots):
         offset = (offset + 7) & ~7
         if offset - header.snapshots_offset > QCOW_MAX_SNAPSHOTS_SIZE:
             raise InvalidImage(f"{source.name}: snapshot table is too big")
-        raw = source.pread(offset, SNAPSHOT_HEADER.size)
-        if len(raw) < SNAPSHOT_HEADER.size:
-            raise InvalidImage(f"{source.name}: snapshot table entry {i} at offset {offset:#x} is past end of file")
+        raw = _pread_table(source, offset, SNAPSHOT_HEADER.size, i)
         (l1_offset, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state_size, extra_size) = (
             SNAPSHOT_HEADER.unpack(raw)
         )
         if extra_size > QCOW_MAX_SNAPSHOT_EXTRA_DATA:
             raise InvalidImage(f"{source.name}: too much extra metadata in snapshot table entry {i}")
         if header.version >= 3 and extra_size < 16:
-            raise InvalidImage(f"{source.name}: snapshot table entry {i} is incomplete (extra_data_size {extra_size})")
+            # The spec requires 16 bytes of extra data in v3, but QEMU only reports this in 'qemu-img check'
+            # and opens the image (the disk size then defaults to the image's): so do we.
+            incomplete.append(i)
         body_len = extra_size + id_len + name_len
-        body = source.pread(offset + SNAPSHOT_HEADER.size, body_len)
-        if len(body) < body_len:
-            raise InvalidImage(f"{source.name}: snapshot table entry {i} reaches past end of file")
+        body = _pread_table(source, offset + SNAPSHOT_HEADER.size, body_len, i)
         extra = body[:extra_size]
         vm_state_large = struct.unpack_from(">Q", extra, 0)[0] if extra_size >= 8 else vm_state_size
         disk_size = struct.unpack_from(">Q", extra, 8)[0] if extra_size >= 16 else header.size
@@ -70,7 +70,19 @@ def read_snapshots(source: ByteSource, header: Header) -> List[Snapshot]:
         offset += SNAPSHOT_HEADER.size + body_len
     if offset - header.snapshots_offset > QCOW_MAX_SNAPSHOTS_SIZE:
         raise InvalidImage(f"{source.name}: snapshot table is too big")
+    if incomplete:
+        log.warning("%s: %d snapshot table entries are incomplete (v3 needs 16 bytes of extra data), first: %d",
+                    source.name, len(incomplete), incomplete[0])
     return snapshots
+
+
+def _pread_table(source: ByteSource, offset: int, length: int, index: int) -> bytes:
+    """Bytes of the snapshot table; past the end of the file they read as zeros, as QEMU's block layer
+    returns them (an image whose table lies past its end opens in QEMU, with empty entries)."""
+    if offset + length > INT64_MAX:  # bdrv_check_request: EIO ("Failed to read snapshot table")
+        raise InvalidImage(f"{source.name}: snapshot table entry {index} at offset {offset:#x} is out of range")
+    data = source.pread(offset, length)
+    return data + bytes(length - len(data)) if len(data) < length else data
 
 
 def find_snapshot(snapshots: Sequence[Snapshot], wanted: str, image_name: str) -> Snapshot:
