@@ -8,8 +8,9 @@ initrd it was handed. Then QEMU is killed. The kernel is the Debian one from ``b
 the initrd is a dummy (the kernel only has to find it).
 
 Machines: BIOS uses QEMU's default SeaBIOS with the iPXE option ROM of virtio-net (package ipxe-qemu);
-UEFI uses OVMF with iPXE's EFI ROM. Half the cases boot a MAC with per-machine overrides, half the default
-menu, so both the per-MAC dispatch and the timed menu run in iPXE and in GRUB.
+UEFI uses OVMF with iPXE's EFI ROM, or OVMF's own PXE client loading GRUB's core.efi. Some cases boot a
+MAC with per-machine overrides, the others the default menu, so both the per-MAC dispatch and the timed
+menu run in iPXE and in GRUB.
 """
 
 from __future__ import annotations
@@ -115,8 +116,13 @@ class Vm:
 
 
 @contextlib.contextmanager
-def qemu_netboot(tftp: Path, bootfile: str, *, uefi: bool, mac: str, work: Path) -> Iterator[Vm]:
-    """Boot QEMU from the network (QEMU's DHCP/TFTP hands out ``bootfile`` from ``tftp``); killed on exit."""
+def qemu_netboot(
+    tftp: Path, bootfile: str, *, uefi: bool, mac: str, work: Path, firmware_pxe: bool = False
+) -> Iterator[Vm]:
+    """Boot QEMU from the network (QEMU's DHCP/TFTP hands out ``bootfile`` from ``tftp``); killed on exit.
+
+    ``firmware_pxe`` (UEFI only): no iPXE ROM on the NIC, OVMF's own PXE client loads ``bootfile``.
+    """
     require_tools("qemu-system-x86_64")
     serial = work / "serial.log"
     nic = f"virtio-net-pci,netdev=n0,mac={mac}"
@@ -134,7 +140,7 @@ def qemu_netboot(tftp: Path, bootfile: str, *, uefi: bool, mac: str, work: Path)
             "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
             "-drive", f"if=pflash,format=raw,file={variables}",
         ]  # fmt: skip
-        nic += f",romfile={IPXE_ROM}"
+        nic += ",romfile=" if firmware_pxe else f",romfile={IPXE_ROM}"
     cmd = [
         "qemu-system-x86_64",
         "-accel", "tcg",
@@ -162,6 +168,8 @@ class Case:
     bootloader: str  # "ipxe" or "grub"
     uefi: bool
     mac: str
+    #: UEFI firmware's own PXE client instead of iPXE's ROM (what dnsmasq's loader "grub" serves UEFI with)
+    firmware_pxe: bool = False
 
     @property
     def bootfile(self) -> str:
@@ -175,6 +183,7 @@ CASES = [
     pytest.param(Case("grub", uefi=False, mac=KNOWN_MAC), id="bios-grub-per-mac"),
     pytest.param(Case("ipxe", uefi=True, mac=KNOWN_MAC), id="uefi-ipxe-per-mac"),
     pytest.param(Case("grub", uefi=True, mac=OTHER_MAC), id="uefi-grub-menu"),
+    pytest.param(Case("grub", uefi=True, mac=KNOWN_MAC, firmware_pxe=True), id="uefi-firmware-pxe-grub-per-mac"),
 ]
 
 
@@ -200,7 +209,9 @@ def test_netboot_fetches_kernel_and_initrd_with_the_generated_command_line(
         entry = config.entry("node" if machine else "menu")
         wanted = [f"/{entry.name}/vmlinuz", f"/{entry.name}/initrd.img"]
 
-        with qemu_netboot(out / "tftp", case.bootfile, uefi=case.uefi, mac=case.mac, work=tmp_path) as vm:
+        with qemu_netboot(
+            out / "tftp", case.bootfile, uefi=case.uefi, mac=case.mac, work=tmp_path, firmware_pxe=case.firmware_pxe
+        ) as vm:
             fetched = server.wait_for(lambda: len(server.paths()) >= 2, TIMEOUT)
             assert fetched, f"HTTP requests: {server.requests}; console:\n{vm.text()[-3000:]}"
             # the kernel prints its command line first thing, and "Trying to unpack rootfs image as
