@@ -371,4 +371,5 @@ def read_backing_name(source: ByteSource, header: Header) -> Optional[str]:
     raw = source.pread(header.backing_file_offset, header.backing_file_size)
     if len(raw) < header.backing_file_size:
         raise InvalidImage(f"{source.name}: backing file name reaches past end of file")
-    return raw.decode("utf-8", "surrogateescape")
+    # QEMU keeps the name as a C string: a NUL ends it (and a NUL would make os.open raise ValueError).
+    return _decode_name(raw) or None
