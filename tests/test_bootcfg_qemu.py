@@ -116,15 +116,13 @@ class Vm:
 
 
 @contextlib.contextmanager
-def qemu_netboot(
-    tftp: Path, bootfile: str, *, uefi: bool, mac: str, work: Path, firmware_pxe: bool = False
-) -> Iterator[Vm]:
-    """Boot QEMU from the network (QEMU's DHCP/TFTP hands out ``bootfile`` from ``tftp``); killed on exit.
+def qemu_netboot(netdev: str, *, uefi: bool, mac: str, work: Path, firmware_pxe: bool = False) -> Iterator[Vm]:
+    """Boot QEMU from the network ``netdev`` (its id must be n0); killed on exit.
 
-    ``firmware_pxe`` (UEFI only): no iPXE ROM on the NIC, OVMF's own PXE client loads ``bootfile``.
+    ``firmware_pxe`` (UEFI only): no iPXE ROM on the NIC, OVMF's own PXE client boots.
     """
     require_tools("qemu-system-x86_64")
-    serial = work / "serial.log"
+    serial = work / "client.log"
     nic = f"virtio-net-pci,netdev=n0,mac={mac}"
     firmware: list[str] = []
     if not IPXE_ROM.exists():
@@ -150,7 +148,7 @@ def qemu_netboot(
         *firmware,
         "-serial", f"file:{serial}",
         "-boot", "n",
-        "-netdev", f"user,id=n0,tftp={tftp},bootfile={bootfile}",
+        "-netdev", netdev,
         "-device", nic,
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -209,9 +207,8 @@ def test_netboot_fetches_kernel_and_initrd_with_the_generated_command_line(
         entry = config.entry("node" if machine else "menu")
         wanted = [f"/{entry.name}/vmlinuz", f"/{entry.name}/initrd.img"]
 
-        with qemu_netboot(
-            out / "tftp", case.bootfile, uefi=case.uefi, mac=case.mac, work=tmp_path, firmware_pxe=case.firmware_pxe
-        ) as vm:
+        netdev = f"user,id=n0,tftp={out / 'tftp'},bootfile={case.bootfile}"
+        with qemu_netboot(netdev, uefi=case.uefi, mac=case.mac, work=tmp_path, firmware_pxe=case.firmware_pxe) as vm:
             fetched = server.wait_for(lambda: len(server.paths()) >= 2, TIMEOUT)
             assert fetched, f"HTTP requests: {server.requests}; console:\n{vm.text()[-3000:]}"
             # the kernel prints its command line first thing, and "Trying to unpack rootfs image as

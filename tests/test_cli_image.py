@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_tools
+from conftest import require_tools
 
 pytestmark = pytest.mark.usefixtures("qemu_tools")
 
