@@ -720,11 +720,16 @@ def test_extension_area_overlapping_the_backing_name(imgdir: Path) -> None:
     assert qemu_refuses(top)
 
 
-def test_backing_format_raw_on_a_qcow2_file_is_read_as_raw(imgdir: Path) -> None:
-    """The backing-format extension is obeyed: a qcow2 file named as raw is served as its raw bytes."""
+@pytest.mark.parametrize("compat", ["0.10", "1.1"])
+def test_backing_format_raw_on_a_qcow2_file_is_read_as_raw(imgdir: Path, compat: str) -> None:
+    """The backing-format extension is obeyed: a qcow2 file named as raw is served as its raw bytes.
+
+    Version 2 images carry the extension too (bootkit ignored it there and probed the file before)."""
     base = create(imgdir / "base.qcow2", 1 * MiB)
     qemu_io(base, "write -P 0x99 0 64k")
-    top = create(imgdir / "top.qcow2", 2 * MiB, backing="base.qcow2", backing_fmt="raw")
+    top = create(imgdir / "top.qcow2", 2 * MiB, backing="base.qcow2", backing_fmt="raw",
+                 options=[f"compat={compat}"])
+    assert read_field(top, "version") == (2 if compat == "0.10" else 3)
     got = reads_like_qemu(top)
     assert got[:4] == b"QFI\xfb"
     assert got[: base.stat().st_size] == base.read_bytes()
@@ -738,6 +743,21 @@ def test_backing_without_format_extension_is_probed(imgdir: Path) -> None:
     poke(top, at, ">II", 0x12345678, 5)  # now an unknown extension: no format given
     with bootkit.qcow2.open(top) as image:
         assert image.pread(0, 4) == b"\x99" * 4
+
+
+def test_backing_name_with_a_nul(imgdir: Path) -> None:
+    """QEMU keeps the name as a C string: the NUL ends it (bootkit raised ValueError from os.open before)."""
+    base = create(imgdir / "base.qcow2", 1 * MiB)
+    qemu_io(base, "write -P 0x99 0 64k")
+    top = create(imgdir / "top.qcow2", 1 * MiB, backing="base.qcow2")
+    offset = read_field(top, "backing_file_offset")
+    poke(top, offset, ">13s", b"base.qcow2\0/x")
+    poke_field(top, "backing_file_size", 13)
+    assert reads_like_qemu(top)[:1] == b"\x99"
+    # a name that is empty as a C string is no backing file at all, for QEMU and for bootkit
+    poke(top, offset, ">1s", b"\0")
+    got = reads_like_qemu(top)
+    assert got == bytes(len(got))
 
 
 def test_missing_backing_file(imgdir: Path) -> None:

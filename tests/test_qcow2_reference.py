@@ -133,6 +133,20 @@ def _build_extl2(d: Path) -> Case:
     return Case(img)
 
 
+def _build_extl2_2m(d: Path) -> Case:
+    """2 MiB clusters: 64 KiB subclusters, and an L2 table covering 128 GiB of a 8 MiB disk."""
+    img = create(d / "extl2-2m.qcow2", 8 * MiB, cluster_size=2 * MiB, options=["extended_l2=on"])
+    qemu_io(
+        img,
+        "write -P 0x35 64k 64k",
+        "write -P 0x36 1984k 128k",  # last subcluster of cluster 0, first of cluster 1
+        "write -z 2176k 192k",
+        "write -c -P 0x37 4m 2m",
+        "write -z -u 6m 64k",
+    )
+    return Case(img)
+
+
 def _build_extl2_backed(d: Path) -> Case:
     base = create(d / "extl2-base.qcow2", 2 * MiB, cluster_size=64 * KiB)
     qemu_io(base, "write -P 0x41 0 2m")
@@ -206,6 +220,7 @@ BUILDERS: dict[str, Callable[[Path], Case]] = {
         for n, cs in CLUSTER_SIZES.items()
     },
     "extl2": _build_extl2,
+    "extl2-2m": _build_extl2_2m,
     "extl2-backed": _build_extl2_backed,
     "v2": _build_v2,
     "chain-qcow2": lambda d: _build_chain(d, "qcow2"),
