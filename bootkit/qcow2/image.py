@@ -479,7 +479,10 @@ def _mergeable(a: Extent, b: Extent) -> bool:
 
 def _backing_extents(backing: ByteSource, offset: int, length: int, depth: int) -> Iterator[Extent]:
     """Extents that a backing layer answers; past its end the disk reads as zeros."""
-    inside = max(0, min(length, backing.size - offset))
+    # QEMU sizes every layer in whole sectors (bs->total_sectors): a raw backing file of 100 bytes past a
+    # sector boundary still answers for the rest of that sector (as a hole), like qemu-img map shows.
+    size = backing.size if isinstance(backing, Image) else (backing.size + 511) & ~511
+    inside = max(0, min(length, size - offset))
     if inside:
         if isinstance(backing, Image):
             yield from backing._extents(offset, inside, depth)
