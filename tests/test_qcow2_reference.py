@@ -175,10 +175,15 @@ def _build_v2(d: Path) -> Case:
 
 
 def _build_chain(d: Path, base_fmt: str) -> Case:
-    """Three deep: base (2 MiB, shorter) <- mid (4 MiB) <- top (6 MiB)."""
+    """Three deep: base (2 MiB, shorter; raw: 300 bytes less) <- mid (4 MiB) <- top (6 MiB)."""
     base = d / f"chain-{base_fmt}-base.{base_fmt}"
     create(base, 2 * MiB, fmt=base_fmt)
     qemu_io(base, "write -P 0x61 0 1m", "write -P 0x62 1536k 4k", fmt=base_fmt)
+    if base_fmt == "raw":  # a raw file need not end on a sector: QEMU still sizes it in whole sectors
+        with open(base, "r+b") as f:
+            f.truncate(2 * MiB - 300)
+            f.seek(2 * MiB - 400)
+            f.write(b"\x63" * 100)
     mid = create(d / f"chain-{base_fmt}-mid.qcow2", 4 * MiB, backing=base.name, backing_fmt=base_fmt,
                  cluster_size=4 * KiB)
     qemu_io(mid, "write -P 0x63 64k 64k", "write -z 256k 128k", "write -P 0x64 1984k 128k", "write -z -u 3m 64k")
