@@ -64,6 +64,8 @@ _SENDFILE_MIN = 64 * 1024
 _MAX_DESCRIPTORS = 64 * 1024
 _ZEROES = bytes(1024 * 1024)
 _RECV_CHUNK = 64 * 1024
+#: reply buffers up to this size are kept by each thread for its next request (4 threads x 1 MiB per connection)
+_KEEP_BUFFER = 1024 * 1024 + 64
 
 SERVER_FLAGS = (
     p.NBD_FLAG_HAS_FLAGS
@@ -181,6 +183,7 @@ class _Connection:
         self.closing = False
         self._rbuf = bytearray()
         self._rpos = 0
+        self.local = threading.local()
         self.failure: Optional[BaseException] = None
 
     # -- socket helpers -------------------------------------------------------------------------------------
@@ -449,17 +452,30 @@ class _Connection:
         n = len(head) + req.length
         self.server._budget.acquire(n)
         try:
-            buf = bytearray(n)
-            buf[: len(head)] = head
+            view = self.buffer(n)
+            view[: len(head)] = head
             try:
-                self.image.readinto(req.offset, memoryview(buf)[len(head) :])
+                self.image.readinto(req.offset, view[len(head) :])
             except Exception as e:
                 self.read_failed(req, e)
                 return
             with self.send_lock:
-                self.sock.sendall(buf)
+                self.sock.sendall(view)
         finally:
             self.server._budget.release(n)
+
+    def buffer(self, n: int) -> memoryview:
+        """A reply buffer of ``n`` bytes; up to _KEEP_BUFFER it is this thread's own, reused.
+
+        A fresh 1 MiB bytearray is a new mmap whose pages fault in one by one (and, with the daemon's
+        mlockall, get locked); reusing it saves that on every request.
+        """
+        if n > _KEEP_BUFFER:
+            return memoryview(bytearray(n))
+        buf: Optional[bytearray] = getattr(self.local, "buf", None)
+        if buf is None or len(buf) < n:
+            buf = self.local.buf = bytearray(max(n, 64 * 1024))
+        return memoryview(buf)[:n]
 
     def read_failed(self, req: _Request, e: BaseException) -> None:
         log.error("nbd: read of %d bytes at offset %d failed: %s", req.length, req.offset, e)
