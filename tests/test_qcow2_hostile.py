@@ -434,6 +434,41 @@ def test_offsets_past_end_of_file_read_as_zeros(bases: Bases, tmp_path: Path, wh
     assert got[:512] == bytes(512)
 
 
+def test_reserved_bits_of_table_entries_are_ignored(bases: Bases, tmp_path: Path) -> None:
+    """QEMU masks L1/L2 entries on reads; only 'qemu-img check' looks at reserved bits."""
+    img = copy(bases.plain, tmp_path)
+    (l1e,) = peek(img, l1_entry_offset(img, 0), ">Q")
+    poke(img, l1_entry_offset(img, 0), ">Q", l1e | 0x7F000000_000001FF)
+    at = l2_entry_offset(img, CLUSTER)
+    (l2e,) = peek(img, at, ">Q")
+    poke(img, at, ">Q", l2e | 0x3F000000_000001FE)
+    got = reads_like_qemu(img)
+    assert got[: 2 * CLUSTER] == b"\x11" * (2 * CLUSTER)
+
+
+@pytest.mark.parametrize("cut", ["in-data", "in-l2-table"])
+def test_truncated_file_reads_zeros_past_its_end(bases: Bases, tmp_path: Path, cut: str) -> None:
+    img = copy(bases.plain, tmp_path)
+    data_host = l2_entry_offset(img, 0)  # the L2 table
+    size = 0x50000 + 1000 if cut == "in-data" else data_host + 4  # first data cluster / first L2 entry
+    with open(img, "r+b") as f:
+        f.truncate(size)
+    got = reads_like_qemu(img)
+    if cut == "in-data":
+        assert got[:1000] == b"\x11" * 1000 and got[1000:CLUSTER] == bytes(CLUSTER - 1000)
+
+
+def test_header_length_104_has_no_compression_type_field(bases: Bases, tmp_path: Path) -> None:
+    """Fields past header_length are absent: byte 104 is not the compression type then (zstd without the
+    incompatible bit would be refused) but the start of the extension area (an unknown, empty extension)."""
+    img = copy(bases.plain, tmp_path)
+    poke_field(img, "header_length", 104)
+    poke_field(img, "compression_type", 1)
+    reads_like_qemu(img)
+    with bootkit.qcow2.open(img) as image:
+        assert image.compression == "deflate"
+
+
 def test_zero_flag_in_a_v2_image(bases: Bases, tmp_path: Path) -> None:
     img = copy(bases.v2, tmp_path)
     at = l2_entry_offset(img, 0)

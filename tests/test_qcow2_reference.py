@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import random
 import shutil
 import subprocess
@@ -31,6 +32,7 @@ from qcow2_refimages import (
     qemu_io,
     qemu_map,
     qemu_raw,
+    read_field,
     snapshot_ids,
     tool,
     virtual_size,
@@ -174,6 +176,30 @@ def _build_v2(d: Path) -> Case:
     return Case(img)
 
 
+def _build_amended_v2(d: Path) -> Case:
+    """A v3 image with zero clusters downgraded by ``qemu-img amend -o compat=0.10`` (zero flags expanded)."""
+    base = create(d / "amend-base.qcow2", 2 * MiB)
+    qemu_io(base, "write -P 0x55 0 2m")
+    img = create(d / "amended.qcow2", 2 * MiB, backing=base.name)
+    qemu_io(img, "write -P 0x56 64k 64k", "write -z 256k 128k", "write -z -u 512k 64k", "write -z 1m 4k")
+    tool("qemu-img", "amend", "-q", "-f", "qcow2", "-o", "compat=0.10", img)
+    assert read_field(img, "version") == 2
+    return Case(img)
+
+
+def _build_rebased(d: Path) -> Case:
+    """``qemu-img rebase`` (safe mode) onto another base: the differences are copied into the top."""
+    old = create(d / "old-base.qcow2", 2 * MiB)
+    qemu_io(old, "write -P 0x57 0 1m")
+    new = create(d / "new-base.qcow2", 2 * MiB)
+    qemu_io(new, "write -P 0x57 0 512k", "write -P 0x58 1m 512k")
+    img = create(d / "rebased.qcow2", 2 * MiB, backing=old.name)
+    qemu_io(img, "write -P 0x59 128k 64k")
+    tool("qemu-img", "rebase", "-q", "-f", "qcow2", "-b", new.name, "-F", "qcow2", img)
+    assert json.loads(tool("qemu-img", "info", "--output=json", img).stdout)["backing-filename"] == new.name
+    return Case(img)
+
+
 def _build_chain(d: Path, base_fmt: str) -> Case:
     """Three deep: base (2 MiB, shorter; raw: 300 bytes less) <- mid (4 MiB) <- top (6 MiB)."""
     base = d / f"chain-{base_fmt}-base.{base_fmt}"
@@ -228,6 +254,8 @@ BUILDERS: dict[str, Callable[[Path], Case]] = {
     "extl2-2m": _build_extl2_2m,
     "extl2-backed": _build_extl2_backed,
     "v2": _build_v2,
+    "v2-amended": _build_amended_v2,
+    "rebased": _build_rebased,
     "chain-qcow2": lambda d: _build_chain(d, "qcow2"),
     "chain-raw": lambda d: _build_chain(d, "raw"),
     "datafile": lambda d: _build_data_file(d, False),
