@@ -81,10 +81,10 @@ def make_disk(path: Path, parts: list[Part], *, label: str = "gpt") -> Path:
     with open(path, "wb") as f:
         f.truncate(total)
     script = f"label: {label}\n" + "".join(
-        f"start={o // 512}, size={s // 512}, type={p.type}\n" for p, (o, s) in zip(parts, offsets)
+        f"start={o // 512}, size={s // 512}, type={p.type}\n" for p, (o, s) in zip(parts, offsets, strict=True)
     )
     sh("sfdisk", "-q", path, input=script.encode())
-    for p, (o, _s) in zip(parts, offsets):
+    for p, (o, _s) in zip(parts, offsets, strict=True):
         sh("dd", f"if={p.image}", f"of={path}", "bs=1M", f"seek={o // MiB}", "conv=notrunc,sparse", "status=none")
     return path
 
@@ -114,6 +114,9 @@ BUSYBOX_INIT = textwrap.dedent(
     done
     if [ -e /run/bootkit/status.json ]; then
         echo "BOOTKIT-TEST status: $(tr -d '\\n' < /run/bootkit/status.json)"
+    fi
+    if [ -d /run/systemd/system ]; then
+        echo "BOOTKIT-TEST units: $(ls /run/systemd/system | tr '\\n' ' ')"
     fi
     # read the whole root back through the NBD server after the switch
     if find / -xdev -type f -exec cat {} + > /dev/null 2>&1; then echo "BOOTKIT-TEST readall: ok"; fi
@@ -146,6 +149,8 @@ def make_busybox_tree(root: Path) -> Path:
         link = root / "bin" / applet
         if not link.exists():
             link.symlink_to("busybox")
+    # systemd's switch-root refuses a tree without os-release ("does not seem to be an OS tree")
+    (root / "etc" / "os-release").write_text('NAME="bootkit test root"\nID=bootkit-test\n')
     init = root / "sbin" / "init"
     init.write_text(BUSYBOX_INIT)
     init.chmod(0o755)
