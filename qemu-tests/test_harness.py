@@ -12,13 +12,14 @@ from typing import Any
 import pytest
 from bkharness import images
 from bkharness.fixtures import BootDir
-from bkharness.guest import GUEST_KERNEL_ARGS, GuestError, qemu_direct, qemu_pxe
+from bkharness.guest import GUEST_KERNEL_ARGS, ConsoleLine, GuestError, qemu_direct, qemu_pxe
 from bkharness.images import KNOWN_FILE, ROOT_TYPE_X86_64, RootImage, qcow2_image
 from bkharness.initramfs import LOCAL_DISK_INIT, SMOKE_INIT, tiny_initramfs
 from bkharness.netboot import publish
 from bkharness.paths import ROOTFS_FILES
 from bkharness.proof import expect_clean_poweroff, expect_proof
 from bkharness.servers import http_server, nginx_server
+from bkharness.timeline import stage_times
 
 from bootkit.run import run
 
@@ -150,3 +151,21 @@ def test_proof_from_a_local_disk(kind: str, kernel: Any, boot_dir: BootDir) -> N
     assert "NBD server after switch root: dead" in problems
     if kind == "busybox":  # (systemd remounts a root without an fstab entry read-write)
         assert "root writable: ro, expected rw" in problems
+
+
+def test_stage_times_follow_boot_order() -> None:
+    """Stages are taken in order (a late line never counts for an early stage) with the guest's clock."""
+    lines = [
+        ConsoleLine(9.5, "[    0.000000] Linux version 6.1.0-56-amd64"),
+        ConsoleLine(20.0, "bootkit: [   12.00] mount: too early, before the network"),
+        ConsoleLine(21.0, "[   11.50] python3[218]: bootkit: [   11.49] start: root=qcow2:http://10.0.2.2:1/d"),
+        ConsoleLine(22.0, "bootkit: [   12.40] fetch: disk.qcow2: 2.4 MiB at 12 MiB/s (0.19 s)"),
+        ConsoleLine(23.0, "BOOTKIT-PROOF root=/dev/nbd0p2 rootfs=overlay sha256=x overlay=rw nbd-server=alive "
+                          "uptime=15.25"),
+    ]
+    stages = {s.name: s for s in stage_times(lines)}
+    assert list(stages) == ["kernel", "network", "download", "target"]
+    assert stages["kernel"].host_s == 9.5
+    assert stages["network"].guest_s == 11.5
+    assert stages["download"].guest_s == 12.4
+    assert stages["target"].guest_s == 15.25

@@ -28,16 +28,17 @@ class Stage:
 BOOT_STAGES = (
     # the first kernel line: everything before it is firmware, PXE and the bootloader
     Stage("kernel", r"Linux version \d"),
-    Stage("network", r"bootkit: network up|[Rr]eached target .*Network is Online|bootkit.*: network"),
-    Stage("download", r"bootkit.*(downloaded|download done|fetched|verified|lazy)"),
-    Stage("attach", r"bootkit.*(attached|/dev/nbd0 )|nbd0: p\d"),
-    Stage("mount", r"bootkit.*mounted|EXT4-fs \(nbd0p\d+\): mounted"),
-    Stage("switch_root", r"Switching root|BOOTKIT-STAGE init|systemd\[1\]: systemd .* running in system mode"),
-    Stage("target", r"BOOTKIT-PROOF "),
+    # bootkit's boot code prints "bootkit: [  guest-seconds] <stage>: ... (<duration> s)" (bootkit/boot/main.py)
+    Stage("network", r"bootkit: network up|bootkit: \[\s*[\d.]+\] start:"),
+    Stage("download", r"bootkit: \[\s*[\d.]+\] fetch: .*\([\d.]+ s\)$"),
+    Stage("attach", r"bootkit: \[\s*[\d.]+\] attach: "),
+    Stage("mount", r"bootkit: \[\s*[\d.]+\] mount: "),
+    Stage("switch_root", r"Switching root|BOOTKIT-STAGE init"),
+    Stage("target", r"^BOOTKIT-PROOF "),
     Stage("poweroff", r"reboot: Power down"),
 )
 
-_PRINTK = re.compile(r"^\[\s*(\d+\.\d+)\]")
+_PRINTK = re.compile(r"\[\s*(\d+\.\d+)\]")
 _UPTIME = re.compile(r"\buptime=(\d+(?:\.\d+)?)")
 
 
