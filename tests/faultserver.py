@@ -224,6 +224,7 @@ class DroppingRelay:
         self.connections = 0
         self.before_connection: Any = None
         self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)  # close() does not wake accept(): poll _stop instead
         self.port: int = self._listener.getsockname()[1]
         self._stop = False
         self._thread = threading.Thread(target=self._accept, daemon=True)
@@ -234,15 +235,18 @@ class DroppingRelay:
 
     def __exit__(self, *exc: object) -> None:
         self._stop = True
-        self._listener.close()
         self._thread.join()
+        self._listener.close()
 
     def _accept(self) -> None:
         while not self._stop:
             try:
                 client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return
+            client.settimeout(None)
             k = self.connections
             self.connections += 1
             if self.before_connection is not None:
@@ -257,6 +261,7 @@ class DroppingRelay:
             try:
                 while data := client.recv(65536):
                     upstream.sendall(data)
+                upstream.shutdown(socket.SHUT_RDWR)  # the client hung up: so does the server side
             except OSError:
                 pass
 
