@@ -357,8 +357,27 @@ def test_qemu_map_depth_rules(refs: RefImages) -> None:
     # past the end of the 4 MiB mid: top answers, depth 0, not present
     assert by_start[4 * MiB + 64 * KiB] == MapRow(4 * MiB + 64 * KiB, 2 * MiB - 64 * KiB, 0, False, True, False, None)
     # a zero cluster that keeps its allocation has an offset; a plain one has none
-    zero_rows = [r for r in qemu_map(refs["plain-64k"].path) if r.zero and r.present]
+    plain = qemu_map(refs["plain-64k"].path)
+    zero_rows = [r for r in plain if r.zero and r.present]
     assert any(r.offset is not None for r in zero_rows) and any(r.offset is None for r in zero_rows)
+    # unallocated in an image without a backing file: the image itself answers zero, not present
+    assert any(r == r._replace(depth=0, present=False, zero=True, data=False, offset=None) for r in plain)
+    # the sector tail of a raw base that does not end on a sector still belongs to it: a present hole
+    base = refs.root / "odd.raw"
+    base.write_bytes(b"\x01" * (100 * KiB + 100))
+    odd = create(refs.root / "odd.qcow2", 1 * MiB, backing=base.name, backing_fmt="raw")
+    assert qemu_map(odd)[:2] == [
+        MapRow(0, 100 * KiB + 100, 1, True, False, True, 0),
+        MapRow(100 * KiB + 100, 412, 1, True, True, False, 100 * KiB + 100),
+    ]
+    with bootkit.qcow2.open(odd) as image:
+        assert bootkit_map(image.extents()) == qemu_map(odd)
+    # the one place qemu-img map gives an offset to an area that is not present: unallocated subclusters
+    # of an allocated extended-L2 cluster with nothing below (the normal form drops it)
+    raw_rows = json.loads(tool("qemu-img", "map", "--output=json", refs["extl2"].path).stdout)
+    assert any(not r["present"] and "offset" in r for r in raw_rows)
+    raw_rows = json.loads(tool("qemu-img", "map", "--output=json", refs["plain-64k"].path).stdout)
+    assert not any(not r["present"] and "offset" in r for r in raw_rows)
 
 
 # --- snapshots -----------------------------------------------------------------------------------------
