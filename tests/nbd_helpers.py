@@ -27,8 +27,9 @@ class RawFileDouble:
     """TEST DOUBLE for protocol tests only: serves a raw file through the ``bootkit.qcow2.Image`` API.
 
     Every byte is one "data" extent backed by the file (so the os.sendfile path is used), except ranges
-    listed in ``zero_ranges``, reported as "zero" (and read as the file's bytes, which tests keep zero there).
-    ``corrupt_ranges`` raise CorruptImage when read, like a broken compressed cluster.
+    listed in ``zero_ranges``, reported as "zero" (and read as the file's bytes, which tests keep zero there),
+    and ``corrupt_ranges``, reported as "compressed" and raising CorruptImage when read, like a broken
+    compressed cluster.
     """
 
     def __init__(
@@ -61,15 +62,17 @@ class RawFileDouble:
 
     def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[RawExtent]:
         end = self.virtual_size if length is None else offset + length
-        self._check(offset, end - offset)
+        special = sorted(
+            [(a, n, "zero") for a, n in self.zero_ranges] + [(a, n, "compressed") for a, n in self.corrupt_ranges]
+        )
         pos = offset
-        for start, n in sorted(self.zero_ranges):
+        for start, n, kind in special:
             if start + n <= pos or start >= end:
                 continue
             if start > pos:
                 yield RawExtent("data", pos, start - pos, pos, 0, self.source)
             stop = min(start + n, end)
-            yield RawExtent("zero", max(start, pos), stop - max(start, pos), None, 0, None)
+            yield RawExtent(kind, max(start, pos), stop - max(start, pos), None, 0, None)
             pos = stop
         if pos < end:
             yield RawExtent("data", pos, end - pos, pos, 0, self.source)

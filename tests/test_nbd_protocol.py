@@ -21,6 +21,7 @@ from bootkit.nbd import protocol as p
 
 SIZE = 33 * 1024 * 1024 + 512  # not a power of two on purpose
 ZERO_AT = (1024 * 1024, 256 * 1024)
+ZERO_BEFORE_CORRUPT = (32 * 1024 * 1024, 65536)
 CORRUPT_AT = (32 * 1024 * 1024 + 65536, 65536)
 
 
@@ -28,8 +29,8 @@ CORRUPT_AT = (32 * 1024 * 1024 + 65536, 65536)
 def data_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, bytes]:
     rng = random.Random(3)
     data = bytearray(rng.randbytes(SIZE))
-    start, n = ZERO_AT
-    data[start : start + n] = bytes(n)
+    for start, n in (ZERO_AT, ZERO_BEFORE_CORRUPT):
+        data[start : start + n] = bytes(n)
     path = tmp_path_factory.mktemp("nbdproto") / "disk.raw"
     path.write_bytes(data)
     return str(path), bytes(data)
@@ -39,7 +40,7 @@ def data_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, bytes]:
 def server_sock(data_file: tuple[str, bytes], tmp_path: Path) -> Iterator[str]:
     sock_path = str(tmp_path / "nbd.sock")
     with (
-        RawFileDouble(data_file[0], zero_ranges=(ZERO_AT,), corrupt_ranges=(CORRUPT_AT,)) as image,
+        RawFileDouble(data_file[0], zero_ranges=(ZERO_AT, ZERO_BEFORE_CORRUPT), corrupt_ranges=(CORRUPT_AT,)) as image,
         serve_unix(image, sock_path, name="disk", description="test disk"),
     ):
         yield sock_path
@@ -353,6 +354,31 @@ def test_structured_read_and_error_chunks(server_sock: str, data_file: tuple[str
     assert error == p.NBD_EIO and b"corrupt" in payload[6 : 6 + n]
     cookie = c.request(p.NBD_CMD_FLUSH, 0, 0)
     assert c.simple_reply() == (0, cookie, b"")
+
+
+def test_structured_sparse_read_sends_holes(server_sock: str, data_file: tuple[str, bytes]) -> None:
+    data = data_file[1]
+    zs, zn = ZERO_AT
+    c = Client(server_sock)
+    c.go(structured=True)
+    cookie = c.request(p.NBD_CMD_READ, zs - 100000, zn + 200000)
+    chunks = [c.chunk() for _ in range(3)]
+    assert [(f, t, k) for f, t, k, _ in chunks] == [
+        (0, p.NBD_REPLY_TYPE_OFFSET_DATA, cookie),
+        (0, p.NBD_REPLY_TYPE_OFFSET_HOLE, cookie),
+        (p.NBD_REPLY_FLAG_DONE, p.NBD_REPLY_TYPE_OFFSET_DATA, cookie),
+    ]
+    assert chunks[0][3] == struct.pack(">Q", zs - 100000) + data[zs - 100000 : zs]
+    assert chunks[1][3] == struct.pack(">QI", zs, zn)
+    assert chunks[2][3] == struct.pack(">Q", zs + zn) + data[zs + zn : zs + zn + 100000]
+    # a hole goes out, then the corrupt cluster behind it: the reply ends with an error chunk
+    cookie = c.request(p.NBD_CMD_READ, ZERO_BEFORE_CORRUPT[0], 2 * 65536)
+    hole, error = c.chunk(), c.chunk()
+    assert hole == (0, p.NBD_REPLY_TYPE_OFFSET_HOLE, cookie, struct.pack(">QI", ZERO_BEFORE_CORRUPT[0], 65536))
+    assert error[:3] == (p.NBD_REPLY_FLAG_DONE, p.NBD_REPLY_TYPE_ERROR, cookie)
+    assert struct.unpack(">I", error[3][:4]) == (p.NBD_EIO,)
+    cookie = c.request(p.NBD_CMD_READ, 0, 70000)
+    assert c.chunk() == (p.NBD_REPLY_FLAG_DONE, p.NBD_REPLY_TYPE_OFFSET_DATA, cookie, bytes(8) + data[:70000])
 
 
 def test_block_status(server_sock: str) -> None:
