@@ -83,7 +83,7 @@ http {{
     tcp_nopush on;
     keepalive_requests 100000;
     server {{
-        listen 127.0.0.1:{port};
+        {listen}
         root {root};
         {extra}
     }}
@@ -92,8 +92,11 @@ http {{
 
 
 @contextmanager
-def nginx(root: Path, prefix: Path, extra: str = "") -> Iterator[str]:
-    """Serve ``root`` with nginx on a free loopback port; yields the base URL (``http://127.0.0.1:P``)."""
+def nginx(root: Path, prefix: Path, extra: str = "", tls: str = "") -> Iterator[str]:
+    """Serve ``root`` with nginx on a free loopback port; yields the base URL (``http://127.0.0.1:P``).
+
+    ``tls``: a listen directive with ``{port}`` and the ssl_* directives, to serve HTTPS instead.
+    """
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
     if not os.path.exists(binary):
         pytest.skip("nginx is not installed (Debian package nginx-light)")
@@ -106,7 +109,7 @@ def nginx(root: Path, prefix: Path, extra: str = "") -> Iterator[str]:
                 # workers must read files in pytest's 0700 temp directories
                 user="user root;" if os.geteuid() == 0 else "",
                 prefix=prefix,
-                port=port,
+                listen=(tls or "listen 127.0.0.1:{port};").format(port=port),
                 root=root,
                 extra=extra,
             )
