@@ -414,6 +414,17 @@ def test_l1_entry_pointing_at_the_l1_table_itself(bases: Bases, tmp_path: Path) 
     reads_like_qemu(img)
 
 
+def test_l1_entry_pointing_at_an_inactive_l2_table(bases: Bases, tmp_path: Path) -> None:
+    """The active L1 borrowing the snapshot's L2 table (iotest 060 'inactive L2'): read as it says."""
+    img = copy(bases.snap, tmp_path)
+    (snap_l1,) = peek(img, _snapshot_entry(img), ">Q")
+    (snap_l1e,) = peek(img, snap_l1, ">Q")
+    assert snap_l1e & 0x00FFFFFFFFFFFE00 != peek(img, l1_entry_offset(img, 0), ">Q")[0] & 0x00FFFFFFFFFFFE00
+    poke(img, l1_entry_offset(img, 0), ">Q", QCOW_OFLAG_COPIED | (snap_l1e & 0x00FFFFFFFFFFFE00))
+    got = reads_like_qemu(img)
+    assert got[:CLUSTER] == b"\x21" * CLUSTER and got[CLUSTER : 2 * CLUSTER] == bytes(CLUSTER)
+
+
 def test_l2_entry_pointing_into_the_refcount_block_and_bad_reftable(bases: Bases, tmp_path: Path) -> None:
     img = copy(bases.plain, tmp_path)
     (refblock,) = peek(img, read_field(img, "refcount_table_offset"), ">Q")
