@@ -1,0 +1,164 @@
+"""``bootkit serve-http``: Range (206, 416, suffix and open ranges), HEAD, ETag, Last-Modified, If-Range,
+conditional GETs, keep-alive, and no path escape out of the served directory. Checked on the wire with
+http.client, and once with curl as an independent client.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fetch_fixtures import make_data
+
+from bootkit.errors import UsageError
+from bootkit.httpserve import http_server, parse_bind, parse_range
+
+DATA = make_data(100_000, seed=41)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[http.client.HTTPConnection, Path]]:
+    base = tmp_path_factory.mktemp("site")
+    root = base / "www"
+    (root / "sub").mkdir(parents=True)
+    (root / "img").write_bytes(DATA)
+    (root / "sub" / "a b.txt").write_bytes(b"spaced\n")
+    (root / "empty").write_bytes(b"")
+    (base / "secret").write_bytes(b"outside\n")
+    os.symlink(base / "secret", root / "link-out")
+    with http_server(str(root)) as url:
+        port = int(url.rstrip("/").rsplit(":", 1)[1])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        yield conn, root
+        conn.close()
+
+
+def get(
+    conn: http.client.HTTPConnection, path: str, method: str = "GET", **headers: str
+) -> tuple[int, dict[str, str], bytes]:
+    conn.request(method, path, headers={k.replace("_", "-"): v for k, v in headers.items()})
+    response = conn.getresponse()
+    body = response.read()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, body
+
+
+def test_whole_file(site: tuple[http.client.HTTPConnection, Path]) -> None:
+    conn, _ = site
+    status, headers, body = get(conn, "/img")
+    assert (status, body) == (200, DATA)
+    assert headers["content-length"] == str(len(DATA))
+    assert headers["accept-ranges"] == "bytes"
+    assert headers["etag"].startswith('"') and "last-modified" in headers
+
+
+def test_ranges(site: tuple[http.client.HTTPConnection, Path]) -> None:
+    conn, _ = site
+    n = len(DATA)
+    cases = {
+        "bytes=10-19": (10, 19),
+        "bytes=99990-": (99990, n - 1),
+        "bytes=-100": (n - 100, n - 1),
+        "bytes=-200000": (0, n - 1),
+        "bytes=99000-200000": (99000, n - 1),
+    }
+    for header, (first, last) in cases.items():
+        status, headers, body = get(conn, "/img", Range=header)
+        assert status == 206, header
+        assert headers["content-range"] == f"bytes {first}-{last}/{n}", header
+        assert body == DATA[first : last + 1], header
+
+
+def test_unsatisfiable_and_ignored_ranges(site: tuple[http.client.HTTPConnection, Path]) -> None:
+    conn, _ = site
+    status, headers, _ = get(conn, "/img", Range=f"bytes={len(DATA)}-")
+    assert status == 416 and headers["content-range"] == f"bytes */{len(DATA)}"
+    assert get(conn, "/img", Range="bytes=-0")[0] == 416
+    assert get(conn, "/empty", Range="bytes=0-")[0] == 416
+    # multiple ranges and malformed headers: the whole file, as RFC 9110 allows
+    assert get(conn, "/img", Range="bytes=0-1,5-6")[:1] == (200,)
+    assert get(conn, "/img", Range="lines=1-2")[0] == 200
+
+
+def test_head(site: tuple[http.client.HTTPConnection, Path]) -> None:
+    conn, _ = site
+    status, headers, body = get(conn, "/img", "HEAD")
+    assert (status, body, headers["content-length"]) == (200, b"", str(len(DATA)))
+    status, headers, body = get(conn, "/img", "HEAD", Range="bytes=5-9")
+    assert (status, body, headers["content-range"]) == (206, b"", f"bytes 5-9/{len(DATA)}")
+
+
+def test_if_range_and_conditionals(site: tuple[http.client.HTTPConnection, Path]) -> None:
+    conn, _ = site
+    _, headers, _ = get(conn, "/img", "HEAD")
+    etag, modified = headers["etag"], headers["last-modified"]
+    assert get(conn, "/img", Range="bytes=0-9", If_Range=etag)[0] == 206
+    assert get(conn, "/img", Range="bytes=0-9", If_Range=modified)[0] == 206
+    status, _, body = get(conn, "/img", Range="bytes=0-9", If_Range='"other"')
+    assert (status, body) == (200, DATA)  # the file "changed": all of it
+    assert get(conn, "/img", If_None_Match=etag)[0] == 304
+    assert get(conn, "/img", If_Modified_Since=modified)[0] == 304
+    assert get(conn, "/img", If_None_Match='"other"')[0] == 200
+
+
+def test_paths(site: tuple[http.client.HTTPConnection, Path]) -> None:
+    conn, _ = site
+    assert get(conn, "/sub/a%20b.txt")[2] == b"spaced\n"
+    assert get(conn, "/img?x=1")[2] == DATA
+    for path in ["/../secret", "/sub/../../secret", "/%2e%2e/secret", "/link-out", "/sub", "/", "/nothing"]:
+        status, _, body = get(conn, path)
+        assert status == 404, path
+        assert b"outside" not in body
+
+
+def test_curl_agrees(site: tuple[http.client.HTTPConnection, Path], tmp_path: Path) -> None:
+    conn, _ = site
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    url = f"http://127.0.0.1:{conn.port}/img"
+    out = tmp_path / "part"
+    subprocess.run(["curl", "-sSf", "-r", "1000-1999", "-o", str(out), url], check=True, timeout=60)
+    assert out.read_bytes() == DATA[1000:2000]
+    out.write_bytes(DATA[:5000])
+    subprocess.run(["curl", "-sSf", "-C", "-", "-o", str(out), url], check=True, timeout=60)  # resume
+    assert out.read_bytes() == DATA
+
+
+def test_parse_helpers() -> None:
+    assert parse_bind("8080") == ("127.0.0.1", 8080)
+    assert parse_bind("0.0.0.0:80") == ("0.0.0.0", 80)
+    assert parse_bind("[::1]:0") == ("::1", 0)
+    with pytest.raises(UsageError):
+        parse_bind("host")
+    assert parse_range("bytes=5-", 10) == (5, 9)
+    assert parse_range("bytes=10-", 10) == "unsatisfiable"
+    assert parse_range("bytes=7-3", 10) is None
+
+
+def test_cli_serve_http(tmp_path: Path) -> None:
+    (tmp_path / "img").write_bytes(DATA)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bootkit", "serve-http", str(tmp_path), "--bind", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/")
+        conn = http.client.HTTPConnection("127.0.0.1", int(url.rstrip("/").rsplit(":", 1)[1]), timeout=30)
+        assert get(conn, "/img", Range="bytes=-3")[2] == DATA[-3:]
+        conn.close()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    bad = subprocess.run(
+        [sys.executable, "-m", "bootkit", "serve-http", str(tmp_path / "nope")], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and bad.stderr.strip() == f"error: {tmp_path / 'nope'}: not a directory"
