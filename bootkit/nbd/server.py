@@ -355,7 +355,11 @@ class _Connection:
                         self.closing = True
                         return
                 self.handle(req)
-        except (_Closed, ProtocolError, OSError) as e:
+        except Exception as e:
+            if not isinstance(e, (_Closed, ProtocolError, OSError)):
+                # a bug, not the peer: this connection ends, the server and its other clients go on
+                log.exception("nbd: internal error, dropping the connection")
+                e = ProtocolError(f"internal error: {type(e).__name__}: {e}")
             if self.failure is None:
                 self.failure = e
             self.closing = True
@@ -458,21 +462,29 @@ class _Connection:
             if plan is not None:
                 self.send_plan(self.read_header(req), plan)
                 return
-        head = self.read_header(req)
-        n = len(head) + req.length
-        self.server._budget.acquire(n)
+        self.send_read(req, self.read_header(req), req.offset, req.length)
+
+    def send_read(self, req: _Request, head: bytes, offset: int, length: int) -> bool:
+        """Read ``length`` bytes at ``offset`` into a buffer after ``head`` and send both; False on EIO."""
+        n = len(head) + length
+        # buffers kept by the threads are bounded by the thread count; only bigger ones count against the budget
+        budget = n if n > _KEEP_BUFFER else 0
+        if budget:
+            self.server._budget.acquire(budget)
         try:
             view = self.buffer(n)
             view[: len(head)] = head
             try:
-                self.image.readinto(req.offset, view[len(head) :])
+                self.image.readinto(offset, view[len(head) :])
             except Exception as e:
                 self.read_failed(req, e)
-                return
+                return False
             with self.send_lock:
                 self.sock.sendall(view)
+            return True
         finally:
-            self.server._budget.release(n)
+            if budget:
+                self.server._budget.release(budget)
 
     def buffer(self, n: int) -> memoryview:
         """A reply buffer of ``n`` bytes; up to _KEEP_BUFFER it is this thread's own, reused.
@@ -518,20 +530,8 @@ class _Connection:
             if plan is not None:
                 self.send_plan(head, plan)
                 continue
-            n = len(head) + length
-            self.server._budget.acquire(n)
-            try:
-                view = self.buffer(n)
-                view[: len(head)] = head
-                try:
-                    self.image.readinto(offset, view[len(head) :])
-                except Exception as e:
-                    self.read_failed(req, e)
-                    return
-                with self.send_lock:
-                    self.sock.sendall(view)
-            finally:
-                self.server._budget.release(n)
+            if not self.send_read(req, head, offset, length):
+                return
 
     def read_failed(self, req: _Request, e: BaseException) -> None:
         log.error("nbd: read of %d bytes at offset %d failed: %s", req.length, req.offset, e)
