@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -248,3 +249,31 @@ def test_serve_bad_image_exits_2_with_one_line(tmp_path: Path) -> None:
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "bad.qcow2" in lines[0], proc.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_serve_internal_snapshot(images: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
+    image = tmp_path / "snap.qcow2"
+    shutil.copy(images["plain"][0], image)
+    _run("qemu-img", "snapshot", "-c", "before", str(image))
+    _run("qemu-io", "-f", "qcow2", "-c", "write -P 0x77 0 3M", str(image))
+    ref = tmp_path / "before.raw"
+    _run("qemu-img", "convert", "-l", "snapshot.name=before", "-O", "raw", str(image), str(ref))
+    out = tmp_path / "out.raw"
+    with serve(image, tmp_path / "nbd.sock", "--snapshot", "before") as uri:
+        _run("nbdcopy", uri, str(out))
+    assert out.read_bytes() == ref.read_bytes() == images["plain"][1].read_bytes()
+
+
+def test_tcp_listener_parsing() -> None:
+    from bootkit.errors import UsageError
+    from bootkit.nbd.transport import activation_listeners, parse_hostport
+
+    assert parse_hostport("0") == ("127.0.0.1", 0)
+    assert parse_hostport(":10809") == ("127.0.0.1", 10809)
+    assert parse_hostport("[::1]:99") == ("::1", 99)
+    assert parse_hostport("localhost:1") == ("localhost", 1)
+    for bad in ("host:port", "1:99999"):
+        with pytest.raises(UsageError, match="--tcp"):
+            parse_hostport(bad)
+    # sockets passed to another process (LISTEN_PID) are not ours to take
+    assert activation_listeners({"LISTEN_PID": "1", "LISTEN_FDS": "1"}) == []
