@@ -1,0 +1,129 @@
+"""``bootkit build-initrd``: what goes into the initramfs, its size, and the errors for a missing toolchain.
+
+The images are the session's (tests/boot_fixtures.py), the same ones tests/test_boot_qemu.py boots.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from boot_fixtures import debian_kernel, initrd_shell, initrd_systemd, need  # noqa: F401 - fixtures
+
+from bootkit.initrd import InitrdOptions, InitrdResult, build_initrd, collect_python_files, module_dir, repo_root
+from bootkit.kernelpkg import Kernel, ensure_kernel
+
+MB = 1000 * 1000
+
+
+def bootkit_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bootkit", *args], capture_output=True, text=True, env=env,
+                          cwd=repo_root(), timeout=600)  # fmt: skip
+
+
+def contents(image: Path) -> list[str]:
+    need("lsinitrd")
+    out = subprocess.run(["lsinitrd", str(image)], capture_output=True, check=True).stdout.decode(errors="replace")
+    return [line.split()[-1] for line in out.splitlines() if line[:1] in "-dlrwxs" and len(line.split()) >= 9]
+
+
+def test_module_is_shellcheck_clean() -> None:
+    need("shellcheck")
+    scripts = sorted(str(p) for p in module_dir().glob("*.sh"))
+    assert len(scripts) >= 5
+    proc = subprocess.run(["shellcheck", "-x", *scripts], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_module_files_are_executable() -> None:
+    for name in ("module-setup.sh", "parse-qcow2.sh", "qcow2root.sh", "bootkit-generator.sh", "bootkit-boot.py"):
+        assert os.access(module_dir() / name, os.X_OK), name
+
+
+def test_python_files_are_the_runtime_only() -> None:
+    files = collect_python_files()
+    assert files.missing == []
+    stdlib = {str(f) for f in files.stdlib}
+    boot = {f.relative_to(repo_root()).as_posix() for f in files.bootkit}
+    for needed in ("bootkit/boot/main.py", "bootkit/nbd/kernel.py", "bootkit/qcow2/image.py",
+                   "bootkit/fetch/download.py", "bootkit/errors.py"):  # fmt: skip
+        assert needed in boot
+    assert not [f for f in boot if f.startswith(("bootkit/cli", "bootkit/bootcfg")) or "initrd" in f]
+    assert not [f for f in stdlib if "jinja2" in f or "requests" in f or "site-packages" in f]
+    for needed in ("http/client.py", "ssl.py", "json/__init__.py", "encodings/idna.py"):
+        assert any(f.endswith("/python3.11/" + needed) for f in stdlib), needed
+    assert any("lib-dynload/_ssl." in f for f in stdlib)
+    assert not any(f.endswith("/tkinter/__init__.py") or "/unittest/" in f for f in stdlib)
+    assert (files.zstandard / "__init__.py").exists()
+
+
+def test_trimmed_shell_initramfs(initrd_shell: InitrdResult) -> None:  # noqa: F811
+    names = contents(initrd_shell.output)
+    joined = "\n".join(names)
+    for ko in ("nbd", "overlay", "ext4", "xfs", "btrfs", "vfat", "squashfs", "erofs", "virtio_net", "virtio_pci"):
+        assert f"/{ko}.ko" in joined, ko
+    assert "/e1000.ko" not in joined and "/e1000e.ko" not in joined
+    for path in ("usr/bin/python3.11", "usr/lib/bootkit/bootkit-boot", "usr/lib/bootkit/bootkit/boot/main.py",
+                 "usr/lib/bootkit/zstandard/__init__.py", "usr/sbin/qcow2root", "usr/sbin/dhclient"):  # fmt: skip
+        assert any(n.endswith(path) or n == path for n in names), path
+    assert not [n for n in names if "jinja2" in n or "requests" in n or "bootkit/cli" in n]
+    assert not any("systemd-networkd" in n for n in names)  # the shell flavour names network-legacy
+    assert initrd_shell.size <= 30 * MB, initrd_shell.size
+
+
+def test_trimmed_systemd_initramfs(initrd_systemd: InitrdResult) -> None:  # noqa: F811
+    names = contents(initrd_systemd.output)
+    for path in ("bootkit-root.service", "system-generators/bootkit-generator", "systemd-networkd",
+                 "usr/lib/bootkit/bootkit/boot/main.py"):  # fmt: skip
+        assert any(n.endswith(path) for n in names), path
+    assert not any(n.endswith("sbin/qcow2root") for n in names)
+    assert initrd_systemd.size <= 30 * MB, initrd_systemd.size
+
+
+def test_default_initramfs_has_every_nic_driver(tmp_path: Path, debian_kernel: Kernel) -> None:  # noqa: F811
+    need("dracut")
+    result = build_initrd(InitrdOptions(output=tmp_path / "all.img", kver=debian_kernel.kver,
+                                        kmoddir=debian_kernel.kmoddir))  # fmt: skip
+    joined = "\n".join(contents(result.output))
+    for ko in ("virtio_net", "e1000", "e1000e", "igb", "r8169", "ixgbe", "tg3", "bnx2"):
+        assert f"/{ko}.ko" in joined, ko
+    assert result.drivers is None
+
+
+def test_kernel_cache_is_idempotent(debian_kernel: Kernel) -> None:  # noqa: F811
+    again = ensure_kernel(debian_kernel.kver)
+    assert again == debian_kernel
+    assert again.vmlinuz.exists()
+    assert (again.kmoddir / "modules.dep").exists()
+    assert again.kmoddir.parts[-3:] == ("lib", "modules", again.kver)
+
+
+def test_cli_builds_and_prints_the_size(tmp_path: Path, debian_kernel: Kernel) -> None:  # noqa: F811
+    need("dracut")
+    out = tmp_path / "cli.img"
+    proc = bootkit_cli("build-initrd", "-o", str(out), "--kver", debian_kernel.kver, "--kmoddir",
+                       str(debian_kernel.kmoddir), "--drivers", "virtio_net", "--dracut-arg=--no-compress")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    size = out.stat().st_size
+    assert proc.stdout.startswith(f"{out}: ")
+    assert f"({size} bytes), kernel {debian_kernel.kver}" in proc.stdout
+
+
+def test_cli_errors(tmp_path: Path, debian_kernel: Kernel) -> None:  # noqa: F811
+    proc = bootkit_cli("build-initrd", "-o", str(tmp_path / "x.img"), "--drivers", "nosuch_nic",
+                       "--kmoddir", str(debian_kernel.kmoddir))  # fmt: skip
+    assert (proc.returncode, proc.stderr.strip()) == (2, f"error: --drivers: no kernel module 'nosuch_nic' in "
+                                                         f"{debian_kernel.kmoddir}")  # fmt: skip
+    proc = bootkit_cli("build-initrd", "-o", str(tmp_path / "x.img"), "--kmoddir", str(tmp_path))
+    assert proc.returncode == 2
+    expected = f"error: --kmoddir {tmp_path}: must be a directory named .../lib/modules/{tmp_path.name}"
+    assert proc.stderr.strip() == expected
+    proc = bootkit_cli("build-initrd", "-o", str(tmp_path / "x.img"), "--systemd", "--no-systemd")
+    assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
+    # no dracut on PATH: one line naming the package
+    env = dict(os.environ, PATH=str(tmp_path))
+    proc = bootkit_cli("build-initrd", "-o", str(tmp_path / "x.img"), env=env)
+    assert (proc.returncode, proc.stderr) == (1, "error: dracut not found: install the Debian package 'dracut-core'\n")
+    assert not (tmp_path / "x.img").exists()
