@@ -19,6 +19,7 @@ from fetch_fixtures import fast_options, free_port, make_data
 from bootkit.fetch import (
     ChecksumMismatch,
     ChecksumMissing,
+    FetchError,
     FetchOptions,
     FetchTimeout,
     GaveUp,
@@ -345,3 +346,12 @@ def test_options_are_validated() -> None:
     with pytest.raises(UsageError, match="verify='maybe'"):
         FetchOptions(verify="maybe")
     assert FetchOptions(sha256=SHA.upper()).sha256 == SHA
+
+
+def test_local_file_errors_are_not_retried(server: tuple[str, FaultState], tmp_path: Path) -> None:
+    url, state = server
+    dest = tmp_path / "no-such-dir" / "img"
+    with pytest.raises(FetchError) as info:
+        download(f"{url}/img", str(dest), fast_options())
+    assert str(info.value) == f"{url}/img: cannot create {dest}.part: No such file or directory"
+    assert state.requests_for("/img") == []

@@ -11,6 +11,7 @@ Runs inside the initramfs: standard library only, Python >= 3.9.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import posixpath
@@ -22,7 +23,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
-from bootkit.errors import BootkitError
+from bootkit.errors import BootkitError, FetchError
 from bootkit.fetch import client
 from bootkit.fetch.errors import (
     ChecksumMismatch,
@@ -176,6 +177,14 @@ def sidecar_checksum(url: str, options: FetchOptions) -> Tuple[str, str]:
     return found, sums
 
 
+def local_error(e: BaseException, url: str, what: str) -> BaseException:
+    """A failure of the local file (not the network): never retried; ENOSPC is NotEnoughSpace."""
+    if not isinstance(e, OSError):
+        return e
+    kind = NotEnoughSpace if e.errno in (errno.ENOSPC, errno.EDQUOT) else FetchError
+    return kind(f"{url}: {what}: {e.strerror}")
+
+
 # -- the hash-and-write stage ------------------------------------------------------------------------------
 
 
@@ -187,8 +196,10 @@ class _Sink:
     because fallocate or page faults zero every page that write() would simply fill.)
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, url: str, path: str) -> None:
         self.fd = fd
+        self.url = url
+        self.path = path
         self.hasher = hashlib.sha256()
         self.written = 0
         self._free: List[bytearray] = [bytearray(BLOCK_SIZE) for _ in range(PIPELINE_DEPTH)]
@@ -260,7 +271,7 @@ class _Sink:
                 self.written += n
             except BaseException as e:  # handed to the reading thread
                 with self._cond:
-                    self._error = e
+                    self._error = local_error(e, self.url, f"cannot write {self.path}")
             with self._cond:
                 self._busy = False
                 self._free.append(buf)
@@ -304,8 +315,11 @@ class _Download:
         self.progress = Progress(url, None, options.progress_interval)
 
     def run(self, expected: Optional[str], expected_from: str) -> DownloadResult:
-        fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        sink = _Sink(fd)
+        try:
+            fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise local_error(e, self.url, f"cannot create {self.part}") from e
+        sink = _Sink(fd, self.url, self.part)
         try:
             self._transfer(sink)
             sink.flush()

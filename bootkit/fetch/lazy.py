@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 
 from bootkit.errors import BootkitError, UsageError
 from bootkit.fetch import client
-from bootkit.fetch.download import _content_range, _validator, check_fits
+from bootkit.fetch.download import _content_range, _validator, check_fits, local_error
 from bootkit.fetch.errors import ChunkError, HTTPStatusError, RemoteChanged, SizeMismatch, TransientError
 from bootkit.fetch.manifest import DEFAULT_CHUNK_SIZE, Manifest
 from bootkit.fetch.options import FetchOptions
@@ -266,7 +266,8 @@ class HTTPSource:
     def _prefetch(self, index: int, future: Future[bytes]) -> None:
         try:
             self._fetch_as_owner(index, future)
-            self.stats["readahead"] += 1
+            with self._lock:
+                self.stats["readahead"] += 1
         except BaseException as e:  # the reader that needs the chunk will see it again
             log.debug("fetch: read-ahead of chunk %d failed: %s", index, e)
 
@@ -288,7 +289,8 @@ class HTTPSource:
             if self.manifest is None or self.manifest.check(index, data):
                 return data
             bad += 1
-            self.stats["bad_chunks"] += 1
+            with self._lock:
+                self.stats["bad_chunks"] += 1
             what = f"{self.name}: chunk {index} (bytes {offset}-{offset + length - 1}) does not match the manifest"
             if bad >= 2:
                 raise ChunkError(f"{what}, also when fetched again; not served")
@@ -326,8 +328,9 @@ class HTTPSource:
             raise TransientError(f"{self.name}: got {len(data)} bytes for a range of {length}")
         if response.will_close:
             conn.close()
-        self.stats["requests"] += 1
-        self.stats["bytes"] += length
+        with self._lock:
+            self.stats["requests"] += 1
+            self.stats["bytes"] += length
         return data
 
     def _check_range_response(self, response: http.client.HTTPResponse, offset: int) -> None:
@@ -445,7 +448,10 @@ class HTTPSource:
 
     def _store(self, index: int, data: bytes) -> None:
         if not self._have[index]:
-            os.pwrite(self._fill_fd, data, index * self.chunk_size)
+            try:
+                os.pwrite(self._fill_fd, data, index * self.chunk_size)
+            except OSError as e:
+                raise local_error(e, self.name, f"cannot write {self._fill_part}") from e
             self._have[index] = 1
 
     def _fill_stream(self, index: int, progress: Progress) -> int:
@@ -471,7 +477,8 @@ class HTTPSource:
                     got += n
                 if not self._have[index]:
                     if self.manifest is not None and hashlib.sha256(view).digest() != self.manifest.chunks[index]:
-                        self.stats["bad_chunks"] += 1
+                        with self._lock:
+                            self.stats["bad_chunks"] += 1
                         self._store(index, self._fetch_chunk(index))  # fetched again, or ChunkError
                     else:
                         self._store(index, view)  # type: ignore[arg-type]
