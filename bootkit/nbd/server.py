@@ -5,11 +5,13 @@ the transmission phase with simple replies, so ``serve_connection(sock, handshak
 handed to the kernel.
 
 Threads, not asyncio: each connection is served by a small team of threads in a leader/follower pattern.
-One thread at a time holds the receive lock and reads one request; it then releases the lock and does the
-work (decompression and ``os.pread`` release the GIL) while the next thread waits for the next request, and
-sends its reply under the send lock. Replies therefore go out in completion order, which NBDP allows (the
-cookie identifies them). Compared with a reader thread feeding a queue, no request pays a hand-off between
-threads, which is what decides 4 KiB random-read latency in Python.
+One thread at a time holds the receive lock and reads one request. A request that decodes nothing (an
+uncompressed or zero run, any command but a large read) it answers at once, still holding the lock; for a
+compressed read it releases the lock and decompresses (zlib and zstandard release the GIL) while the next
+thread leads. Replies go out under the send lock in completion order, which NBDP allows (the cookie
+identifies them). Compared with a reader thread feeding a queue, no request pays a hand-off between
+threads, and cheap requests wake no other thread at all: measured, the server spends 16-20 us of CPU per
+4 KiB uncompressed random read at depth 16 (qemu-nbd 35 us), 70-78 us per zstd one (qemu-nbd 85 us).
 
 Runs inside the initramfs: standard library only, Python >= 3.9.
 """
@@ -66,6 +68,8 @@ _ZEROES = bytes(1024 * 1024)
 #: zero runs shorter than this are sent as data in a sparse read (a chunk header is 20 bytes + the hole's 12)
 _MIN_HOLE = 4096
 _RECV_CHUNK = 64 * 1024
+#: reads up to this size that decode nothing are answered by the thread that received them
+_INLINE_MAX = 256 * 1024
 #: reply buffers up to this size are kept by each thread for its next request (4 threads x 1 MiB per connection)
 _KEEP_BUFFER = 1024 * 1024 + 64
 
@@ -341,20 +345,30 @@ class _Connection:
             raise self.failure
 
     def worker(self) -> None:
+        lock = self.recv_lock
         try:
             while True:
-                with self.recv_lock:
-                    if self.closing:
-                        return
-                    try:
-                        req = self.read_request()
-                    except BaseException:
-                        self.closing = True
-                        raise
-                    if req is None:
-                        self.closing = True
-                        return
-                self.handle(req)
+                # the leader: read requests; work on cheap ones right here, hand the lead on for costly ones
+                lock.acquire()
+                try:
+                    while True:
+                        if self.closing:
+                            return
+                        try:
+                            req = self.read_request()
+                        except BaseException:
+                            self.closing = True
+                            raise
+                        if req is None:
+                            self.closing = True
+                            return
+                        inline, extents = self.classify(req)
+                        if not inline:
+                            break
+                        self.handle(req, extents)
+                finally:
+                    lock.release()
+                self.handle(req, extents)
         except Exception as e:
             if not isinstance(e, (_Closed, ProtocolError, OSError)):
                 # a bug, not the peer: this connection ends, the server and its other clients go on
@@ -384,14 +398,34 @@ class _Connection:
                 continue
             return _Request(flags, type_, cookie, offset, length)
 
-    def handle(self, req: _Request) -> None:
+    def classify(self, req: _Request) -> Tuple[bool, Optional[List[Any]]]:
+        """(work on it inline?, its extents if looked up).
+
+        Requests that decode nothing (uncompressed and zero runs, up to _INLINE_MAX bytes, and every command
+        but READ and large BLOCK_STATUS) cost less than waking another thread takes: the leader answers them
+        itself, keeping the other threads asleep (no GIL hand-offs). Compressed reads go to the team, so
+        several clusters decompress at once.
+        """
+        if req.type == p.NBD_CMD_READ:
+            if req.length > _INLINE_MAX or self.check(req, p.NBD_CMD_FLAG_FUA | p.NBD_CMD_FLAG_DF, p.MAX_PAYLOAD):
+                return req.length <= _INLINE_MAX, None
+            try:
+                extents = list(self.image.extents(req.offset, req.length))
+            except Exception:
+                return True, None  # read() meets the same error and answers EIO
+            return not any(e.kind == "compressed" for e in extents), extents
+        if req.type == p.NBD_CMD_BLOCK_STATUS:
+            return req.length <= _INLINE_MAX * 32, None
+        return True, None
+
+    def handle(self, req: _Request, extents: Optional[List[Any]] = None) -> None:
         t = req.type
         if t == p.NBD_CMD_READ:
             error = self.check(req, p.NBD_CMD_FLAG_FUA | p.NBD_CMD_FLAG_DF, p.MAX_PAYLOAD)
             if error:
                 self.error_reply(req, error)
             else:
-                self.read(req)
+                self.read(req, extents)
         elif t == p.NBD_CMD_BLOCK_STATUS:
             error = self.check(req, p.NBD_CMD_FLAG_REQ_ONE, 0xFFFFFFFF)
             if not error and (self.meta_context is None or req.length == 0):
@@ -448,13 +482,14 @@ class _Connection:
             ) + p.OFFSET_DATA.pack(req.offset)
         return p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, req.cookie)
 
-    def read(self, req: _Request) -> None:
+    def read(self, req: _Request, extents: Optional[List[Any]] = None) -> None:
         if req.length >= _SENDFILE_MIN:
-            try:
-                extents = list(self.image.extents(req.offset, req.length))
-            except Exception as e:  # CorruptImage, OSError: this request fails, the server goes on
-                self.read_failed(req, e)
-                return
+            if extents is None:
+                try:
+                    extents = list(self.image.extents(req.offset, req.length))
+                except Exception as e:  # CorruptImage, OSError: this request fails, the server goes on
+                    self.read_failed(req, e)
+                    return
             if self.structured and not req.flags & p.NBD_CMD_FLAG_DF and any(_is_hole(e) for e in extents):
                 self.sparse_read(req, extents)
                 return
