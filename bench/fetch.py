@@ -50,7 +50,8 @@ def nginx(root: Path, prefix: Path) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    temp_paths = "".join(f"    {kind}_temp_path {prefix}/tmp/{kind};\n" for kind in ("proxy", "fastcgi", "uwsgi", "scgi"))
+    kinds = ("proxy", "fastcgi", "uwsgi", "scgi")
+    temp_paths = "".join(f"    {kind}_temp_path {prefix}/tmp/{kind};\n" for kind in kinds)
     conf = prefix / "nginx.conf"
     conf.write_text(
         ("user root;\n" if os.geteuid() == 0 else "")
