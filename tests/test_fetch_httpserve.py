@@ -162,3 +162,21 @@ def test_cli_serve_http(tmp_path: Path) -> None:
         [sys.executable, "-m", "bootkit", "serve-http", str(tmp_path / "nope")], capture_output=True, text=True
     )
     assert bad.returncode == 2 and bad.stderr.strip() == f"error: {tmp_path / 'nope'}: not a directory"
+
+
+def test_ipv6_loopback(tmp_path: Path) -> None:
+    import socket
+
+    try:
+        socket.socket(socket.AF_INET6).bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback (::1) on this machine")
+    from bootkit.fetch import FetchOptions, HTTPSource, download
+
+    (tmp_path / "img").write_bytes(DATA)
+    with http_server(str(tmp_path), "[::1]:0") as url:
+        assert url.startswith("http://[::1]:")
+        result = download(url + "img", str(tmp_path / "copy"), FetchOptions(verify="none"))
+        assert (tmp_path / "copy").read_bytes() == DATA and result.size == len(DATA)
+        with HTTPSource(url + "img", FetchOptions(verify="none"), chunk_size=65536) as source:
+            assert source.pread(60_000, 10_000) == DATA[60_000:70_000]
