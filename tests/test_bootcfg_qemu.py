@@ -11,13 +11,18 @@ Machines: BIOS uses QEMU's default SeaBIOS with the iPXE option ROM of virtio-ne
 UEFI uses OVMF with iPXE's EFI ROM, or OVMF's own PXE client loading GRUB's core.efi. Some cases boot a
 MAC with per-machine overrides, the others the default menu, so both the per-MAC dispatch and the timed
 menu run in iPXE and in GRUB.
+
+The last tests run the generated dnsmasq.conf for real in a second guest (see below): firmware PXE asks
+it, gets iPXE or GRUB by client architecture, iPXE comes back with its user class and gets the script.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +34,8 @@ from conftest import require_tools
 
 from bootkit.bootcfg.cmdline import kernel_cmdline
 from bootkit.bootcfg.load import load_file
+from bootkit.errors import BootkitError
+from bootkit.kernelpkg import Kernel, ensure_kernel
 
 pytestmark = pytest.mark.qemu
 
@@ -80,13 +87,10 @@ args = ["bootkit.test=per-mac"]
 
 
 @pytest.fixture(scope="module")
-def vmlinuz() -> Path:
+def kernel() -> Kernel:
     require_tools("qemu-system-x86_64", "apt-get", "dpkg-deb", "depmod")
-    from bootkit.errors import BootkitError
-    from bootkit.kernelpkg import ensure_kernel
-
     try:
-        return ensure_kernel().vmlinuz
+        return ensure_kernel()
     except BootkitError as e:
         pytest.skip(f"no Debian kernel to boot: {e}")
 
@@ -187,14 +191,14 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES)
 def test_netboot_fetches_kernel_and_initrd_with_the_generated_command_line(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, vmlinuz: Path, case: Case
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, kernel: Kernel, case: Case
 ) -> None:
     if case.bootloader == "grub":
         require_tools("grub-mknetdir")
     www = tmp_path / "www"
     for name in ("menu", "node"):
         (www / name).mkdir(parents=True)
-        shutil.copyfile(vmlinuz, www / name / "vmlinuz")
+        shutil.copyfile(kernel.vmlinuz, www / name / "vmlinuz")
         (www / name / "initrd.img").write_bytes(b"not a real initramfs\n" * 64)
     out = tmp_path / "out"
     with logged_http_server(www) as server:
@@ -226,3 +230,185 @@ def test_netboot_fetches_kernel_and_initrd_with_the_generated_command_line(
         expected = f"BOOT_IMAGE=(http,10.0.2.2:{port})/{entry.name}/vmlinuz " + kernel_cmdline(entry, machine)
         assert booted_cmdline == expected
     assert ("bootkit.test=per-mac" in booted_cmdline) == (machine is not None)
+
+
+# -- dnsmasq for real: a second guest is the PXE server ---------------------------------------------------------
+#
+# The generated dnsmasq.conf runs in a server guest (busybox init, dnsmasq with its libraries, busybox httpd
+# serving the kernel and initrd) connected to the client guest by a point-to-point QEMU network over a unix
+# socket; no host address is involved. The client's firmware asks the server's dnsmasq, which must hand it
+# the right file for its architecture (option 93) and, once iPXE runs (user class "iPXE"), the script.
+
+SERVER_IP = "192.168.50.1"
+
+SERVER_INIT = """\
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+modprobe virtio_pci
+modprobe virtio_net
+ip link set lo up
+ip link set eth0 up
+ip addr add {server_ip}/24 dev eth0
+httpd -p 80 -h /srv/http
+dnsmasq --conf-file=/etc/dnsmasq.conf --user=root --group=root --dhcp-leasefile=/tmp/leases \\
+    --pid-file= --log-facility=- --keep-in-foreground &
+while true; do sleep 60; done
+"""
+
+CHAIN_DESCRIPTION = """\
+base_url = "http://{server_ip}/"
+timeout = 0
+console = ["ttyS0,115200"]
+
+[[entry]]
+name = "node"
+kernel = "vmlinuz"
+initrd = "initrd.img"
+image = "disk.qcow2"
+sha256 = "sidecar"
+args = ["panic=-1"]
+
+[dhcp]
+mode = "full"
+loader = "{loader}"
+range_start = "192.168.50.100"
+range_end = "192.168.50.150"
+netmask = "255.255.255.0"
+interface = "eth0"
+tftp_root = "/srv/tftp"
+"""
+
+
+def _copy_with_libraries(binary: str, root: Path) -> None:
+    """Copy an ELF binary and every shared library ``ldd`` lists into the same paths under ``root``."""
+    ldd = subprocess.run(["ldd", binary], capture_output=True, text=True, check=True).stdout
+    for path in [binary, *(m.group(1) for m in re.finditer(r"(/\S+) \(0x", ldd))]:
+        target = root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+
+
+def _copy_modules(kernel: Kernel, root: Path, names: tuple[str, ...]) -> None:
+    """Copy modules and their dependencies (from modules.dep) for busybox modprobe."""
+    dep = (kernel.kmoddir / "modules.dep").read_text()
+    wanted: set[str] = set()
+    for line in dep.splitlines():
+        module, _, deps = line.partition(":")
+        if Path(module).name in {f"{n}.ko" for n in names}:
+            wanted |= {module, *deps.split()}
+    target = root / "lib" / "modules" / kernel.kver
+    for module in wanted:
+        (target / module).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(kernel.kmoddir / module, target / module)
+    shutil.copy(kernel.kmoddir / "modules.dep", target / "modules.dep")
+
+
+def server_initramfs(kernel: Kernel, out: Path, work: Path) -> Path:
+    """A cpio initramfs running the generated ``OUT/dnsmasq.conf`` and an HTTP server for the boot files."""
+    require_tools("busybox", "cpio", "ldd", "dnsmasq")
+    root = work / "server-root"
+    for d in ("bin", "etc", "proc", "sys", "dev", "tmp", "srv/http"):
+        (root / d).mkdir(parents=True)
+    shutil.copy(shutil.which("busybox") or "busybox", root / "bin" / "busybox")
+    _copy_with_libraries(shutil.which("dnsmasq") or "dnsmasq", root)
+    _copy_modules(kernel, root, ("virtio_pci", "virtio_net"))
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
+    (root / "etc" / "group").write_text("root:x:0:\n")
+    shutil.copy(out / "dnsmasq.conf", root / "etc" / "dnsmasq.conf")
+    shutil.copytree(out / "tftp", root / "srv" / "tftp")
+    shutil.copy(kernel.vmlinuz, root / "srv" / "http" / "vmlinuz")
+    (root / "srv" / "http" / "initrd.img").write_bytes(b"not a real initramfs\n" * 64)
+    init = root / "init"
+    init.write_text(SERVER_INIT.format(server_ip=SERVER_IP))
+    init.chmod(0o755)
+    archive = work / "server.cpio"
+    names = subprocess.run(["find", "."], cwd=root, capture_output=True, check=True).stdout
+    with archive.open("wb") as f:
+        cpio = ["cpio", "-o", "-H", "newc", "-R", "0:0", "--quiet"]
+        subprocess.run(cpio, cwd=root, input=names, stdout=f, check=True)
+    return archive
+
+
+@contextlib.contextmanager
+def pxe_server_vm(kernel: Kernel, initramfs: Path, socket: Path, work: Path) -> Iterator[Vm]:
+    """The server guest, listening on ``socket`` for the client's network; killed on exit."""
+    serial = work / "server.log"
+    cmd = [
+        "qemu-system-x86_64",
+        "-accel", "tcg",
+        "-nodefaults",
+        "-display", "none",
+        "-m", "512",
+        "-kernel", str(kernel.vmlinuz),
+        "-initrd", str(initramfs),
+        "-append", "console=ttyS0 panic=-1 quiet",
+        "-serial", f"file:{serial}",
+        "-netdev", f"stream,id=n0,server=on,addr.type=unix,addr.path={socket}",
+        "-device", "virtio-net-pci,netdev=n0",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield Vm(proc, serial)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+
+
+@dataclass(frozen=True)
+class Chain:
+    loader: str
+    uefi: bool
+    firmware_pxe: bool
+    #: files the server's TFTP must have sent, in this order (GRUB's modules come in between)
+    tftp_files: tuple[str, ...]
+
+
+CHAINS = [
+    # OVMF's PXE (client architecture 7) gets ipxe.efi; iPXE (user class iPXE) then gets boot.ipxe
+    pytest.param(Chain("ipxe", uefi=True, firmware_pxe=True, tftp_files=("ipxe.efi", "boot.ipxe")),
+                 id="uefi-firmware-ipxe.efi-boot.ipxe"),
+    # loader grub: OVMF's PXE gets GRUB's core.efi, which reads grub.cfg from the same TFTP server
+    pytest.param(Chain("grub", uefi=True, firmware_pxe=True,
+                       tftp_files=("boot/grub/x86_64-efi/core.efi", "boot/grub/grub.cfg")),
+                 id="uefi-firmware-grub-core.efi"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("chain", CHAINS)
+def test_generated_dnsmasq_serves_the_boot_chain(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, kernel: Kernel, chain: Chain
+) -> None:
+    toml = tmp_path / "pxe.toml"
+    toml.write_text(CHAIN_DESCRIPTION.format(server_ip=SERVER_IP, loader=chain.loader))
+    out = tmp_path / "out"
+    grub_flag = [] if chain.loader == "grub" else ["--no-grub-images"]
+    status, _, err = run_cli(capsys, "pxe-config", str(toml), "--out", str(out), *grub_flag)
+    assert status == 0, err
+    initramfs = server_initramfs(kernel, out, tmp_path)
+    entry = load_file(toml).entry("node")
+
+    # unix socket paths are limited to 108 bytes: keep it short
+    with tempfile.TemporaryDirectory(prefix="bk-net-") as sockdir:
+        socket = Path(sockdir) / "net"
+        with pxe_server_vm(kernel, initramfs, socket, tmp_path) as server:
+            ready = server.wait_for("DHCP, sockets bound exclusively to interface eth0", TIMEOUT)
+            assert ready, server.text()[-3000:]
+            netdev = f"stream,id=n0,server=off,addr.type=unix,addr.path={socket}"
+            with qemu_netboot(
+                netdev, uefi=chain.uefi, mac=KNOWN_MAC, work=tmp_path, firmware_pxe=chain.firmware_pxe
+            ) as vm:
+                unpacked = vm.wait_for("Trying to unpack rootfs image as initramfs", TIMEOUT)
+                assert unpacked, f"client:\n{vm.text()[-2000:]}\nserver:\n{server.text()[-3000:]}"
+                booted_cmdline = vm.line("Command line: ")
+            server_log = server.text()
+
+    sent = re.findall(r"dnsmasq-tftp\[\d+\]: sent /srv/tftp/(\S+) to ", server_log)
+    assert [f for f in dict.fromkeys(sent) if f in chain.tftp_files] == list(chain.tftp_files), sent
+    if chain.loader == "ipxe":
+        assert booted_cmdline.removeprefix("vmlinuz ") == kernel_cmdline(entry, initrd_name="initrd.img")
+        assert "user class: iPXE" in server_log
+    else:
+        assert booted_cmdline == f"BOOT_IMAGE=(http,{SERVER_IP})/vmlinuz " + kernel_cmdline(entry)
