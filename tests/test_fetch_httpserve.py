@@ -168,7 +168,8 @@ def test_ipv6_loopback(tmp_path: Path) -> None:
     import socket
 
     try:
-        socket.socket(socket.AF_INET6).bind(("::1", 0))
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
     except OSError:
         pytest.skip("no IPv6 loopback (::1) on this machine")
     from bootkit.fetch import FetchOptions, HTTPSource, download
