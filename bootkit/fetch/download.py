@@ -327,6 +327,8 @@ class _Download:
             sink.close()
         try:
             os.fsync(fd)
+        except OSError as e:
+            raise local_error(e, self.url, f"cannot write {self.part}") from e
         finally:
             os.close(fd)
         digest = sink.hasher.hexdigest()
@@ -335,7 +337,10 @@ class _Download:
                 f"{self.url}: SHA-256 mismatch: got {digest}, expected {expected} ({expected_from});"
                 " the download was deleted"
             )
-        os.replace(self.part, self.dest)
+        try:
+            os.replace(self.part, self.dest)
+        except OSError as e:
+            raise local_error(e, self.url, f"cannot rename {self.part} to {self.dest}") from e
         elapsed = self.progress.elapsed()
         log.info(
             "fetch: %s in %s (%s/s), SHA-256 %s: %s (%s)",
