@@ -274,26 +274,31 @@ def _read_extensions(
     # mean probing a backing file that the image says is raw.
     start = header.header_length
     end = header.backing_file_offset if header.backing_file_offset else cluster_size
-    area = source.pread(start, max(0, end - start))
+    size = max(0, end - start)
+    area = source.pread(start, size)
+    area += bytes(size - len(area))  # past the end of the file QEMU's block layer reads zeros
     extensions: List[Extension] = []
     seen = set()
     pos = 0
-    while pos + 8 <= len(area):
+    while pos < len(area):
+        # qcow2_read_extensions checks the bounds before looking at the type: an end marker whose length
+        # field reaches past the area, or a header cut by the area's end, is "Header extension too large".
+        if pos + 8 > len(area):
+            raise InvalidImage(f"{name}: header extension too large (header at offset {start + pos:#x} is cut "
+                               f"by the end of the extension area at {end:#x})")
         ext_type, ext_len = struct.unpack_from(">II", area, pos)
         data_off = start + pos + 8
-        if ext_type == QCOW2_EXT_MAGIC_END:
-            break
         if ext_len > end - data_off:
             raise InvalidImage(
                 f"{name}: header extension too large (type {ext_type:#x} at offset {start + pos:#x}, "
                 f"length {ext_len})"
             )
+        if ext_type == QCOW2_EXT_MAGIC_END:
+            break
         if ext_type in seen:
             raise InvalidImage(f"{name}: duplicate header extension type {ext_type:#x} at offset {start + pos:#x}")
         seen.add(ext_type)
         data = bytes(area[pos + 8 : pos + 8 + ext_len])
-        if len(data) < ext_len:
-            raise InvalidImage(f"{name}: header extension type {ext_type:#x} reaches past end of file")
         extensions.append(Extension(ext_type, data_off, data))
         pos += 8 + ((ext_len + 7) & ~7)
     feature_names: Dict[Tuple[int, int], str] = {}
