@@ -250,6 +250,30 @@ def test_unknown_extension_too_large(bases: Bases, tmp_path: Path) -> None:
     assert qemu_refuses(img)
 
 
+@pytest.mark.parametrize("version", [2, 3])
+def test_end_marker_with_a_length_too_large(bases: Bases, tmp_path: Path, version: int) -> None:
+    """QEMU checks an extension's length before its type, even for the end marker (v2 images too)."""
+    img = copy(bases.v2 if version == 2 else bases.plain, tmp_path)
+    end = _end_of_extensions(img) if version == 3 else 72
+    poke(img, end, ">II", 0, 0x00B10000)
+    open_fails(img, InvalidImage, "header extension too large", f"offset {end:#x}")
+    assert qemu_refuses(img)
+    poke(img, end, ">II", 0, 16)  # a length that fits is fine: the list ends there
+    reads_like_qemu(img)
+
+
+def test_extension_header_cut_by_the_backing_name(tmp_path: Path) -> None:
+    create(tmp_path / "base.qcow2", 1 * MiB)
+    top = create(tmp_path / "top.qcow2", 1 * MiB, backing="base.qcow2")
+    end = _end_of_extensions(top)  # where the end marker is
+    name = read_field(top, "backing_file_offset")
+    poke(top, end + 4, f">{read_field(top, 'backing_file_size')}s", (tmp_path / "base.qcow2").name.encode())
+    poke_field(top, "backing_file_offset", end + 4)
+    assert name != end + 4
+    open_fails(top, InvalidImage, "header extension too large", f"offset {end:#x}")
+    assert qemu_refuses(top)
+
+
 def test_unknown_extension_is_skipped(bases: Bases, tmp_path: Path) -> None:
     img = copy(bases.plain, tmp_path)
     poke(img, _end_of_extensions(img), ">II5s", 0x12345678, 5, b"hello")
