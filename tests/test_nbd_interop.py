@@ -277,3 +277,38 @@ def test_tcp_listener_parsing() -> None:
             parse_hostport(bad)
     # sockets passed to another process (LISTEN_PID) are not ours to take
     assert activation_listeners({"LISTEN_PID": "1", "LISTEN_FDS": "1"}) == []
+
+
+def test_corrupt_compressed_cluster_fails_only_its_requests(
+    images: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    from bootkit import qcow2
+
+    image = tmp_path / "corrupt.qcow2"
+    shutil.copy(images["deflate"][0], image)
+    ref = images["deflate"][1].read_bytes()
+    with qcow2.open(str(image)) as img:
+        victim = next(e for e in img.extents() if e.kind == "compressed" and e.offset >= MiB)
+    assert victim.host_offset is not None
+    with image.open("r+b") as f:  # garbage over the deflate stream: it cannot decode to a full cluster
+        f.seek(victim.host_offset)
+        f.write(b"\xff" * 64)
+    with serve(image, tmp_path / "nbd.sock") as uri:
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        with pytest.raises(nbd.Error) as e:
+            h.pread(4096, victim.offset + 4096)
+        assert e.value.errno == "EIO"
+        with pytest.raises(nbd.Error):
+            h.pread(2 * MiB, victim.offset - MiB)  # a request that only touches it fails too
+        # everything else still reads, on this connection and a new one
+        assert h.pread(65536, victim.offset + victim.length) == ref[victim.offset + victim.length :][:65536]
+        assert h.pread(65536, 0) == ref[:65536]
+        h.shutdown()
+        out = tmp_path / "out.raw"
+        proc = subprocess.run(["qemu-img", "convert", "-f", "raw", uri, "-O", "raw", str(out)], capture_output=True)
+        assert proc.returncode != 0 and b"Input/output error" in proc.stderr
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        assert h.pread(4096, SIZE - 4096) == ref[-4096:]
+        h.shutdown()
