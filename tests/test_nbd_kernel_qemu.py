@@ -47,6 +47,11 @@ cat /run/attach.err
 pid=$(cat /run/nbd.pid)
 say argv0=$(tr '\0' '\n' < /proc/$pid/cmdline | head -n1)
 say oom=$(cat /proc/$pid/oom_score_adj) locked-kb=$(grep VmLck /proc/$pid/status | tr -dc 0-9)
+total=0; plain=0
+for t in /proc/$pid/task/*; do  # PF_MEMALLOC_NOIO (0x80000), set by PR_SET_IO_FLUSHER, on every thread
+    f=$(cut -d ' ' -f 9 $t/stat); total=$((total + 1)); [ $(( (f >> 19) & 1 )) = 1 ] || plain=$((plain + 1))
+done
+say threads=$total not-io-flusher=$plain
 say size=$(blockdev --getsize64 $dev) ro=$(cat /sys/block/${dev#/dev/}/ro)
 say parts=$(grep -o 'nbd0p[0-9]*' /proc/partitions | sort | tr '\n' ,)
 say p1=$(sha256sum < ${dev}p1 | cut -c1-64)
@@ -188,6 +193,7 @@ def test_attach_in_a_guest(tmp_path: Path) -> None:
     assert said["attach-rc"] == "0" and said["device"] == "/dev/nbd0", tail
     assert said["argv0"] == "@bootkit-nbd"
     assert said["oom"] == "-1000" and int(said["locked-kb"] or 0) > 0, tail
+    assert int(said["threads"]) > 1 and said["not-io-flusher"] == "0", tail
     assert said["size"] == str(SIZE)
     assert said["ro"] == "1"
     assert said["parts"] == "nbd0p1,nbd0p2,"

@@ -86,9 +86,11 @@ def _as_daemon(args: argparse.Namespace, body: Callable[[Callable[[str], None]],
         print(line, file=sys.stdout if status == 0 else sys.stderr, flush=True)
         return status
 
+    # before any serving thread exists: PR_SET_IO_FLUSHER is a per-thread flag that new threads inherit
+    kernel.preload()
+    kernel.harden()
+
     def ready(line: str) -> None:
-        kernel.preload()
-        kernel.harden()
         if pid_file:
             kernel.write_pid_file(pid_file)
         report.send(0, line)

@@ -406,7 +406,11 @@ def preload(extra: Sequence[str] = ()) -> None:
 
 
 def harden() -> List[str]:
-    """Lock memory, oom_score_adj -1000, PR_SET_IO_FLUSHER; returns what failed (best effort, logged)."""
+    """Lock memory, oom_score_adj -1000, PR_SET_IO_FLUSHER; returns what failed (best effort, logged).
+
+    Call before starting the serving threads: the I/O flusher flag belongs to the calling thread and is
+    inherited by threads it creates afterwards.
+    """
     failed = []
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0 and libc.mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
