@@ -26,6 +26,7 @@ from bootkit.fetch import (
     NotEnoughSpace,
     NotFound,
     RedirectError,
+    RemoteChanged,
     SizeMismatch,
     download,
 )
@@ -355,3 +356,20 @@ def test_local_file_errors_are_not_retried(server: tuple[str, FaultState], tmp_p
         download(f"{url}/img", str(dest), fast_options())
     assert str(info.value) == f"{url}/img: cannot create {dest}.part: No such file or directory"
     assert state.requests_for("/img") == []
+
+
+def test_server_without_range_support_starts_again(server: tuple[str, FaultState], tmp_path: Path) -> None:
+    url, state = server
+    state.add_faults("/img", Fault(drop_after=1_000_000), Fault(ignore_range=True))
+    download(f"{url}/img", str(tmp_path / "img"), fast_options(verify="pinned", sha256=SHA))
+    assert (tmp_path / "img").read_bytes() == DATA
+
+
+def test_file_that_keeps_changing(server: tuple[str, FaultState], tmp_path: Path) -> None:
+    url, state = server
+    versions = [make_data(SIZE, seed=100 + i) for i in range(6)]
+    for version in versions:
+        state.add_faults("/img", Fault(replace=version, drop_after=500_000))
+    with pytest.raises(RemoteChanged, match=r"/img: changed on the server 4 times during the download$"):
+        download(f"{url}/img", str(tmp_path / "img"), fast_options(retries=10))
+    assert leftovers(tmp_path) == []

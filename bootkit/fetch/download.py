@@ -30,6 +30,7 @@ from bootkit.fetch.errors import (
     ChecksumMissing,
     NotEnoughSpace,
     NotFound,
+    RemoteChanged,
     SizeMismatch,
     TransientError,
 )
@@ -394,7 +395,10 @@ class _Download:
             else:
                 client.check_status(response, opened.url)
                 if offset:
-                    self._restart(sink, "the server sent the whole file again (it changed, or ignores Range)")
+                    if self.validator is not None and _validator(response) == self.validator:
+                        self._restart(sink, "the server ignores Range requests", changed=False)
+                    else:
+                        self._restart(sink, "the file changed on the server")
                 self._start(response)
             self._stream(response, sink, retry)
         finally:
@@ -446,10 +450,11 @@ class _Download:
         self._restart(sink, "the server has fewer bytes than before (the file changed)")
         return False
 
-    def _restart(self, sink: _Sink, why: str) -> None:
-        self.restarts += 1
-        if self.restarts > MAX_RESTARTS:
-            raise TransientError(f"{self.url}: changed on the server {self.restarts} times during the download")
+    def _restart(self, sink: _Sink, why: str, changed: bool = True) -> None:
+        if changed:
+            self.restarts += 1
+            if self.restarts > MAX_RESTARTS:
+                raise RemoteChanged(f"{self.url}: changed on the server {self.restarts} times during the download")
         log.warning("fetch: restarting from zero: %s (%s)", why, self.url)
         sink.restart()
         self.size = None

@@ -55,7 +55,8 @@ class GaveUp(FetchError):
 
 
 class RemoteChanged(FetchError):
-    """Lazy mode: the file on the server changed (ETag, size) after the image was opened."""
+    """The file on the server changed (ETag, size) after a lazy image was opened, or kept changing during a
+    download (more than a few restarts from zero)."""
 
 
 class ChunkError(FetchError):
