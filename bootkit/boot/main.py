@@ -41,7 +41,7 @@ import urllib.parse  # noqa: E402
 from typing import Any, Dict, List, Optional, Sequence  # noqa: E402
 
 from bootkit.boot.cmdline import BootConfig, parse_cmdline  # noqa: E402
-from bootkit.boot.partitions import choose_root, read_disk  # noqa: E402
+from bootkit.boot.partitions import Partition, choose_root, read_disk  # noqa: E402
 from bootkit.boot.status import RUN_DIR, StatusFile  # noqa: E402
 from bootkit.errors import BootkitError, ConfigError, ImageError  # noqa: E402
 from bootkit.log import human_size, log  # noqa: E402
@@ -119,9 +119,10 @@ def _grow_run(cfg: BootConfig) -> None:
 class ImageFetcher:
     """Gets the image and its backing files: verified downloads into /run (ram) or range reads (lazy)."""
 
-    def __init__(self, cfg: BootConfig, stages: Stages) -> None:
+    def __init__(self, cfg: BootConfig, stages: Stages, image_dir: str = IMAGE_DIR) -> None:
         self.cfg = cfg
         self.stages = stages
+        self.image_dir = image_dir
         self.base_url = cfg.url.rsplit("/", 1)[0] + "/"
         self.sources: List[ByteSource] = []
         self.verified: Dict[str, str] = {}
@@ -149,8 +150,8 @@ class ImageFetcher:
             return self._lazy(url, name, top, verify)
         from bootkit.fetch import download
 
-        os.makedirs(IMAGE_DIR, exist_ok=True)
-        result = download(url, os.path.join(IMAGE_DIR, name), _fetch_options(cfg, sha256, verify))
+        os.makedirs(self.image_dir, exist_ok=True)
+        result = download(url, os.path.join(self.image_dir, name), _fetch_options(cfg, sha256, verify))
         self.verified[url] = result.sha256
         rate = result.size / max(time.monotonic() - self.stages.started, 1e-3)
         self.stages.done(f"{name}: {human_size(result.size)} at {human_size(rate)}/s, sha256 {result.sha256} "
@@ -203,9 +204,51 @@ class ImageFetcher:
         return source
 
 
+class Prepared:
+    """A verified, opened image and the partition that holds the root."""
+
+    def __init__(self, image: Any, fetcher: ImageFetcher, root: Partition) -> None:
+        self.image, self.fetcher, self.root = image, fetcher, root
+
+    def close(self) -> None:
+        _close(self.image, self.fetcher)
+
+
+def _close(image: Any, fetcher: ImageFetcher) -> None:
+    if image is not None:
+        image.close()
+    for source in fetcher.sources:
+        source.close()
+
+
+def prepare(cfg: BootConfig, stages: Stages, image_dir: str = IMAGE_DIR) -> Prepared:
+    """Fetch and verify the image (and its backing files), open the chain, choose the root partition."""
+    from bootkit import qcow2
+
+    fetcher = ImageFetcher(cfg, stages, image_dir)
+    try:
+        top = fetcher.top()
+        stages.begin("open")
+        image = qcow2.open(top, snapshot=cfg.snapshot, resolver=fetcher.backing)
+    except BaseException:
+        _close(None, fetcher)
+        raise
+    try:
+        chain = " <- ".join(posixpath.basename(s.name) for s in image.chain())
+        snapshot = f", snapshot {cfg.snapshot}" if cfg.snapshot else ""
+        stages.done(f"qcow2 {human_size(image.virtual_size)} virtual{snapshot}, chain: {chain}")
+        stages.begin("root")
+        root = choose_root(read_disk(image, image.virtual_size), cfg.root)
+        how = f"rd.qcow2.root={cfg.root}" if cfg.root.kind != "auto" else "auto"
+        stages.done(f"{root.describe()} ({how})")
+    except BaseException:
+        _close(image, fetcher)
+        raise
+    return Prepared(image, fetcher, root)
+
+
 def run_daemon(cfg: BootConfig, stages: Stages, report: Any) -> int:
     """The forked daemon: prepare the device, report it, then serve until the kernel disconnects."""
-    from bootkit import qcow2
     from bootkit.nbd import kernel
 
     status = StatusFile()
@@ -213,16 +256,8 @@ def run_daemon(cfg: BootConfig, stages: Stages, report: Any) -> int:
         kernel.harden()
         if cfg.mode == "ram":
             _grow_run(cfg)
-        fetcher = ImageFetcher(cfg, stages)
-        top = fetcher.top()
-        stages.begin("open")
-        image = qcow2.open(top, snapshot=cfg.snapshot, resolver=fetcher.backing)
-        chain = " <- ".join(posixpath.basename(s.name) for s in image.chain())
-        stages.done(f"qcow2 {human_size(image.virtual_size)} virtual, chain: {chain}")
-        stages.begin("root")
-        parts = read_disk(image, image.virtual_size)
-        root = choose_root(parts, cfg.root)
-        stages.done(f"{root.describe()} ({'by rd.qcow2.root=' + str(cfg.root) if cfg.root.kind != 'auto' else 'auto'})")
+        ready = prepare(cfg, stages)
+        image, fetcher, root = ready.image, ready.fetcher, ready.root
         stages.begin("attach")
         attachment = kernel.attach(image, connections=1)
         device = attachment.device if root.number == 0 else f"{attachment.device}p{root.number}"

@@ -1,0 +1,155 @@
+"""The boot code's first half on the host: fetch and verify over HTTP, open the chain, choose the root.
+
+``bootkit.boot.main.prepare`` is exactly what the initramfs daemon runs before it attaches /dev/nbd0 (which
+needs a kernel NBD driver, so the attach is left to tests/test_boot_qemu.py). Images are made by qemu-img,
+qemu-io and sfdisk and served by bootkit's HTTP server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from boot_fixtures import DPS_ROOT_X86_64, ESP_TYPE, Part, make_disk, make_ext4, make_vfat, need
+
+from bootkit.boot.cmdline import BootConfig, parse_cmdline
+from bootkit.boot.main import Prepared, Stages, prepare
+from bootkit.boot.partitions import RootNotFound
+from bootkit.errors import ConfigError, FetchError, ImageError
+from bootkit.httpserve import http_server
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """base.qcow2 (GPT: ESP + DPS root), top.qcow2 on it with a write, a snapshot; their sidecars."""
+    need("qemu-img", "qemu-io", "sfdisk", "mke2fs", "mkfs.vfat")
+    d = tmp_path_factory.mktemp("served")
+    esp = make_vfat(d / "esp.vfat", 4, label="EFI")
+    root = make_ext4(d / "root.ext4", 8, label="layered")
+    raw = make_disk(d / "base.raw", [Part(esp, ESP_TYPE), Part(root, DPS_ROOT_X86_64)])
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", "-c", str(raw), str(d / "base.qcow2"))
+    qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(d / "top.qcow2"))
+    subprocess.run(["qemu-io", "-c", "write -P 0x5a 10M 64k", str(d / "top.qcow2")], check=True, capture_output=True)
+    qemu_img("snapshot", "-c", "before", str(d / "top.qcow2"))
+    subprocess.run(["qemu-io", "-c", "write -P 0xa5 10M 4k", str(d / "top.qcow2")], check=True, capture_output=True)
+    for name in ("base.qcow2", "top.qcow2"):
+        (d / f"{name}.sha256").write_text(f"{sha256(d / name)}  {name}\n")
+    qemu_img("convert", "-O", "raw", str(d / "top.qcow2"), str(d / "expected.raw"))
+    qemu_img("convert", "-O", "raw", "-l", "snapshot.name=before", str(d / "top.qcow2"), str(d / "before.raw"))
+    for f in (esp, root, raw):
+        f.unlink()
+    return d
+
+
+@pytest.fixture(scope="module")
+def base_url(images: Path) -> Iterator[str]:
+    with http_server(str(images)) as url:
+        yield url
+
+
+def config(text: str) -> BootConfig:
+    cfg = parse_cmdline(text + " rd.qcow2.retries=0 rd.qcow2.timeout=10")
+    assert cfg is not None
+    return cfg
+
+
+def run_prepare(cfg: BootConfig, tmp_path: Path) -> Prepared:
+    return prepare(cfg, Stages(), str(tmp_path / "images"))
+
+
+def assert_serves(ready: Prepared, expected: Path) -> None:
+    data = expected.read_bytes()
+    assert ready.image.virtual_size == len(data)
+    assert ready.image.pread(0, len(data)) == data
+
+
+def test_layered_image_both_pinned(images: Path, base_url: str, tmp_path: Path) -> None:
+    cfg = config(f"root=qcow2:{base_url}top.qcow2 rd.qcow2.sha256={sha256(images / 'top.qcow2')} "
+                 f"rd.qcow2.sha256.base.qcow2={sha256(images / 'base.qcow2')}")  # fmt: skip
+    ready = run_prepare(cfg, tmp_path)
+    try:
+        assert_serves(ready, images / "expected.raw")
+        assert [Path(s.name).name for s in ready.image.chain()] == ["top.qcow2", "base.qcow2"]
+        assert (ready.root.number, ready.root.fs and ready.root.fs.label) == (2, "layered")
+        assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["base.qcow2", "top.qcow2"]
+        assert ready.fetcher.verified == {f"{base_url}top.qcow2": sha256(images / "top.qcow2"),
+                                          f"{base_url}base.qcow2": sha256(images / "base.qcow2")}  # fmt: skip
+    finally:
+        ready.close()
+
+
+def test_layered_image_sidecar(images: Path, base_url: str, tmp_path: Path) -> None:
+    ready = run_prepare(config(f"root=qcow2:{base_url}top.qcow2 rd.qcow2.verify=sidecar"), tmp_path)
+    try:
+        assert_serves(ready, images / "expected.raw")
+    finally:
+        ready.close()
+
+
+def test_pinned_top_needs_pinned_backing(images: Path, base_url: str, tmp_path: Path) -> None:
+    cfg = config(f"root=qcow2:{base_url}top.qcow2 rd.qcow2.sha256={sha256(images / 'top.qcow2')}")
+    with pytest.raises(ConfigError, match=r"backing file base\.qcow2 has no pinned hash: add rd\.qcow2\.sha256\.base"):
+        run_prepare(cfg, tmp_path)
+
+
+def test_wrong_backing_hash(images: Path, base_url: str, tmp_path: Path) -> None:
+    cfg = config(f"root=qcow2:{base_url}top.qcow2 rd.qcow2.sha256={sha256(images / 'top.qcow2')} "
+                 f"rd.qcow2.sha256.base.qcow2={'0' * 64}")  # fmt: skip
+    with pytest.raises(FetchError, match=r"base\.qcow2: SHA-256 mismatch"):
+        run_prepare(cfg, tmp_path)
+    assert not (tmp_path / "images" / "base.qcow2").exists()
+
+
+def test_snapshot(images: Path, base_url: str, tmp_path: Path) -> None:
+    ready = run_prepare(config(f"root=qcow2:{base_url}top.qcow2 rd.qcow2.verify=sidecar rd.qcow2.snapshot=before"),
+                        tmp_path)  # fmt: skip
+    try:
+        assert_serves(ready, images / "before.raw")
+    finally:
+        ready.close()
+
+
+def test_lazy_with_pinned_manifests(images: Path, base_url: str, tmp_path: Path) -> None:
+    from bootkit.fetch import Manifest
+
+    pins = {name: Manifest.build(str(images / name), 64 * 1024).write(str(images / f"{name}.manifest"))
+            for name in ("top.qcow2", "base.qcow2")}  # fmt: skip
+    cfg = config(f"root=qcow2:{base_url}top.qcow2 rd.qcow2.mode=lazy rd.qcow2.manifest-sha256={pins['top.qcow2']} "
+                 f"rd.qcow2.sha256.base.qcow2.manifest={pins['base.qcow2']}")  # fmt: skip
+    ready = run_prepare(cfg, tmp_path)
+    try:
+        assert_serves(ready, images / "expected.raw")
+        assert not (tmp_path / "images").exists()  # nothing was downloaded whole
+    finally:
+        ready.close()
+    bad = config(f"root=qcow2:{base_url}top.qcow2 rd.qcow2.mode=lazy rd.qcow2.manifest-sha256={'1' * 64}")
+    with pytest.raises((ConfigError, FetchError), match="manifest|SHA-256"):
+        run_prepare(bad, tmp_path)
+
+
+def test_backing_file_outside_the_url_directory(images: Path, base_url: str, tmp_path: Path) -> None:
+    qemu_img("create", "-f", "qcow2", "-u", "-b", "../etc/base.qcow2", "-F", "qcow2", str(images / "evil.qcow2"), "64M")
+    with pytest.raises(ImageError, match=r"backing file '\.\./etc/base\.qcow2' is not a plain file name"):
+        run_prepare(config(f"root=qcow2:{base_url}evil.qcow2 rd.qcow2.verify=none"), tmp_path)
+
+
+def test_no_root_filesystem(images: Path, base_url: str, tmp_path: Path) -> None:
+    qemu_img("create", "-f", "qcow2", str(images / "blank.qcow2"), "16M")
+    with pytest.raises(RootNotFound, match="no partition table and no filesystem on the disk"):
+        run_prepare(config(f"root=qcow2:{base_url}blank.qcow2 rd.qcow2.verify=none"), tmp_path)
+
+
+def test_not_found(base_url: str, tmp_path: Path) -> None:
+    with pytest.raises(FetchError, match="nosuch.qcow2"):
+        run_prepare(config(f"root=qcow2:{base_url}nosuch.qcow2 rd.qcow2.verify=none"), tmp_path)
