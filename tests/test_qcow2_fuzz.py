@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from qcow2_refimages import KiB, convert, create, pattern, qemu_io, tool
+from qcow2_refimages import KiB, bootkit_map, convert, create, pattern, qemu_io, qemu_map, tool
 
 import bootkit.qcow2
 from bootkit.errors import BootkitError, CorruptImage
@@ -155,12 +155,14 @@ class Mutation(NamedTuple):
     value: int
 
 
-def mutations() -> st.SearchStrategy[list[Mutation]]:
+def mutations(
+    regions: tuple[str, ...] = ("header", "l1", "l2", "l2", "compressed", "compressed", "snapshots"),
+) -> st.SearchStrategy[list[Mutation]]:
     value = st.one_of(st.sampled_from(INTERESTING_64), st.sampled_from(INTERESTING_32),
                       st.integers(0, (1 << 64) - 1))
     one = st.builds(
         Mutation,
-        region=st.sampled_from(["header", "l1", "l2", "l2", "compressed", "compressed", "snapshots"]),
+        region=st.sampled_from(regions),
         piece=st.integers(0, 64),
         position=st.integers(0, 1 << 21),
         width=st.sampled_from([0, 1, 4, 8, 8]),
@@ -301,6 +303,37 @@ def test_replaced_compressed_payloads(
     new = (payload + bytes(length))[: length - keep]
     data[start + keep : start + length] = new
     check_one(bytes(data), None, None)
+
+
+@settings(
+    max_examples=int(os.environ.get("BOOTKIT_DIFF_EXAMPLES", "40")),
+    deadline=timedelta(seconds=120),
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+)
+@given(name=st.sampled_from(["std", "deflate", "zstd", "extl2", "v2", "chain"]),
+       muts=mutations(("l1", "l2", "l2", "l2", "compressed")))
+def test_mutated_tables_read_like_qemu(seeds: dict[str, Seed], name: str, muts: list[Mutation]) -> None:
+    """Differential: with broken tables or payloads, bootkit fails where QEMU fails (CorruptImage where
+    qemu-img convert reports an I/O error) and otherwise returns QEMU's bytes and QEMU's map."""
+    seed = seeds[name]
+    path = seed.path.with_name(f"diff-{name}.qcow2")
+    path.write_bytes(mutate(seed, muts))
+    out = path.with_name("diff.raw")
+    qemu = tool("qemu-img", "convert", "-f", "qcow2", "-O", "raw", path, out, check=False)
+    ours: Optional[bytes] = None
+    try:
+        with alarm(EXAMPLE_ALARM_SECONDS), bootkit.qcow2.open(path) as image:
+            ours = image.pread(0, image.virtual_size)
+            our_map = bootkit_map(image.extents())
+    except CorruptImage as e:
+        event("both fail" if qemu.returncode else "only bootkit fails")
+        assert qemu.returncode != 0, f"QEMU reads it, bootkit: {e}"
+        return
+    assert qemu.returncode == 0, f"bootkit reads it, QEMU: {qemu.stderr.strip()}"
+    event("both read")
+    assert ours == out.read_bytes()
+    assert our_map == qemu_map(path)
 
 
 def test_the_fuzzer_reaches_the_decoders(seeds: dict[str, Seed]) -> None:
