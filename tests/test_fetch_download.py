@@ -122,8 +122,8 @@ def test_503_forever(server: tuple[str, FaultState], tmp_path: Path) -> None:
 
 def test_stall_times_out_and_resumes(server: tuple[str, FaultState], tmp_path: Path) -> None:
     url, state = server
-    state.add_faults("/img", Fault(stall_after=1_500_000, stall=5))
-    download(f"{url}/img", str(tmp_path / "img"), fast_options(verify="pinned", sha256=SHA, timeout=0.5))
+    state.add_faults("/img", Fault(stall_after=1_500_000, stall=6))
+    download(f"{url}/img", str(tmp_path / "img"), fast_options(verify="pinned", sha256=SHA, timeout=2))
     assert (tmp_path / "img").read_bytes() == DATA
     # what arrived before the stall is kept, up to the slice in flight when the read timed out
     resumed_at = int(state.requests_for("/img")[1].headers["Range"].removeprefix("bytes=").rstrip("-"))

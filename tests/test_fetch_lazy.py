@@ -212,8 +212,8 @@ def test_bad_chunk_once_is_fetched_again(faulty: tuple[str, FaultState]) -> None
 
 def test_each_request_is_retried(faulty: tuple[str, FaultState]) -> None:
     url, state = faulty
-    with HTTPSource(url, fast_options(timeout=0.5), manifest=MANIFEST, readahead=0) as source:
-        state.add_faults("/img", Fault(status=503), Fault(drop_after=100), Fault(stall_after=10, stall=2))
+    with HTTPSource(url, fast_options(timeout=1, retries=6), manifest=MANIFEST, readahead=0) as source:
+        state.add_faults("/img", Fault(status=503), Fault(drop_after=100), Fault(stall_after=10, stall=3))
         assert source.pread(CHUNK, 10) == DATA[CHUNK : CHUNK + 10]
 
 
