@@ -19,7 +19,7 @@ import hashlib
 import http.client
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
 from bootkit.errors import BootkitError, UsageError
@@ -34,6 +34,17 @@ from bootkit.log import human_size, log
 DEFAULT_CACHE_BYTES = 64 << 20
 DEFAULT_READAHEAD = 8
 DEFAULT_CONNECTIONS = 4
+
+
+def _settle(future: Future[bytes], data: bytes = b"", error: Optional[BaseException] = None) -> None:
+    """Resolve ``future`` unless close() already failed it."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(data)
+    except InvalidStateError:
+        pass
 
 
 class HTTPSource:
@@ -135,6 +146,10 @@ class HTTPSource:
             self._closed = True
             idle, self._idle = self._idle, []
         self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._lock:  # read-ahead cancelled before it started: nobody else will answer its waiters
+            pending = list(self._inflight.values())
+        for future in pending:
+            _settle(future, error=TransientError(f"{self.name}: source closed"))
         for conn in idle:
             conn.close()
         fill_conn = self._fill_conn
@@ -222,13 +237,13 @@ class HTTPSource:
             data = self._fetch_chunk(index)
         except BaseException as e:
             with self._lock:
-                del self._inflight[index]
-            future.set_exception(e)
+                self._inflight.pop(index, None)
+            _settle(future, error=e)
             raise
         with self._lock:
-            del self._inflight[index]
+            self._inflight.pop(index, None)
             self._cache_put(index, data)
-        future.set_result(data)
+        _settle(future, data)
         return data
 
     def _cache_put(self, index: int, data: bytes) -> None:
@@ -261,7 +276,7 @@ class HTTPSource:
             except RuntimeError:  # closed meanwhile
                 with self._lock:
                     self._inflight.pop(index, None)
-                future.set_exception(TransientError(f"{self.name}: source closed"))
+                _settle(future, error=TransientError(f"{self.name}: source closed"))
 
     def _prefetch(self, index: int, future: Future[bytes]) -> None:
         try:
