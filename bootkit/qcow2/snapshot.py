@@ -62,8 +62,9 @@ def read_snapshots(source: ByteSource, header: Header) -> List[Snapshot]:
         icount = struct.unpack_from(">Q", extra, 16)[0] if extra_size >= 24 else -1
         if icount == (1 << 64) - 1:
             icount = -1
-        ident = body[extra_size : extra_size + id_len].decode("utf-8", "replace")
-        name = body[extra_size + id_len :].decode("utf-8", "replace")
+        # QEMU keeps id and name as C strings: a NUL inside ends them (and "s2\0\0" is found as "s2").
+        ident = body[extra_size : extra_size + id_len].split(b"\0", 1)[0].decode("utf-8", "replace")
+        name = body[extra_size + id_len :].split(b"\0", 1)[0].decode("utf-8", "replace")
         snapshots.append(
             Snapshot(ident, name, l1_offset, l1_size, disk_size, vm_state_large, date_sec, date_nsec, vm_clock, icount)
         )
