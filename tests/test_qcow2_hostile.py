@@ -367,6 +367,26 @@ def test_snapshot_table_past_end_of_file(bases: Bases, tmp_path: Path) -> None:
     assert qemu_refuses(img)
 
 
+def test_snapshot_name_padded_with_nuls(bases: Bases, tmp_path: Path) -> None:
+    """QEMU reads id and name as C strings: a name_len that takes in the NUL padding still names 'one'."""
+    img = copy(bases.snap, tmp_path)
+    entry = _snapshot_entry(img)
+    _, _, id_len, name_len, *_, extra = peek(img, entry, SNAPSHOT_HEADER.format)
+    used = SNAPSHOT_HEADER.size + extra + id_len + name_len
+    assert (id_len, name_len) == (1, 3) and used % 8  # there is NUL padding to take in
+    poke(img, entry + 14, ">H", name_len + (-used % 8))
+    expected = qemu_raw_snapshot(img, "one")
+    with bootkit.qcow2.open(img, snapshot="one") as image:
+        assert image.snapshot is not None and image.snapshot.name == "one"
+        assert image.pread(0, image.virtual_size) == expected
+
+
+def qemu_raw_snapshot(img: Path, name: str) -> bytes:
+    out = img.with_name("snapshot.raw")
+    tool("qemu-img", "convert", "-l", f"snapshot.name={name}", "-O", "raw", img, out)
+    return out.read_bytes()
+
+
 def test_snapshot_table_too_big(bases: Bases, tmp_path: Path) -> None:
     """> 64 MiB of snapshot table (iotest 261): entries with maximal id/name/extra sizes in a sparse file."""
     img = copy(bases.plain, tmp_path)
