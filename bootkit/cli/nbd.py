@@ -59,11 +59,46 @@ def _open_image(args: argparse.Namespace) -> Any:
     return qcow2.open(args.image, snapshot=args.snapshot)
 
 
-def _as_daemon(args: argparse.Namespace, body: Callable[[Callable[[str], None]], int]) -> int:
-    """Run ``body(ready)`` in the foreground, or, with --daemon, in a detached '@' process.
+class _Lifecycle:
+    """What a serving command tells its runner: ``opened()`` before starting threads, ``ready(line)`` once
+    serving. In the foreground ``ready`` prints the line; a daemon hardens itself at ``opened`` and has the
+    process that started it print the line and exit."""
 
-    ``ready(line)`` is called once serving: the line goes to stdout (from the original process when
-    daemonized, which then exits 0). A BootkitError before that becomes the original process's error line.
+    def opened(self) -> None:
+        pass
+
+    def ready(self, line: str) -> None:
+        print(line, flush=True)
+
+
+class _DaemonLifecycle(_Lifecycle):
+    def __init__(self, report: Any, pid_file: str | None) -> None:
+        self.report = report
+        self.pid_file = pid_file
+
+    def opened(self) -> None:
+        from bootkit.nbd import kernel
+
+        # the image opened fine; now, before any serving thread exists (PR_SET_IO_FLUSHER is a per-thread
+        # flag that new threads inherit), import everything and lock down
+        kernel.preload()
+        kernel.harden()
+
+    def ready(self, line: str) -> None:
+        from bootkit.nbd import kernel
+
+        if self.pid_file:
+            kernel.write_pid_file(self.pid_file)
+        self.report.send(0, line)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+
+
+def _as_daemon(args: argparse.Namespace, body: Callable[[_Lifecycle], int]) -> int:
+    """Run ``body`` in the foreground, or, with --daemon, in a detached '@' process.
+
+    A BootkitError before ``ready`` becomes the original process's error line and exit status.
     """
     from bootkit.nbd import kernel
 
@@ -72,11 +107,7 @@ def _as_daemon(args: argparse.Namespace, body: Callable[[Callable[[str], None]],
     if not args.daemon:
         if args.pid_file:
             raise UsageError("--pid-file needs --daemon")
-
-        def say(line: str) -> None:
-            print(line, flush=True)
-
-        return body(say)
+        return body(_Lifecycle())
     if not kernel.argv0().startswith("@"):
         kernel.reexec_with_argv0(sys.argv[1:])
     pid_file = os.path.abspath(args.pid_file) if args.pid_file else None
@@ -85,21 +116,8 @@ def _as_daemon(args: argparse.Namespace, body: Callable[[Callable[[str], None]],
         status, line = kernel.wait_daemon(fd)
         print(line, file=sys.stdout if status == 0 else sys.stderr, flush=True)
         return status
-
-    # before any serving thread exists: PR_SET_IO_FLUSHER is a per-thread flag that new threads inherit
-    kernel.preload()
-    kernel.harden()
-
-    def ready(line: str) -> None:
-        if pid_file:
-            kernel.write_pid_file(pid_file)
-        report.send(0, line)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.close(devnull)
-
     try:
-        return body(ready)
+        return body(_DaemonLifecycle(report, pid_file))
     except BootkitError as e:
         report.send(e.exit_status, f"error: {e}")
         return e.exit_status
@@ -120,8 +138,9 @@ def serve_nbd(args: argparse.Namespace) -> int:
     if args.unix:
         args.unix = os.path.abspath(args.unix)
 
-    def body(ready: Callable[[str], None]) -> int:
+    def body(life: _Lifecycle) -> int:
         with _open_image(args) as image:
+            life.opened()
             if args.unix:
                 listeners = [transport.unix_listener(args.unix)]
             elif args.tcp:
@@ -137,7 +156,7 @@ def serve_nbd(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, lambda *_: acceptor.stop())
             try:
                 if not by_client:  # else stdout belongs to the client that started us (nbdcopy ... -)
-                    ready(" ".join(transport.describe(s) for s in listeners))
+                    life.ready(" ".join(transport.describe(s) for s in listeners))
                 acceptor.run()
             finally:
                 server.shutdown_connections()
@@ -160,8 +179,9 @@ def attach(args: argparse.Namespace) -> int:
         raise UsageError(f"--connections {args.connections}: must be at least 1")
     args.image = os.path.abspath(args.image)  # the daemon runs in /
 
-    def body(ready: Callable[[str], None]) -> int:
+    def body(life: _Lifecycle) -> int:
         with _open_image(args) as image:
+            life.opened()
             attachment = kernel.attach(
                 image,
                 device=args.device,
@@ -171,7 +191,7 @@ def attach(args: argparse.Namespace) -> int:
             )
             stop = threading.Event()
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
-            ready(attachment.device)
+            life.ready(attachment.device)
             try:
                 while not attachment.wait(1.0):
                     if stop.is_set():
