@@ -230,6 +230,16 @@ def test_export_name_unknown_drops_connection(server_sock: str, data_file: tuple
     _alive(server_sock, data_file[1])
 
 
+def test_silent_client_is_dropped_after_the_handshake_timeout(data_file: tuple[str, bytes], tmp_path: Path) -> None:
+    sock_path = str(tmp_path / "nbd.sock")
+    with RawFileDouble(data_file[0]) as image, serve_unix(image, sock_path, handshake_timeout=0.5):
+        c = Client(sock_path)
+        c.recv(p.SERVER_GREETING.size)
+        c.s.sendall(struct.pack(">I", 3))  # flags, then nothing
+        assert c.closed_by_server()
+        _alive(sock_path, data_file[1])
+
+
 def test_abort(server_sock: str) -> None:
     c = Client(server_sock)
     c.greeting()

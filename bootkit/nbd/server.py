@@ -107,7 +107,8 @@ class _Budget:
 class NBDServer:
     """Serves one open image, read-only, to any number of connections.
 
-    ``threads`` is the number of requests one connection may have in progress at once.
+    ``threads`` is the number of requests one connection may have in progress at once; a client that has
+    not finished negotiating after ``handshake_timeout`` seconds is dropped (it would hold a thread).
     """
 
     def __init__(
@@ -118,6 +119,7 @@ class NBDServer:
         description: str = "",
         threads: int = 4,
         buffer_limit: int = 4 * p.MAX_PAYLOAD,
+        handshake_timeout: Optional[float] = 60.0,
     ) -> None:
         if threads < 1:
             raise NBDError(f"threads: must be at least 1, not {threads}")
@@ -126,6 +128,7 @@ class NBDServer:
         self.description = description
         self.size: int = image.virtual_size
         self.threads = threads
+        self.handshake_timeout = handshake_timeout
         self._budget = _Budget(max(buffer_limit, p.MAX_PAYLOAD + 64))
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
@@ -136,8 +139,11 @@ class NBDServer:
             self._connections.add(sock)
         conn = _Connection(self, sock)
         try:
-            if handshake and not conn.handshake():
-                return
+            if handshake:
+                sock.settimeout(self.handshake_timeout)
+                if not conn.handshake():
+                    return
+                sock.settimeout(None)
             conn.transmission()
         except _Closed:
             log.debug("nbd: client closed the connection")
