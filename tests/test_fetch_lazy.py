@@ -14,6 +14,7 @@ import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from faultserver import Fault, FaultState, fault_server
@@ -253,3 +254,47 @@ def test_background_fill_survives_drops(faulty: tuple[str, FaultState], tmp_path
         assert source.wait_filled(timeout=60)
         assert source.pread(0, len(DATA)) == DATA
     assert (tmp_path / "copy").read_bytes() == DATA
+
+
+# -- every reference image of the reader tests (tests/test_qcow2_reference.py), over HTTP --
+
+
+def _reference_builders() -> dict[str, Any]:
+    from test_qcow2_reference import BUILDERS
+
+    return dict(BUILDERS)
+
+
+@pytest.fixture(scope="module")
+def reference_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("qemu-img") is None or shutil.which("qemu-io") is None:
+        pytest.skip("qemu-img/qemu-io are not installed (Debian package qemu-utils)")
+    return tmp_path_factory.mktemp("refs-over-http")
+
+
+@pytest.mark.parametrize("name", sorted(_reference_builders()))
+def test_reference_images_read_the_same_over_http(reference_dir: Path, name: str) -> None:
+    d = reference_dir / name
+    d.mkdir()
+    top = _reference_builders()[name](d).path
+    opened: list[HTTPSource] = []
+    with http_server(str(d)) as base:
+
+        def source(file_name: str) -> HTTPSource:
+            manifest = Manifest.build(str(d / file_name), CHUNK)
+            opened.append(HTTPSource(base + file_name, fast_options(), manifest=manifest))
+            return opened[-1]
+
+        def resolver(file_name: str, what: str, referrer: object) -> HTTPSource:
+            # backing and data files lie next to the image on the server (some images name absolute paths)
+            return source(Path(file_name).name)
+
+        try:
+            with qcow2.open(source(top.name), resolver=resolver) as remote, qcow2.open(str(top)) as local:
+                assert remote.virtual_size == local.virtual_size
+                step = 333_333
+                for offset in range(0, local.virtual_size, step):
+                    assert remote.pread(offset, step) == local.pread(offset, step), f"{name} at {offset}"
+        finally:
+            for s in opened:
+                s.close()
