@@ -347,8 +347,9 @@ class Image:
                             f"{self.name}: zero cluster entry found in pre-v3 image "
                             f"(L2 offset: {l2_offset:#x}, L2 index: {l2_index:#x})"
                         )
-                    if host:
+                    if host:  # ZERO_ALLOC: qcow2_get_host_offset checks it like a data cluster
                         self._check_aligned(host, l2_offset, l2_index)
+                        self._check_data_file(host, offset - in_cluster, l2_offset, l2_index)
                         yield Run(ZERO, offset, n, host + in_cluster, 0)
                     else:
                         yield Run(ZERO, offset, n, -1, 0)
