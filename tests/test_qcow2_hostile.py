@@ -679,9 +679,11 @@ def test_compressed_cluster_in_an_image_with_a_data_file(tmp_path: Path) -> None
     qemu_io(img, "write -P 0x55 0 128k")
     poke(img, l2_entry_offset(img, 0), ">Q", compressed_descriptor(16, 0x50000, 1))
     poke(img, l2_entry_offset(img, CLUSTER), ">Q", QCOW_OFLAG_COPIED | 0x20000)  # host != guest offset
+    poke(img, l2_entry_offset(img, 3 * CLUSTER), ">Q", QCOW_OFLAG_COPIED | 0x20000 | 1)  # zero, allocated
     read_fails(img, 0, 512, CorruptImage, "compressed cluster", "external data file")
     read_fails(img, CLUSTER, 512, CorruptImage, "host offset 0x20000 does not match guest offset 0x10000")
-    assert qemu_io_read_fails(img, 0, 512) and qemu_io_read_fails(img, CLUSTER, 512)
+    read_fails(img, 3 * CLUSTER, 512, CorruptImage, "host offset 0x20000 does not match guest offset 0x30000")
+    assert all(qemu_io_read_fails(img, off, 512) for off in (0, CLUSTER, 3 * CLUSTER))
 
 
 # --- path rules: backing files and data files --------------------------------------------------------------
