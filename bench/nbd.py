@@ -116,13 +116,24 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 
     raise RuntimeError(f"{proc.args!r}: no socket at {path} after {timeout} s")
 
 
+@dataclass(frozen=True)
+class Served:
+    uri: str
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (all its threads)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def server(cmd: Sequence[str], sock: Path) -> Iterator[str]:
+def server(cmd: Sequence[str], sock: Path) -> Iterator[Served]:
     sock.unlink(missing_ok=True)
     proc = subprocess.Popen(list(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_socket(sock, proc)
-        yield f"nbd+unix:///?socket={sock}"
+        yield Served(f"nbd+unix:///?socket={sock}", proc.pid)
     finally:
         proc.terminate()
         try:
@@ -163,34 +174,45 @@ WORKLOADS = (
 )
 
 
-def fio(uri: str, w: Workload, size: int, runtime: int) -> float:
+@dataclass(frozen=True)
+class Result:
+    value: float  # MB/s or IOPS
+    cpu_us: float  # server CPU microseconds per request (fio) or per MiB copied (nbdcopy)
+
+
+def fio(served: Served, w: Workload, size: int, runtime: int) -> Result:
+    cpu0 = served.cpu_seconds()
     out = run(
         [
             "fio",
             "--name=bench",
             "--ioengine=nbd",
-            f"--uri={uri}",
+            f"--uri={served.uri}",
             f"--rw={w.rw}",
             f"--bs={w.bs}",
             f"--iodepth={w.depth}",
             f"--size={size}",
             "--time_based",
             f"--runtime={runtime}",
-            "--ramp_time=1",
             "--randrepeat=1",
             "--output-format=json",
         ]
     ).stdout
+    cpu = served.cpu_seconds() - cpu0
     job = json.loads(out[out.index("{") :])["jobs"][0]
     if job["error"]:
         raise RuntimeError(f"fio {w.name}: error {job['error']}")
-    return float(job["read"]["bw_bytes"]) / 1e6 if w.unit == "MB/s" else float(job["read"]["iops"])
+    read = job["read"]
+    value = float(read["bw_bytes"]) / 1e6 if w.unit == "MB/s" else float(read["iops"])
+    return Result(value, cpu * 1e6 / max(1, int(read["total_ios"])))
 
 
-def nbdcopy(uri: str, size: int) -> float:
+def nbdcopy(served: Served, size: int) -> Result:
+    cpu0 = served.cpu_seconds()
     t = time.monotonic()
-    run(["nbdcopy", uri, "null:"])
-    return size / (time.monotonic() - t) / 1e6
+    run(["nbdcopy", served.uri, "null:"])
+    elapsed = time.monotonic() - t
+    return Result(size / elapsed / 1e6, (served.cpu_seconds() - cpu0) * 1e6 / (size / MiB))
 
 
 def virtual_size(image: Path) -> int:
@@ -217,33 +239,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     sock = args.workdir / "nbd.sock"
     load_before = os.getloadavg()
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    results: dict[str, dict[str, dict[str, Result]]] = {}
     for kind in args.images.split(","):
         size = virtual_size(images[kind])
         log(f"{kind}: {images[kind].stat().st_size / MiB:.0f} MiB file, {size / MiB:.0f} MiB virtual")
         results[kind] = {}
         for name, cmd in server_commands(kind, images, sock).items():
-            r: dict[str, float] = {}
-            with server(cmd, sock) as uri:
+            r: dict[str, Result] = {}
+            with server(cmd, sock) as served:
                 for w in WORKLOADS:
-                    r[w.name] = fio(uri, w, size, args.runtime)
-                    log(f"  {name:10} {w.name:13} {r[w.name]:10.0f} {w.unit}")
-                r["nbdcopy"] = nbdcopy(uri, size)
-                log(f"  {name:10} {'nbdcopy':13} {r['nbdcopy']:10.0f} MB/s")
+                    r[w.name] = fio(served, w, size, args.runtime)
+                    log(
+                        f"  {name:10} {w.name:13} {r[w.name].value:10.0f} {w.unit:5} {r[w.name].cpu_us:8.1f} us CPU/req"
+                    )
+                r["nbdcopy"] = nbdcopy(served, size)
+                log(
+                    f"  {name:10} {'nbdcopy':13} {r['nbdcopy'].value:10.0f} MB/s  {r['nbdcopy'].cpu_us:8.1f} us CPU/MiB"
+                )
             results[kind][name] = r
     load_after = os.getloadavg()
     print(report(results, load_before, load_after))
     return 0
 
 
-def report(results: dict[str, dict[str, dict[str, float]]], before: tuple[float, ...], after: tuple[float, ...]) -> str:
-    units = {w.name: w.unit for w in WORKLOADS} | {"nbdcopy": "MB/s (virtual size / time)"}
+def report(
+    results: dict[str, dict[str, dict[str, Result]]], before: tuple[float, ...], after: tuple[float, ...]
+) -> str:
+    units = {w.name: w.unit for w in WORKLOADS} | {"nbdcopy": "MB/s"}
     lines = [
         f"load average before {before[0]:.2f} {before[1]:.2f} {before[2]:.2f}, "
         f"after {after[0]:.2f} {after[1]:.2f} {after[2]:.2f}; {os.cpu_count()} CPUs",
+        "nbdcopy: virtual size / time (zeros are skipped by BLOCK_STATUS); server CPU: microseconds per",
+        "request (fio) or per MiB of virtual disk (nbdcopy), user + system, all threads",
         "",
-        "| image | workload | unit | bootkit | qemu-nbd -r | bootkit / qemu-nbd | nbdkit file (raw) |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| image | workload | unit | bootkit | qemu-nbd -r | bootkit / qemu-nbd | nbdkit file (raw) "
+        "| server CPU us: bootkit | qemu-nbd | nbdkit |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for kind, by_server in results.items():
         for wname, unit in units.items():
@@ -251,8 +282,9 @@ def report(results: dict[str, dict[str, dict[str, float]]], before: tuple[float,
             theirs = by_server["qemu-nbd"][wname]
             nbdkit = by_server.get("nbdkit-raw", {}).get(wname)
             lines.append(
-                f"| {kind} | {wname} | {unit} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.2f}x | "
-                f"{'' if nbdkit is None else f'{nbdkit:.0f}'} |"
+                f"| {kind} | {wname} | {unit} | {ours.value:.0f} | {theirs.value:.0f} | "
+                f"{ours.value / theirs.value:.2f}x | {'' if nbdkit is None else f'{nbdkit.value:.0f}'} | "
+                f"{ours.cpu_us:.1f} | {theirs.cpu_us:.1f} | {'' if nbdkit is None else f'{nbdkit.cpu_us:.1f}'} |"
             )
     return "\n".join(lines)
 
