@@ -298,3 +298,15 @@ def test_reference_images_read_the_same_over_http(reference_dir: Path, name: str
         finally:
             for s in opened:
                 s.close()
+
+
+def test_close_during_background_fill(faulty: tuple[str, FaultState], tmp_path: Path) -> None:
+    url, state = faulty
+    source = HTTPSource(url, fast_options(), manifest=MANIFEST, readahead=0)
+    state.add_faults("/img", Fault(stall_after=CHUNK, stall=30))  # the fill hangs after one chunk
+    source.start_background_fill(str(tmp_path / "copy"))
+    while not source._have[0]:  # wait for the first chunk to land in the copy
+        assert not source.fill_done.wait(0.01)
+    source.close()  # must not wait for the stalled server
+    assert source.fill_done.is_set() and not source.filled
+    assert list(tmp_path.iterdir()) == []  # the incomplete copy is removed

@@ -18,6 +18,7 @@ import collections
 import hashlib
 import http.client
 import os
+import socket
 import threading
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
@@ -154,7 +155,10 @@ class HTTPSource:
             conn.close()
         fill_conn = self._fill_conn
         if fill_conn is not None and fill_conn.sock is not None:
-            fill_conn.sock.close()  # wakes the fill thread out of its read
+            try:
+                fill_conn.sock.shutdown(socket.SHUT_RDWR)  # wakes the fill thread out of its read
+            except OSError:
+                pass
         if self._fill_thread is not None:
             self._fill_thread.join()
         if self._fill_fd >= 0:
@@ -189,8 +193,11 @@ class HTTPSource:
                 raise UsageError(f"{self.name}: background fill already started")
             check_fits(self.name, self._size, path, self.options.reserve_bytes)
             self._fill_part = path + ".part"
-            fd = os.open(self._fill_part, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            os.ftruncate(fd, self._size)
+            try:
+                fd = os.open(self._fill_part, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+                os.ftruncate(fd, self._size)
+            except OSError as e:
+                raise local_error(e, self.name, f"cannot create {self._fill_part}") from e
             self._fill_fd = fd
             self._fill_thread = threading.Thread(target=self._fill, args=(path,), name="fetch-fill", daemon=True)
         self._fill_thread.start()
