@@ -253,7 +253,7 @@ ip link set lo up
 ip link set eth0 up
 ip addr add {server_ip}/24 dev eth0
 httpd -p 80 -h /srv/http
-dnsmasq --conf-file=/etc/dnsmasq.conf --user=root --group=root --dhcp-leasefile=/tmp/leases \\
+{existing_dhcp}dnsmasq --conf-file=/etc/dnsmasq.conf --user=root --group=root --dhcp-leasefile=/tmp/leases \\
     --pid-file= --log-facility=- --keep-in-foreground &
 while true; do sleep 60; done
 """
@@ -272,13 +272,35 @@ sha256 = "sidecar"
 args = ["panic=-1"]
 
 [dhcp]
-mode = "full"
 loader = "{loader}"
+interface = "eth0"
+tftp_root = "/srv/tftp"
+{dhcp}"""
+
+FULL_DHCP = """\
+mode = "full"
 range_start = "192.168.50.100"
 range_end = "192.168.50.150"
 netmask = "255.255.255.0"
-interface = "eth0"
-tftp_root = "/srv/tftp"
+"""
+
+PROXY_DHCP = """\
+mode = "proxy"
+subnet = "192.168.50.0"
+"""
+
+#: proxy mode needs a DHCP server that hands out the addresses: busybox udhcpd plays the LAN's existing one
+EXISTING_DHCP = """\
+touch /tmp/udhcpd.leases
+udhcpd -f /etc/udhcpd.conf &
+"""
+UDHCPD_CONF = """\
+start 192.168.50.100
+end 192.168.50.150
+interface eth0
+lease_file /tmp/udhcpd.leases
+option subnet 255.255.255.0
+option router 192.168.50.1
 """
 
 
@@ -306,7 +328,7 @@ def _copy_modules(kernel: Kernel, root: Path, names: tuple[str, ...]) -> None:
     shutil.copy(kernel.kmoddir / "modules.dep", target / "modules.dep")
 
 
-def server_initramfs(kernel: Kernel, out: Path, work: Path) -> Path:
+def server_initramfs(kernel: Kernel, out: Path, work: Path, *, existing_dhcp: bool) -> Path:
     """A cpio initramfs running the generated ``OUT/dnsmasq.conf`` and an HTTP server for the boot files."""
     require_tools("busybox", "cpio", "ldd", "dnsmasq")
     root = work / "server-root"
@@ -318,11 +340,12 @@ def server_initramfs(kernel: Kernel, out: Path, work: Path) -> Path:
     (root / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
     (root / "etc" / "group").write_text("root:x:0:\n")
     shutil.copy(out / "dnsmasq.conf", root / "etc" / "dnsmasq.conf")
+    (root / "etc" / "udhcpd.conf").write_text(UDHCPD_CONF)
     shutil.copytree(out / "tftp", root / "srv" / "tftp")
     shutil.copy(kernel.vmlinuz, root / "srv" / "http" / "vmlinuz")
     (root / "srv" / "http" / "initrd.img").write_bytes(b"not a real initramfs\n" * 64)
     init = root / "init"
-    init.write_text(SERVER_INIT.format(server_ip=SERVER_IP))
+    init.write_text(SERVER_INIT.format(server_ip=SERVER_IP, existing_dhcp=EXISTING_DHCP if existing_dhcp else ""))
     init.chmod(0o755)
     archive = work / "server.cpio"
     names = subprocess.run(["find", "."], cwd=root, capture_output=True, check=True).stdout
@@ -359,6 +382,7 @@ def pxe_server_vm(kernel: Kernel, initramfs: Path, socket: Path, work: Path) -> 
 
 @dataclass(frozen=True)
 class Chain:
+    dhcp_mode: str
     loader: str
     uefi: bool
     firmware_pxe: bool
@@ -368,12 +392,14 @@ class Chain:
 
 CHAINS = [
     # OVMF's PXE (client architecture 7) gets ipxe.efi; iPXE (user class iPXE) then gets boot.ipxe
-    pytest.param(Chain("ipxe", uefi=True, firmware_pxe=True, tftp_files=("ipxe.efi", "boot.ipxe")),
-                 id="uefi-firmware-ipxe.efi-boot.ipxe"),
+    # (proxy DHCP next to udhcpd, the default configuration)
+    pytest.param(Chain("proxy", "ipxe", uefi=True, firmware_pxe=True, tftp_files=("ipxe.efi", "boot.ipxe")),
+                 id="proxy-uefi-firmware-ipxe.efi-boot.ipxe"),
     # loader grub: OVMF's PXE gets GRUB's core.efi, which reads grub.cfg from the same TFTP server
-    pytest.param(Chain("grub", uefi=True, firmware_pxe=True,
+    # (full DHCP)
+    pytest.param(Chain("full", "grub", uefi=True, firmware_pxe=True,
                        tftp_files=("boot/grub/x86_64-efi/core.efi", "boot/grub/grub.cfg")),
-                 id="uefi-firmware-grub-core.efi"),
+                 id="full-uefi-firmware-grub-core.efi"),
 ]  # fmt: skip
 
 
@@ -382,19 +408,20 @@ def test_generated_dnsmasq_serves_the_boot_chain(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, kernel: Kernel, chain: Chain
 ) -> None:
     toml = tmp_path / "pxe.toml"
-    toml.write_text(CHAIN_DESCRIPTION.format(server_ip=SERVER_IP, loader=chain.loader))
+    dhcp = PROXY_DHCP if chain.dhcp_mode == "proxy" else FULL_DHCP
+    toml.write_text(CHAIN_DESCRIPTION.format(server_ip=SERVER_IP, loader=chain.loader, dhcp=dhcp))
     out = tmp_path / "out"
     grub_flag = [] if chain.loader == "grub" else ["--no-grub-images"]
     status, _, err = run_cli(capsys, "pxe-config", str(toml), "--out", str(out), *grub_flag)
     assert status == 0, err
-    initramfs = server_initramfs(kernel, out, tmp_path)
+    initramfs = server_initramfs(kernel, out, tmp_path, existing_dhcp=chain.dhcp_mode == "proxy")
     entry = load_file(toml).entry("node")
 
     # unix socket paths are limited to 108 bytes: keep it short
     with tempfile.TemporaryDirectory(prefix="bk-net-") as sockdir:
         socket = Path(sockdir) / "net"
         with pxe_server_vm(kernel, initramfs, socket, tmp_path) as server:
-            ready = server.wait_for("DHCP, sockets bound exclusively to interface eth0", TIMEOUT)
+            ready = server.wait_for("TFTP root is /srv/tftp", TIMEOUT)
             assert ready, server.text()[-3000:]
             netdev = f"stream,id=n0,server=off,addr.type=unix,addr.path={socket}"
             with qemu_netboot(
@@ -409,6 +436,6 @@ def test_generated_dnsmasq_serves_the_boot_chain(
     assert [f for f in dict.fromkeys(sent) if f in chain.tftp_files] == list(chain.tftp_files), sent
     if chain.loader == "ipxe":
         assert booted_cmdline.removeprefix("vmlinuz ") == kernel_cmdline(entry, initrd_name="initrd.img")
-        assert "user class: iPXE" in server_log
+        assert "tags: ipxe, uefi, eth0" in server_log  # iPXE's user class was recognised
     else:
         assert booted_cmdline == f"BOOT_IMAGE=(http,{SERVER_IP})/vmlinuz " + kernel_cmdline(entry)
