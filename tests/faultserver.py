@@ -92,6 +92,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._answer(body=True)
 
+    def do_CONNECT(self) -> None:
+        """Proxy mode for HTTPS: tunnel to a loopback port (the only place tests may connect to)."""
+        state = self.server.state
+        with state.lock:
+            state.requests.append(Request("CONNECT", self.path, dict(self.headers.items()), True))
+        host, _, port = self.path.rpartition(":")
+        if host not in ("127.0.0.1", "localhost"):
+            self._empty(403)
+            return
+        upstream = socket.create_connection(("127.0.0.1", int(port)))
+        self.send_response(200, "Connection established")
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        relay(self.connection, upstream)
+
     def _answer(self, body: bool) -> None:
         state = self.server.state
         proxied = self.path.startswith("http://")
@@ -185,6 +201,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.send_header("Content-Length", "0")
         self.end_headers()
+
+
+def relay(a: socket.socket, b: socket.socket) -> None:
+    """Copy bytes both ways until either side closes."""
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    other = threading.Thread(target=pump, args=(b, a), daemon=True)
+    other.start()
+    pump(a, b)
+    other.join()
+    b.close()
 
 
 class _Server(http.server.ThreadingHTTPServer):

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from faultserver import fault_server
 from fetch_fixtures import fast_options, make_data, make_tls, nginx
 
 from bootkit.fetch import HTTPSource, TLSError, download
@@ -62,6 +63,21 @@ def test_other_ca_fails(https_url: str, tls: dict[str, Path], tmp_path: Path) ->
 def test_insecure_opt_out(https_url: str, tmp_path: Path) -> None:
     download(https_url, str(tmp_path / "img"), fast_options(verify="pinned", sha256=SHA, insecure=True))
     assert (tmp_path / "img").read_bytes() == DATA
+
+
+def test_https_proxy_is_honoured(
+    https_url: str, tls: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with fault_server() as (proxy_url, state):
+        monkeypatch.setenv("https_proxy", proxy_url)
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        options = fast_options(verify="pinned", sha256=SHA, cacert=str(tls["ca"]))
+        download(https_url, str(tmp_path / "img"), options)
+        tunnels = [r for r in state.requests if r.method == "CONNECT"]
+    assert (tmp_path / "img").read_bytes() == DATA
+    port = https_url.split(":")[2].split("/")[0]
+    assert [r.path for r in tunnels] == [f"127.0.0.1:{port}"]
 
 
 def test_lazy_source_over_https(https_url: str, tls: dict[str, Path]) -> None:
