@@ -40,6 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from bootkit.errors import NBDError
 from bootkit.log import log
 from bootkit.nbd.server import KERNEL_FLAGS, Image, NBDServer
+from bootkit.nbd.transport import tune
 
 # -- netlink (linux/netlink.h, linux/genetlink.h) ------------------------------------------------------------
 
@@ -275,6 +276,8 @@ def attach(
     with GenericNetlink() as nl:
         family = nbd_family(nl, load=load_module)
         pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(connections)]
+        for _, ours in pairs:
+            tune(ours)
         serving = []
         for i, (_, ours) in enumerate(pairs):
             t = threading.Thread(
