@@ -281,7 +281,7 @@ def test_grub_mknetdir_builds_bios_and_uefi_images(
 
 
 def test_readme_documents_every_key() -> None:
-    from bootkit.bootcfg.load import DHCP_SETTINGS, ENTRY_SETTINGS, GRUB_SETTINGS, MACHINE_SETTINGS, TOP_SETTINGS
+    from bootkit.bootcfg.settings import DHCP_SETTINGS, ENTRY_SETTINGS, GRUB_SETTINGS, MACHINE_SETTINGS, TOP_SETTINGS
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme.split("## PXE configuration (`bootkit pxe-config`)", 1)[1].split("\n## ", 1)[0]

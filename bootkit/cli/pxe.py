@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 # the setting tables are plain data: importing them keeps the CLI fast (jinja2 and requests load later)
-from bootkit.bootcfg.load import FLAG_SETTINGS, flag_dest, flag_name
+from bootkit.bootcfg.settings import FLAG_SETTINGS, flag_dest, flag_name
 from bootkit.errors import UsageError
 
 DESCRIPTION = """\
