@@ -237,3 +237,45 @@ def test_initramfs_modules_import_only_the_standard_library() -> None:
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _python39() -> str | None:
+    """A real Python 3.9 (not a pyenv shim, which needs a version selected to work)."""
+    candidates = [*sorted(Path.home().glob(".pyenv/versions/3.9*/bin/python3.9")), Path("/usr/bin/python3.9")]
+    return next((str(c) for c in candidates if c.exists()), None)
+
+
+@pytest.mark.skipif(_python39() is None, reason="no Python 3.9 interpreter on this host (initramfs floor)")
+def test_server_runs_on_python_3_9(image: tuple[Path, bytes], tmp_path: Path) -> None:
+    """The initramfs may carry Python 3.9: serve with it (stdlib only, zstd via the copied module) and copy."""
+    python39 = _python39()
+    assert python39 is not None
+    sock = tmp_path / "nbd.sock"
+    code = (
+        "import sys\n"
+        "from bootkit.nbd.server import NBDServer\n"
+        "from bootkit.nbd import kernel, transport\n"
+        "import bootkit.qcow2 as qcow2\n"
+        "image = qcow2.open(sys.argv[1])\n"
+        "listener = transport.unix_listener(sys.argv[2])\n"
+        "print(sys.version_info[:2], flush=True)\n"
+        "transport.Acceptor([listener], NBDServer(image).serve_connection, once=True).run()\n"
+    )
+    # deflate, not zstd: the zstandard module in this venv is built for its own Python
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(image[1])
+    img = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-c", str(raw), str(img)], check=True)
+    proc = subprocess.Popen(
+        [python39, "-I", "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); exec({code!r})", str(img), str(sock)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "(3, 9)"
+        out = tmp_path / "out.raw"
+        subprocess.run(["nbdcopy", f"nbd+unix:///?socket={sock}", str(out)], check=True, timeout=300)
+        assert out.read_bytes() == image[1]
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
