@@ -84,6 +84,10 @@ ERRORS = [
     ('bootloaders = ["ipxe"]\n' + ENTRY + '[dhcp]\nsubnet = "10.0.0.0"\nloader = "grub"\n', "dhcp.loader",
      "not among the configured bootloaders"),
     (ENTRY + '[grub]\nserial = 1\n', "grub.serial", "unknown key"),
+    (ENTRY + f'args = [{", ".join(chr(34) + "x" * 99 + chr(34) for _ in range(20))}]\n', "entry.a.args",
+     "would be 2"),
+    (ENTRY + f'[[machine]]\nmac = "52:54:00:12:34:56"\nargs = ["{"y" * 1900}"]\n',
+     "machine.52:54:00:12:34:56.args", "the kernel keeps 2047"),
 ]
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from bootkit.bootcfg.cmdline import MAX_CMDLINE, kernel_cmdline
 from bootkit.bootcfg.model import (
     Artifact,
     Bootloader,
@@ -446,6 +447,17 @@ def _dhcp(t: _Table, bootloaders: frozenset[Bootloader]) -> Dhcp:
     )
 
 
+def _check_cmdline_length(origin: _Origin, index: int, entry: Entry, machine: Machine | None) -> None:
+    """The longest line a bootloader passes (iPXE's, with ``initrd=NAME``) must fit the kernel's buffer."""
+    length = len(kernel_cmdline(entry, machine, initrd_name=entry.initrd_name))
+    if length >= MAX_CMDLINE:
+        where = origin.where(("entry", entry.name, "args") if machine is None else ("machine", machine.mac, "args"))
+        raise ConfigError(
+            f"{where}: the kernel command line of entry {entry.name!r} would be {length} bytes; "
+            f"the kernel keeps {MAX_CMDLINE - 1}"
+        )
+
+
 def _config(top: _Table, base_dir: Path) -> Config:
     origin = top.origin
     base_url = top.get_str("base_url")
@@ -499,6 +511,11 @@ def _config(top: _Table, base_dir: Path) -> Config:
         if machine.mac in machines:
             raise t.error("mac", f"{machine.mac} is described twice")
         machines[machine.mac] = machine
+
+    for i, entry in enumerate(entries.values()):
+        _check_cmdline_length(origin, i, entry, None)
+        for machine in machines.values():
+            _check_cmdline_length(origin, i, entry, machine)
 
     dhcp_table = top.table("dhcp", DHCP_SETTINGS)
     dhcp = None if dhcp_table is None else _dhcp(dhcp_table, bootloaders)

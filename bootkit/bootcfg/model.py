@@ -9,6 +9,7 @@ templates never branch on strings.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
@@ -109,6 +110,12 @@ class Entry:
     snapshot: str | None = None
     console: tuple[str, ...] = ()
     args: tuple[str, ...] = ()
+
+    @property
+    def initrd_name(self) -> str:
+        """The name iPXE registers the initrd under (``initrd --name``), and the kernel's ``initrd=NAME``."""
+        name = self.initrd.name
+        return name if re.match(r"^[A-Za-z0-9_.,:=+@%-]+$", name) else "initrd"
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import jinja2
 
-from bootkit.bootcfg.cmdline import MAX_CMDLINE, kernel_args
+from bootkit.bootcfg.cmdline import kernel_args
 from bootkit.bootcfg.model import Artifact, Bootloader, Config, DhcpMode, Entry, Firmware, Machine
 from bootkit.errors import ConfigError
 
@@ -104,21 +104,10 @@ def grub_quote(arg: str) -> str:
     return "'" + arg.replace("'", "'\\''") + "'"
 
 
-def _initrd_name(entry: Entry) -> str:
-    name = entry.initrd.name
-    return name if name and _GRUB_BARE.match(name) else "initrd"
-
-
 def _boot_view(entry: Entry, machine: Machine | None, menu_label: str, *, with_grub: bool) -> BootView:
-    initrd_name = _initrd_name(entry)
+    initrd_name = entry.initrd_name
     ipxe_args = kernel_args(entry, machine, initrd_name=initrd_name)
     args = kernel_args(entry, machine)
-    for line in (ipxe_args, args):
-        length = len(" ".join(line))
-        if length >= MAX_CMDLINE:
-            raise ConfigError(
-                f"entry {entry.name}: kernel command line is {length} bytes; the kernel keeps {MAX_CMDLINE - 1}"
-            )
     grub_kernel = grub_initrd = ""
     if with_grub:
         grub_kernel, grub_initrd = grub_path(entry.kernel), grub_path(entry.initrd)
