@@ -2,7 +2,8 @@
 """Benchmark: ``bootkit.fetch`` against ``curl`` on loopback (same file, same nginx, same run).
 
 Makes a file of random bytes (``--size-mib``, default 512), serves it with nginx on a free loopback port and
-downloads it into a tmpfs (/dev/shm when it has room, as the initramfs does into /run) with:
+downloads it into a tmpfs (/dev/shm when it has room, as the initramfs does into /run; the previous output is
+deleted before each run, outside the timing) with:
 
 - ``curl -s -o``: the reference;
 - ``curl`` then ``sha256sum``: what a verified download costs with curl;
@@ -148,6 +149,7 @@ def main() -> int:
         for _ in range(args.repeat):  # alternate the tools, keep the best of each
             for name, fn in [("curl", curl), ("curl + sha256sum", curl_sha), ("bootkit pinned", bootkit_pinned),
                              ("bootkit verify=none", bootkit_none)]:  # fmt: skip
+                out.unlink(missing_ok=True)  # every tool writes a new file, as at boot (freeing is not timed)
                 before = cpu_seconds()
                 results[name] = min(results.get(name, float("inf")), best_of(1, fn))
                 cpu[name] = min(cpu.get(name, float("inf")), cpu_seconds() - before)
