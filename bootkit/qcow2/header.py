@@ -275,17 +275,26 @@ def _read_extensions(
     start = header.header_length
     end = header.backing_file_offset if header.backing_file_offset else cluster_size
     size = max(0, end - start)
-    area = source.pread(start, size)
-    area += bytes(size - len(area))  # past the end of the file QEMU's block layer reads zeros
+    # Read the area as far as the extensions go (4 KiB first, then doubling), not the whole first cluster:
+    # opening an image over HTTP should not fetch 2 MiB because its clusters are 2 MiB.
+    area = bytearray()
+
+    def need(n: int) -> None:
+        if len(area) < n:
+            want = min(size, max(n, 2 * len(area), 4096))
+            area.extend(source.pread(start + len(area), want - len(area)))
+            area.extend(bytes(want - len(area)))  # past the end of the file QEMU's block layer reads zeros
+
     extensions: List[Extension] = []
     seen = set()
     pos = 0
-    while pos < len(area):
+    while pos < size:
         # qcow2_read_extensions checks the bounds before looking at the type: an end marker whose length
         # field reaches past the area, or a header cut by the area's end, is "Header extension too large".
-        if pos + 8 > len(area):
+        if pos + 8 > size:
             raise InvalidImage(f"{name}: header extension too large (header at offset {start + pos:#x} is cut "
                                f"by the end of the extension area at {end:#x})")
+        need(pos + 8)
         ext_type, ext_len = struct.unpack_from(">II", area, pos)
         data_off = start + pos + 8
         if ext_len > end - data_off:
@@ -298,6 +307,7 @@ def _read_extensions(
         if ext_type in seen:
             raise InvalidImage(f"{name}: duplicate header extension type {ext_type:#x} at offset {start + pos:#x}")
         seen.add(ext_type)
+        need(pos + 8 + ext_len)
         data = bytes(area[pos + 8 : pos + 8 + ext_len])
         extensions.append(Extension(ext_type, data_off, data))
         pos += 8 + ((ext_len + 7) & ~7)
