@@ -280,6 +280,19 @@ def test_unknown_extension_is_skipped(bases: Bases, tmp_path: Path) -> None:
     reads_like_qemu(img)
 
 
+def test_extensions_longer_than_the_first_read(bases: Bases, tmp_path: Path) -> None:
+    """The extension area is read as far as it goes (4 KiB first): a 10 KiB extension and one after it."""
+    img = copy(bases.plain, tmp_path)
+    end = _end_of_extensions(img)
+    poke(img, end, ">II10000s", 0x12345678, 10000, pattern(3, 10000))
+    poke(img, end + 8 + 10000, ">II4sII", 0x12345679, 4, b"tail", 0, 0)
+    reads_like_qemu(img)
+    with bootkit.qcow2.open(img) as image:
+        found = {e.type: e.data for e in image.info.extensions}
+    assert found[0x12345678] == pattern(3, 10000) and found[0x12345679] == b"tail"
+    assert EXT_FEATURE_TABLE in found
+
+
 def test_duplicate_extension(bases: Bases, tmp_path: Path) -> None:
     img = copy(bases.plain, tmp_path)
     poke(img, _end_of_extensions(img), ">II", EXT_FEATURE_TABLE, 0)
