@@ -200,7 +200,11 @@ class Guest:
     def _exit_reason(self) -> str:
         if self._timed_out:
             return f"killed after the overall boot timeout of {self.boot_timeout:.0f} s"
-        return f"status {self._proc.poll()}"
+        try:
+            # the console closes a moment before the process is gone
+            return f"status {self._proc.wait(10)}"
+        except subprocess.TimeoutExpired:
+            return "console closed, process still running"
 
     def wait_exit(self, timeout: float = 120.0) -> int:
         """Wait for QEMU to exit by itself (the guest powered off) and return its exit status."""
