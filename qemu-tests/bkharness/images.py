@@ -25,12 +25,15 @@ editing a rootfs file rebuilds it and nothing else does::
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -185,6 +188,15 @@ def assemble_gpt_disk(root_dir: Path, disk: Path, *, root_fs_size: int, label: s
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _assemble_into_place(root: Path, raw: Path, size: int) -> None:
+    tmp = raw.with_name(f".{raw.name}.{os.getpid()}.tmp")
+    try:
+        assemble_gpt_disk(root, tmp, root_fs_size=size)
+        tmp.rename(raw)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _round_up(n: int, unit: int) -> int:
     return (n + unit - 1) // unit * unit
 
@@ -254,7 +266,7 @@ def busybox_image() -> RootImage:
         known = _write_known_file(root, f"busybox-{key}")
         size = 24 * MIB
         raw = out / f"busybox-{key[:16]}.raw"
-        assemble_gpt_disk(root, raw, root_fs_size=size)
+        _assemble_into_place(root, raw, size)
     return _store(RootImage("busybox", raw, 2, known, size))
 
 
@@ -365,17 +377,30 @@ def debian_image() -> RootImage:
         # ext4 metadata and a little free space for the guest (it writes through the overlay anyway)
         size = _round_up(int(_du(root) * 1.3) + 48 * MIB, MIB)
         raw = out / f"debian-{key[:16]}.raw"
-        assemble_gpt_disk(root, raw, root_fs_size=size)
+        _assemble_into_place(root, raw, size)
     return _store(RootImage("debian", raw, 2, known, size))
+
+
+@contextmanager
+def _cache_lock() -> Iterator[None]:
+    """One image build at a time per cache (several test runs or a demo may share it)."""
+    path = cache_dir() / "images" / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def root_image(kind: str) -> RootImage:
     """Build or reuse the root disk of ``kind`` (``busybox`` or ``debian``)."""
-    if kind == "busybox":
-        return busybox_image()
-    if kind == "debian":
-        return debian_image()
-    raise ValueError(f"unknown root image kind {kind!r} (busybox, debian)")
+    builders = {"busybox": busybox_image, "debian": debian_image}
+    if kind not in builders:
+        raise ValueError(f"unknown root image kind {kind!r} (busybox, debian)")
+    with _cache_lock():
+        return builders[kind]()
 
 
 # -- QCOW2 ---------------------------------------------------------------------------------------------------
@@ -409,7 +434,7 @@ def qcow2_image(
     target = out or raw.with_name(f"{raw.stem}.{'-'.join(variant)}.qcow2")
     if out is None and target.exists() and target.stat().st_mtime >= raw.stat().st_mtime:
         return target
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     source: list[str | os.PathLike[str]] = ["-f", "raw", raw]
     work = None
     if backing is not None:
@@ -419,7 +444,7 @@ def qcow2_image(
         # convert -B copies every allocated cluster of its source, and all of a raw file is allocated; so
         # first make an uncompressed overlay holding only the differences from the base (rebase in safe
         # mode compares the two), then compress that overlay's clusters alone.
-        work = target.with_name(f".{target.name}.work")
+        work = target.with_name(f".{target.name}.{os.getpid()}.work")
         work.mkdir(exist_ok=True)
         full, diff = work / "full.qcow2", work / "diff.qcow2"
         run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, full])
