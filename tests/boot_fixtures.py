@@ -110,7 +110,12 @@ BUSYBOX_INIT = textwrap.dedent(
     fi
     for d in /proc/[0-9]*; do
         cmd=$(tr '\\0' ' ' < "$d/cmdline" 2>/dev/null)
-        case "$cmd" in @*) echo "BOOTKIT-TEST server: pid ${d#/proc/} $cmd" ;; esac
+        case "$cmd" in @*)
+            echo "BOOTKIT-TEST server: pid ${d#/proc/} $cmd"
+            echo "BOOTKIT-TEST server-oom: $(cat "$d/oom_score_adj")"
+            echo "BOOTKIT-TEST server-root: $(ls -A "$d/root/" 2>&1 | wc -l) entries"
+            ;;
+        esac
     done
     if [ -e /run/bootkit/status.json ]; then
         echo "BOOTKIT-TEST status: $(tr -d '\\n' < /run/bootkit/status.json)"

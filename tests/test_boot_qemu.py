@@ -49,6 +49,9 @@ def _check_booted(boot: Boot, root: RootImage, name: str) -> None:
         assert boot.lines("BOOTKIT-TEST write:") == ["ok"]
         servers = boot.lines("BOOTKIT-TEST server:")
         assert any("@bootkit" in s for s in servers), servers
+        # a root storage daemon: never chosen by the OOM killer; its own root is the emptied initramfs
+        assert set(boot.lines("BOOTKIT-TEST server-oom:")) == {"-1000"}
+        assert set(boot.lines("BOOTKIT-TEST server-root:")) == {"0 entries"}
         assert boot.lines("BOOTKIT-TEST readall:") == ["ok"]
         assert boot.lines("BOOTKIT-TEST remount-ro:") == ["ok"]
         assert boot.lines("BOOTKIT-TEST kernel:") == []
@@ -102,3 +105,22 @@ def test_wrong_pinned_hash_fails_with_one_line_and_mounts_nothing(
         assert "BOOTKIT-TEST" not in boot.text
     except AssertionError:
         raise AssertionError(f"serial log kept in {keep_artifact(boot.log, 'boot-badhash.serial.log')}") from None
+
+
+def test_systemd_failure_goes_to_emergency(
+    debian_kernel: Kernel, initrd_systemd: InitrdResult, busybox_root: RootImage, tmp_path: Path  # noqa: F811
+) -> None:
+    log = tmp_path / "boot-404.serial.log"
+    with serve(busybox_root.qcow2.parent) as port:
+        append = f"root=qcow2:http://10.0.2.2:{port}/nosuch.qcow2 ip=dhcp rd.qcow2.verify=none"
+        boot = qemu_boot(debian_kernel, initrd_systemd.output, append, log, timeout=600)
+    try:
+        failed = [line for line in boot.text.splitlines() if "bootkit: [" in line and "FAILED at" in line]
+        assert len(failed) == 1, failed
+        assert re.search(r"FAILED at fetch: http://10\.0\.2\.2:\d+/nosuch\.qcow2: HTTP 404", failed[0]), failed[0]
+        # dracut's failure path: emergency.target, then the rd.emergency=poweroff action
+        assert "emergency.target" in boot.text
+        assert "nbd0" not in boot.text and "EXT4-fs" not in boot.text
+        assert boot.returncode == 0
+    except AssertionError:
+        raise AssertionError(f"serial log kept in {keep_artifact(boot.log, 'boot-404.serial.log')}") from None

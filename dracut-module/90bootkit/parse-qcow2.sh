@@ -28,6 +28,9 @@ rootok=1
 # the network must come up even without rd.neednet=1
 echo "rd.neednet=1" > /etc/cmdline.d/90bootkit-neednet.conf
 mkdir -p /run/bootkit
-# the main loop ends when the root is mounted, or when the boot code gave up (then pre-mount dies)
-# shellcheck disable=SC2154  # hookdir is set by dracut
-echo "[ -e /run/bootkit/done ]" > "$hookdir/initqueue/finished/90-bootkit.sh"
+# shell initramfs: the main loop ends when the root is mounted, or when the boot code gave up (then the
+# pre-mount hook dies); under systemd, bootkit-root.service orders itself before initrd-root-fs.target
+if [ -z "$DRACUT_SYSTEMD" ]; then
+    # shellcheck disable=SC2154  # hookdir is set by dracut
+    echo "[ -e /run/bootkit/done ]" > "$hookdir/initqueue/finished/90-bootkit.sh"
+fi
