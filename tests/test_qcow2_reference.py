@@ -211,7 +211,8 @@ def _build_chain(d: Path, base_fmt: str) -> Case:
             f.write(b"\x63" * 100)
     mid = create(d / f"chain-{base_fmt}-mid.qcow2", 4 * MiB, backing=base.name, backing_fmt=base_fmt,
                  cluster_size=4 * KiB)
-    qemu_io(mid, "write -P 0x63 64k 64k", "write -z 256k 128k", "write -P 0x64 1984k 128k", "write -z -u 3m 64k")
+    qemu_io(mid, "write -P 0x63 64k 64k", "write -z 256k 128k", "write -P 0x64 1984k 128k", "write -z -u 3m 64k",
+            "write -c -P 0x67 768k 4k", "write -c -P 0x68 3200k 4k")  # compressed, over the base and past it
     top = create(d / f"chain-{base_fmt}-top.qcow2", 6 * MiB, backing=mid.name, backing_fmt="qcow2")
     qemu_io(top, "write -P 0x65 96k 64k", "write -z 512k 64k", "write -P 0x66 4m 64k", "discard 96k 32k")
     return Case(top)
