@@ -735,6 +735,10 @@ def test_backing_absolute_path_outside_the_directory(imgdir: Path, outside: Path
     with bootkit.qcow2.open(top, backing=outside / "base.qcow2") as image:
         assert image.pread(0, 64 * KiB) == b"\x99" * (64 * KiB)
     assert reads_like_qemu(top, backing=outside / "base.qcow2")[:1] == b"\x99"
+    # an absolute name inside the image's own directory is fine
+    shutil.copyfile(outside / "base.qcow2", imgdir / "base.qcow2")
+    inside = _top(imgdir, str(imgdir / "base.qcow2"), name="inside.qcow2")
+    assert reads_like_qemu(inside)[:1] == b"\x99"
 
 
 def test_backing_dotdot_escape(imgdir: Path, outside: Path) -> None:
