@@ -67,7 +67,18 @@ install() {
     inst_multiple mount umount modprobe sleep
     inst_multiple -o blkid
 
-    inst_script "$moddir/bootkit-boot.py" /usr/lib/bootkit/bootkit-boot
+    # the entry point (written here rather than shipped, so that everything in this directory is shell)
+    cat > "$initdir/usr/lib/bootkit/bootkit-boot" << 'EOF'
+#!/usr/bin/python3 -sE
+"""Entry point of bootkit's boot code in the initramfs (bootkit/boot/main.py)."""
+import sys
+
+sys.path.insert(0, "/usr/lib/bootkit")
+from bootkit.boot.main import main
+
+sys.exit(main())
+EOF
+    chmod 0755 "$initdir/usr/lib/bootkit/bootkit-boot"
     inst_hook cmdline 90 "$moddir/parse-qcow2.sh"
 
     if dracut_module_included "systemd"; then
