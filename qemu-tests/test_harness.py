@@ -169,3 +169,11 @@ def test_stage_times_follow_boot_order() -> None:
     assert stages["network"].guest_s == 11.5
     assert stages["download"].guest_s == 12.4
     assert stages["target"].guest_s == 15.25
+
+
+def test_missing_pieces_are_named() -> None:
+    from bkharness.pieces import MissingPiece, require_command
+
+    require_command("serve-http")  # exists: no exception
+    with pytest.raises(MissingPiece, match="'bootkit no-such-command' does not exist yet"):
+        require_command("no-such-command")
