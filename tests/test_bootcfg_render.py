@@ -167,3 +167,15 @@ def test_grub_quote_leaves_plain_words_and_quotes_the_rest() -> None:
     assert grub_quote("root=qcow2:http://h:8080/a.qcow2") == "root=qcow2:http://h:8080/a.qcow2"
     assert grub_quote("x=http://h/a?b=1&c=2") == "'x=http://h/a?b=1&c=2'"
     assert grub_quote("a(b)") == "'a(b)'"
+
+
+def test_shipped_example_renders_and_passes_the_checkers(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    require_tools("grub-script-check", "dnsmasq")
+    example = Path(__file__).resolve().parent.parent / "examples" / "pxe.toml"
+    out = tmp_path / "out"
+    status, _, err = run_cli(capsys, "pxe-config", str(example), "--out", str(out), "--no-grub-images")
+    assert status == 0, err
+    for cfg in (out / "tftp" / "boot" / "grub").glob("grub.cfg*"):
+        assert subprocess.run(["grub-script-check", str(cfg)], capture_output=True).returncode == 0, cfg
+    proc = subprocess.run(["dnsmasq", "--test", f"--conf-file={out / 'dnsmasq.conf'}"], capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
