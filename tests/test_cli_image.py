@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import require_tools
 
 pytestmark = pytest.mark.usefixtures("qemu_tools")
@@ -126,7 +125,7 @@ def test_check_reports_each_bad_cluster(images: dict[str, Path], tmp_path: Path)
     assert proc.returncode == 1
     lines = proc.stdout.decode().splitlines()
     assert len(lines) == 2
-    for line, r in zip(lines, targets):
+    for line, r in zip(lines, targets, strict=True):
         assert f"guest offset {r['start']:#x}" in line and f"host offset {r['offset']:#x}" in line
         assert "deflate" in line
     assert proc.stderr.decode() == f"error: {bad}: 2 bad cluster(s) or table(s) found\n"
