@@ -59,6 +59,10 @@ def _check_booted(boot: Boot, root: RootImage, name: str) -> None:
         status = boot.lines("BOOTKIT-TEST status:")
         assert status and f'"root": "/dev/nbd0p{root.root_partition}"' in status[0]
         assert f'"{root.sha256}"' in status[0]
+        # request counters of the device (the partition scan has read it) and the reader's cache counters
+        reads = re.search(r'"nbd_reads": (\d+)', status[0])
+        assert reads and int(reads.group(1)) > 0, status[0]
+        assert '"cluster_misses":' in status[0]
         # one console line per stage, with the guest's clock
         for stage in ("fetch", "open", "root", "attach", "mount"):
             assert any(re.search(rf"bootkit: \[ *[0-9.]+\] {stage}: .*\([0-9.]+ s\)", line)

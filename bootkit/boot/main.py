@@ -262,6 +262,11 @@ def run_daemon(cfg: BootConfig, stages: Stages, report: Any) -> int:
         attachment = kernel.attach(image, connections=1)
         device = attachment.device if root.number == 0 else f"{attachment.device}p{root.number}"
         stages.done(f"{attachment.device} serving the image, root on {device}")
+        devstats: Optional[DeviceStats] = None
+        try:
+            devstats = DeviceStats(attachment.device)
+        except OSError as e:
+            log.warning("status: no I/O counters for %s: %s", attachment.device, e.strerror)
     except BootkitError as e:
         report.send(1, stages.failed(str(e)))
         return 1
@@ -280,18 +285,38 @@ def run_daemon(cfg: BootConfig, stages: Stages, report: Any) -> int:
         overlay=str(cfg.overlay),
         server_pid=os.getpid(),
         timeline=stages.timeline,
-        counters=_counters(image, fetcher),
+        counters=_counters(image, fetcher, devstats),
     )
-    status.refresh_every(10.0, lambda: _counters(image, fetcher))
+    status.refresh_every(10.0, lambda: _counters(image, fetcher, devstats))
     report.send(0, json.dumps({"device": device, "fstype": root.fs.type if root.fs else None}))
     attachment.wait()
     return 0
 
 
-def _counters(image: Any, fetcher: ImageFetcher) -> Dict[str, Any]:
+#: Documentation/block/stat.rst: reads completed, reads merged, sectors read, ms reading, ..., in flight
+_BLOCK_STAT_FIELDS = (("nbd_reads", 0), ("nbd_read_sectors", 2), ("nbd_read_ms", 3), ("nbd_in_flight", 8))
+
+
+class DeviceStats:
+    """The kernel's I/O counters of the NBD device (``/sys/block/nbdN/stat``), read through an fd opened
+    before the root switch: sysfs regenerates the file on every read at offset 0, and the path is
+    unreachable from the daemon afterwards."""
+
+    def __init__(self, device: str) -> None:
+        self.fd = os.open(f"/sys/block/{posixpath.basename(device)}/stat", os.O_RDONLY | os.O_CLOEXEC)
+
+    def read(self) -> Dict[str, int]:
+        values = os.pread(self.fd, 4096, 0).split()
+        return {k: int(values[i]) for k, i in _BLOCK_STAT_FIELDS if i < len(values)}
+
+
+def _counters(image: Any, fetcher: ImageFetcher, device: Optional[DeviceStats] = None) -> Dict[str, Any]:
+    """Cache counters of the reader, request counters of the device, HTTP counters in lazy mode."""
     counters: Dict[str, Any] = {}
     if hasattr(image, "cache_stats"):
         counters.update(image.cache_stats())
+    if device is not None:
+        counters.update(device.read())
     for source in fetcher.sources:
         stats = getattr(source, "stats", None)
         if stats:
