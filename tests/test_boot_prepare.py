@@ -154,3 +154,36 @@ def test_no_root_filesystem(images: Path, base_url: str, tmp_path: Path) -> None
 def test_not_found(base_url: str, tmp_path: Path) -> None:
     with pytest.raises(FetchError, match=r"nosuch\.qcow2.*404"):
         run_prepare(config(f"root=qcow2:{base_url}nosuch.qcow2 rd.qcow2.verify=none"), tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    need("openssl")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    cmd = [
+        "openssl", "req", "-x509",
+        "-newkey", "rsa:2048",
+        "-nodes",
+        "-days", "2",
+        "-subj", "/CN=bootkit-test",
+        "-addext", "subjectAltName=IP:127.0.0.1",
+        "-keyout", str(key),
+        "-out", str(cert),
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True)
+    return cert, key
+
+
+def test_https_with_cacert_and_insecure(images: Path, tls_cert: tuple[Path, Path], tmp_path: Path) -> None:
+    cert, key = tls_cert
+    with http_server(str(images), certfile=str(cert), keyfile=str(key)) as url:
+        assert url.startswith("https://")
+        base = f"root=qcow2:{url}base.qcow2 rd.qcow2.sha256={sha256(images / 'base.qcow2')}"
+        ready = run_prepare(config(f"{base} rd.qcow2.cacert={cert}"), tmp_path / "a")
+        ready.close()
+        ready = run_prepare(config(f"{base} rd.qcow2.insecure"), tmp_path / "b")
+        ready.close()
+        # the system's CA bundle does not know the test CA
+        with pytest.raises(FetchError, match=r"base\.qcow2: TLS certificate verification failed: self-signed"):
+            run_prepare(config(base), tmp_path / "c")
