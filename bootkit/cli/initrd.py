@@ -29,7 +29,7 @@ def register(sub: Any) -> None:
                    help="comma-separated NIC drivers to include (default: every network driver), "
                    "e.g. virtio_net,e1000")
     p.add_argument("--dracut-arg", dest="dracut_args", action="append", default=[], metavar="ARG",
-                   help="extra argument passed to dracut (repeatable)")
+                   help="extra argument passed to dracut (repeatable); write --dracut-arg=--flag for a flag")
     p.set_defaults(handler=_build_initrd, systemd=False)
 
     s = sub.add_parser("status", help="show how the running system was booted (/run/bootkit/status.json)")
