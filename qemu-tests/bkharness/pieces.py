@@ -98,8 +98,7 @@ def pxe_tree(
     """``bootkit pxe-config --out OUT`` from flags alone (the single-image case); returns the TFTP root.
 
     The entry boots at once (menu timeout 0) with the serial console; ``kernel_args`` are added to the
-    kernel line (the harness adds ``panic=-1``, and ``rd.shell=0 rd.emergency=poweroff`` so that a failed
-    boot ends the run instead of waiting in a shell). With ``grub``, GRUB's netboot images are made too.
+    kernel line after GUEST_BOOT_ARGS. With ``grub``, GRUB's netboot images are made too.
     """
     require_command("pxe-config")
     args: list[str | Path] = [
@@ -126,9 +125,11 @@ def pxe_tree(
     return out / "tftp"
 
 
-#: on every test guest's kernel line: a panic ends the run (QEMU runs with -no-reboot), and a failed boot
-#: powers off instead of waiting in dracut's emergency shell
-GUEST_BOOT_ARGS = ("panic=-1", "rd.shell=0", "rd.emergency=poweroff")
+#: on every test guest's kernel line: a panic ends the run (QEMU runs with -no-reboot), a failed boot
+#: powers off instead of waiting in dracut's emergency shell, and the root is mounted read-write ("rw", as
+#: dracut's own network-root tests do): without it the overlay is mounted read-only and only an fstab entry
+#: for / would make systemd remount it (systemd-remount-fs leaves a root without one alone)
+GUEST_BOOT_ARGS = ("rw", "panic=-1", "rd.shell=0", "rd.emergency=poweroff")
 
 
 def require_boot_code() -> None:

@@ -60,6 +60,8 @@ class Proof:
             out.append(f"known file sha256 {self.sha256} != {want} (what the image holds)")
         if self.overlay != overlay:
             out.append(f"root writable: {self.overlay}, expected {overlay}")
+        if overlay == "rw" and self.rootfs != "overlay":
+            out.append(f"root file system {self.rootfs}: not bootkit's overlay")
         if self.server != "alive":
             out.append(f"NBD server after switch root: {self.server}")
         return out
