@@ -33,7 +33,8 @@ BOOT_STAGES = (
     Stage("download", r"bootkit: \[\s*[\d.]+\] fetch: .*\([\d.]+ s\)$"),
     Stage("attach", r"bootkit: \[\s*[\d.]+\] attach: "),
     Stage("mount", r"bootkit: \[\s*[\d.]+\] mount: "),
-    Stage("switch_root", r"Switching root|BOOTKIT-STAGE init"),
+    # dracut's shell init says "Switching root"; the real root's systemd first cleans up the initrd's unit
+    Stage("switch_root", r"Switching root|BOOTKIT-STAGE init|systemd\[1\]: Stopped initrd-switch-root\.service"),
     Stage("target", r"^BOOTKIT-PROOF "),
     Stage("poweroff", r"reboot: Power down"),
 )
