@@ -127,7 +127,8 @@ def run_demo(console: bool, keep: bool, out: TextIO) -> int:
     work.mkdir(parents=True)
     progress.step(4, total, "PXE configuration: bootkit pxe-config (iPXE script, pinned SHA-256)")
     progress.step(5, total, "web server: bootkit serve-http on 127.0.0.1 (the guest sees it as 10.0.2.2)")
-    progress.step(6, total, "QEMU (TCG, BIOS, virtio-net) boots from the network; serial console follows")
+    progress.step(6, total, "QEMU (TCG, BIOS, virtio-net) boots from the network"
+                  + ("; serial console follows" if console else ""))
     started = time.monotonic()
     try:
         with netboot(kernel, initrd, qcow2, work=work, name="demo", on_line=progress.on_line) as boot:
