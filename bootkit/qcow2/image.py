@@ -331,34 +331,46 @@ class Image:
 
     def _runs_standard(self, table: array, l2_offset: int, offset: int, end: int) -> Iterator[Run]:  # type: ignore[type-arg]
         cs = self.cluster_size
+        bits = self.cluster_bits
         mask = self._l2_entries - 1
+        last_index = ((end - 1) >> bits) & mask  # [offset, end) lies within this one L2 table
         while offset < end:
             in_cluster = offset & (cs - 1)
-            n = min(cs - in_cluster, end - offset)
-            l2_index = (offset >> self.cluster_bits) & mask
+            l2_index = (offset >> bits) & mask
             entry = table[l2_index]
             if entry & QCOW_OFLAG_COMPRESSED:
+                n = min(cs - in_cluster, end - offset)
                 yield self._compressed_run(entry, offset, n)
+                offset += n
+                continue
+            host = entry & L2E_OFFSET_MASK
+            if entry & QCOW_OFLAG_ZERO:
+                if self._v2:
+                    raise CorruptImage(
+                        f"{self.name}: zero cluster entry found in pre-v3 image "
+                        f"(L2 offset: {l2_offset:#x}, L2 index: {l2_index:#x})"
+                    )
+                kind = ZERO
+            elif host or (self.data_file is not None and entry & QCOW_OFLAG_COPIED):
+                kind = DATA
             else:
-                host = entry & L2E_OFFSET_MASK
-                if entry & QCOW_OFLAG_ZERO:
-                    if self._v2:
-                        raise CorruptImage(
-                            f"{self.name}: zero cluster entry found in pre-v3 image "
-                            f"(L2 offset: {l2_offset:#x}, L2 index: {l2_index:#x})"
-                        )
-                    if host:  # ZERO_ALLOC: qcow2_get_host_offset checks it like a data cluster
-                        self._check_aligned(host, l2_offset, l2_index)
-                        self._check_data_file(host, offset - in_cluster, l2_offset, l2_index)
-                        yield Run(ZERO, offset, n, host + in_cluster, 0)
-                    else:
-                        yield Run(ZERO, offset, n, -1, 0)
-                elif host or (self.data_file is not None and entry & QCOW_OFLAG_COPIED):
-                    self._check_aligned(host, l2_offset, l2_index)
-                    self._check_data_file(host, offset - in_cluster, l2_offset, l2_index)
-                    yield Run(DATA, offset, n, host + in_cluster, 0)
-                else:
-                    yield Run(UNALLOCATED, offset, n, -1, 0)
+                kind = UNALLOCATED
+            if host or kind == DATA:  # ZERO_ALLOC is checked like a data cluster (qcow2_get_host_offset)
+                self._check_aligned(host, l2_offset, l2_index)
+                self._check_data_file(host, offset - in_cluster, l2_offset, l2_index)
+            # The clusters that follow continue this run when their entries are the same but for a host offset
+            # one cluster further: same flags, contiguous (hence aligned, and host == guest for a data file).
+            # One integer comparison per cluster instead of a Run each (a 1 GiB image has 16384 clusters).
+            allocated = kind == DATA or host != 0
+            step = cs if allocated else 0
+            last = last_index if not step else min(last_index, l2_index + (L2E_OFFSET_MASK + 1 - host) // cs - 1)
+            j = l2_index + 1
+            expected = entry + step
+            while j <= last and table[j] == expected:
+                j += 1
+                expected += step
+            n = min(end, offset - in_cluster + (j - l2_index) * cs) - offset
+            yield Run(kind, offset, n, host + in_cluster if allocated else -1, 0)
             offset += n
 
     def _runs_extended(self, table: array, l2_offset: int, offset: int, end: int) -> Iterator[Run]:  # type: ignore[type-arg]
