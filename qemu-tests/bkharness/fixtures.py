@@ -1,4 +1,4 @@
-"""pytest fixtures and hooks of the end-to-end QEMU suite (qemu-tests/conftest.py re-exports them): one kernel,
+"""pytest plugin of the end-to-end QEMU suite (loaded by "-p bkharness.fixtures" in pyproject.toml): one kernel,
 one initramfs per flavour, one image per root kind per run (session scope), a directory per boot whose
 serial logs are kept under artifacts/ when the test fails, and the run's boot timelines in artifacts/timeline.json.
 
