@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from bootcfg_fixtures import run_cli
-from conftest import require_tools
+from testtools import require_tools
 
 from bootkit.bootcfg.load import load_file
 from bootkit.bootcfg.model import Mode

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 from bootcfg_fixtures import logged_http_server, run_cli
-from conftest import require_tools
+from testtools import require_tools
 
 from bootkit.bootcfg.cmdline import kernel_cmdline
 from bootkit.bootcfg.load import load_file

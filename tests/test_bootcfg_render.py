@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from bootcfg_fixtures import GOLDEN, run_cli
-from conftest import require_tools
+from testtools import require_tools
 
 from bootkit.boot.cmdline import parse_cmdline
 from bootkit.bootcfg.cmdline import kernel_cmdline

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import require_tools
+from testtools import require_tools
 
 pytestmark = pytest.mark.usefixtures("qemu_tools")
 

@@ -1,4 +1,4 @@
-"""Shared pytest set-up: every test sees the repository's bootkit and a quiet, predictable environment."""
+"""Small helpers shared by the tests (a module of its own: ``conftest`` is a name qemu-tests/ has too)."""
 
 from __future__ import annotations
 
