@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The demo: builds a small disk image, compresses it to QCOW2 with qemu-img, and shows what bootkit's own
-# reader sees in it (inspect, map, convert, compared byte for byte with qemu-img's decoding).
+# The demo: network-boots a small busybox system from a compressed QCOW2 image in QEMU (TCG) on this
+# machine — PXE, iPXE, bootkit's initramfs, the image over HTTP, bootkit's reader and NBD server, the root
+# under a tmpfs overlay — streams the serial console and ends with one SUCCESS or FAILURE line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
