@@ -207,7 +207,7 @@ def test_flags_only_single_image(
     script = (out / "tftp" / "boot.ipxe").read_text()
     assert (
         "kernel http://10.0.0.1:8080/vmlinuz initrd=initrd.img root=qcow2:http://10.0.0.1:8080/images/disk.qcow2 "
-        f"rd.qcow2.sha256={digest} rd.qcow2.overlay=tmpfs ip=dhcp rd.neednet=1 console=ttyS0,115200 quiet "
+        f"rd.qcow2.sha256={digest} rd.qcow2.overlay=tmpfs rw ip=dhcp rd.neednet=1 console=ttyS0,115200 quiet "
         "|| goto failed"
     ) in script
     assert "initrd --name initrd.img http://10.0.0.1:8080/initrd.img || goto failed" in script

@@ -152,6 +152,7 @@ def test_command_line_order_and_options() -> None:
         "root=qcow2:http://192.0.2.10:8080/netboot/images/debian-12.qcow2",
         "rd.qcow2.mode=lazy",
         "rd.qcow2.overlay=tmpfs",
+        "rw",
         "rd.qcow2.manifest=http://192.0.2.10:8080/netboot/images/debian-12.qcow2.manifest",
         "rd.qcow2.manifest-sha256=2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae",
         "ip=dhcp",

@@ -36,6 +36,10 @@ def kernel_args(entry: Entry, machine: Machine | None = None, *, initrd_name: st
     if entry.overlay is Overlay.tmpfs and entry.overlay_size is not None:
         overlay += f":size={entry.overlay_size}"
     args.append(f"rd.qcow2.overlay={overlay}")
+    # The image itself is always read-only (a read-only NBD device); rw/ro is how the root is mounted on top
+    # of it. With a tmpfs overlay the root is writable, so say so: without rw, dracut mounts it read-only and
+    # systemd leaves a root that has no fstab entry as it found it.
+    args.append("rw" if entry.overlay is Overlay.tmpfs else "ro")
     if entry.manifest is not None:
         args.append(f"rd.qcow2.manifest={entry.manifest.url}")
         args.append(f"rd.qcow2.manifest-sha256={entry.manifest_sha256}")
