@@ -19,7 +19,7 @@ import sys
 import threading
 from array import array
 from collections import OrderedDict
-from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Callable, Iterable, Iterator, List, NamedTuple, Optional, Tuple, TypeVar, Union
 
 from bootkit.errors import CorruptImage, ImageError
 from bootkit.log import log
@@ -253,17 +253,7 @@ class Image:
         if length is None:
             length = self.virtual_size - offset
         length = max(0, min(length, self.virtual_size - offset))
-        pending: Optional[Extent] = None
-        for ext in self._extents(offset, length, 0):
-            if pending is None:
-                pending = ext
-            elif _mergeable(pending, ext):
-                pending = pending._replace(length=pending.length + ext.length)
-            else:
-                yield pending
-                pending = ext
-        if pending is not None:
-            yield pending
+        return _coalesce(self._extents(offset, length, 0), _mergeable)
 
     def _extents(self, offset: int, length: int, depth: int) -> Iterator[Extent]:
         for run in self._layer_runs(offset, length):
@@ -305,8 +295,11 @@ class Image:
 
     def _layer_runs(self, offset: int, length: int) -> Iterator[Run]:
         """Runs of this layer alone over [offset, offset+length), adjacent equal runs merged."""
+        return _coalesce(self._table_runs(offset, length), _runs_join)
+
+    def _table_runs(self, offset: int, length: int) -> Iterator[Run]:
+        """Runs of this layer, L2 table by L2 table."""
         end = offset + length
-        pending: Optional[Run] = None
         while offset < end:
             l1_index = offset >> self._l1_shift
             table_end = min(end, (l1_index + 1) << self._l1_shift)
@@ -317,17 +310,8 @@ class Image:
                 pieces = self._runs_extended(table, l2_offset, offset, table_end)
             else:
                 pieces = self._runs_standard(table, l2_offset, offset, table_end)
-            for run in pieces:
-                if pending is None:
-                    pending = run
-                elif _runs_join(pending, run):
-                    pending = pending._replace(length=pending.length + run.length)
-                else:
-                    yield pending
-                    pending = run
+            yield from pieces
             offset = table_end
-        if pending is not None:
-            yield pending
 
     def _runs_standard(self, table: array, l2_offset: int, offset: int, end: int) -> Iterator[Run]:  # type: ignore[type-arg]
         cs = self.cluster_size
@@ -471,6 +455,24 @@ class Image:
             "cluster_hits": self._cluster_cache.hits,
             "cluster_misses": self._cluster_cache.misses,
         }
+
+
+_T = TypeVar("_T", Run, Extent)
+
+
+def _coalesce(items: Iterable[_T], joins: Callable[[_T, _T], bool]) -> Iterator[_T]:
+    """Merge each item into the one before it when ``joins`` says that it continues it."""
+    pending: Optional[_T] = None
+    for item in items:
+        if pending is None:
+            pending = item
+        elif joins(pending, item):
+            pending = pending._replace(length=pending.length + item.length)
+        else:
+            yield pending
+            pending = item
+    if pending is not None:
+        yield pending
 
 
 def _runs_join(a: Run, b: Run) -> bool:
