@@ -60,11 +60,6 @@ def _zstd() -> Any:
     return _zstd_module
 
 
-def load_zstd() -> None:
-    """Import zstandard now (before a root switch, after which imports fail)."""
-    _zstd()
-
-
 def _decompressor() -> Any:
     # ZstdDecompressor objects are not thread-safe: one per thread.
     d = getattr(_zstd_local, "d", None)

@@ -563,8 +563,4 @@ class RawView(io.RawIOBase):
         return n
 
 
-def snapshot_or_active(image: Image) -> str:
-    return f"snapshot {image.snapshot.id} ({image.snapshot.name})" if image.snapshot else "active"
-
-
 __all__ = ["COMPRESSED", "DATA", "UNALLOCATED", "ZERO", "Extent", "Image", "ImageError", "Run"]
