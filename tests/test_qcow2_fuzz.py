@@ -16,6 +16,7 @@ import signal
 import struct
 import time
 import tracemalloc
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -30,6 +31,7 @@ from qcow2_refimages import KiB, bootkit_map, convert, create, pattern, qemu_io,
 
 import bootkit.qcow2
 from bootkit.errors import BootkitError, CorruptImage
+from bootkit.qcow2 import compress
 from bootkit.source import ByteSource, BytesSource, FileSource
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
@@ -364,3 +366,48 @@ def test_the_hang_guard_fires() -> None:
     with pytest.raises(_Hang), alarm(1):
         while True:
             pass
+
+
+# --- the two inflaters agree -------------------------------------------------------------------------------
+
+_TEXT = b"".join(f"{i:05d} the quick brown fox jumps over the lazy dog\n".encode() for i in range(2000))
+
+
+def _streams() -> list[bytes]:
+    out = []
+    for level, wbits, strategy in ((1, -12, zlib.Z_DEFAULT_STRATEGY), (9, -12, zlib.Z_DEFAULT_STRATEGY),
+                                   (6, -15, zlib.Z_DEFAULT_STRATEGY), (1, -12, zlib.Z_FIXED), (0, -12, 0)):
+        c = zlib.compressobj(level, zlib.DEFLATED, wbits, 8, strategy)
+        out.append(c.compress(_TEXT[: 64 * KiB]) + c.flush())
+    return out
+
+
+def _inflate(data: bytes, fast: bool, monkeypatch: pytest.MonkeyPatch) -> bytes | str:
+    monkeypatch.setattr(compress, "_libdeflate_api", None if fast else False)
+    assert compress.inflater() == ("libdeflate" if fast else "zlib")
+    out = bytearray(64 * KiB)
+    try:
+        compress.inflate_cluster(data, memoryview(out))
+    except CorruptImage:
+        return "refused"
+    return bytes(out)
+
+
+@given(st.data())
+@settings(max_examples=400, deadline=timedelta(seconds=5), derandomize=True)
+def test_libdeflate_and_zlib_decide_every_mutated_stream_alike(data: st.DataObject) -> None:
+    """libdeflate (the fast path) may only ever take a stream zlib, QEMU's decoder, takes too, with the same
+    bytes; every other stream is zlib's to decide. Mutated streams hit bad code tables, distances and ends."""
+    stream = bytearray(data.draw(st.sampled_from(_STREAMS)))
+    for _ in range(data.draw(st.integers(1, 6))):
+        pos = data.draw(st.integers(0, min(len(stream) - 1, data.draw(st.sampled_from((16, 400, 1 << 20))))))
+        stream[pos] = data.draw(st.integers(0, 255))
+    payload = bytes(stream) + bytes(data.draw(st.sampled_from((0, 512))))
+    with pytest.MonkeyPatch.context() as mp:
+        fast = _inflate(payload, True, mp)
+        slow = _inflate(payload, False, mp)
+    event("refused" if slow == "refused" else "read")
+    assert fast == slow
+
+
+_STREAMS = _streams()

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import struct
+import zlib
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
@@ -41,7 +42,7 @@ from qcow2_refimages import (
 
 import bootkit.qcow2
 from bootkit.errors import CorruptImage, ImageError, InvalidImage, UnsupportedFeature
-from bootkit.qcow2 import UnsafePath
+from bootkit.qcow2 import UnsafePath, compress
 from bootkit.source import BytesSource, FileSource
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
@@ -616,8 +617,8 @@ def test_deflate_size_field_max_past_end_of_file(bases: Bases, tmp_path: Path) -
     assert got[:CLUSTER] == TEXT[:CLUSTER]
 
 
-def _zstd_cluster_patched(img: Path, payload: bytes) -> Path:
-    """Point guest cluster 0 of a real zstd image at ``payload`` appended to the file."""
+def _cluster_patched(img: Path, payload: bytes) -> Path:
+    """Point guest cluster 0 of a real compressed image at ``payload`` appended to the file."""
     at, _, _ = _compressed_entry(img)
     offset = append_payload(img, payload)
     poke(img, at, ">Q", compressed_descriptor(16, offset, (len(payload) + 511) // 512))
@@ -649,7 +650,7 @@ ZSTD_GOOD = {
 
 @pytest.mark.parametrize("name", list(ZSTD_GOOD))
 def test_zstd_payloads_qemu_reads(bases: Bases, tmp_path: Path, name: str) -> None:
-    img = _zstd_cluster_patched(copy(bases.zstd, tmp_path), ZSTD_GOOD[name])
+    img = _cluster_patched(copy(bases.zstd, tmp_path), ZSTD_GOOD[name])
     got = reads_like_qemu(img)
     assert got[:CLUSTER] == TEXT[:CLUSTER]
 
@@ -672,7 +673,7 @@ ZSTD_BAD = {
 @pytest.mark.parametrize("name", list(ZSTD_BAD))
 def test_zstd_payloads_qemu_refuses(bases: Bases, tmp_path: Path, name: str) -> None:
     payload, words = ZSTD_BAD[name]
-    img = _zstd_cluster_patched(copy(bases.zstd, tmp_path), payload)
+    img = _cluster_patched(copy(bases.zstd, tmp_path), payload)
     read_fails(img, 100, 512, CorruptImage, "compressed cluster at host offset", "guest offset 0x0", *words)
     assert qemu_io_read_fails(img, 0, 512)
     # the other cluster is unaffected
@@ -682,9 +683,113 @@ def test_zstd_payloads_qemu_refuses(bases: Bases, tmp_path: Path, name: str) -> 
 
 def test_zstd_empty_frame_before_the_data(bases: Bases, tmp_path: Path) -> None:
     """An empty frame makes input progress, so QEMU's ZSTD_decompressStream loop goes on to the next one."""
-    img = _zstd_cluster_patched(copy(bases.zstd, tmp_path), _frame(b"") + _frame(TEXT[:CLUSTER]))
+    img = _cluster_patched(copy(bases.zstd, tmp_path), _frame(b"") + _frame(TEXT[:CLUSTER]))
     got = reads_like_qemu(img)
     assert got[:CLUSTER] == TEXT[:CLUSTER]
+
+
+# deflate payloads other writers may produce, each checked against QEMU, through both of bootkit's inflaters
+# (libdeflate when the system has it, zlib otherwise; zlib also decides whatever libdeflate does not accept)
+
+
+def _deflate(data: bytes, wbits: int = -12, zdict: bytes = b"", finish: bool = True) -> bytes:
+    c = zlib.compressobj(6, zlib.DEFLATED, wbits, zdict=zdict) if zdict else zlib.compressobj(6, zlib.DEFLATED, wbits)
+    return c.compress(data) + c.flush(zlib.Z_FINISH if finish else zlib.Z_SYNC_FLUSH)
+
+
+def _blocks(data: bytes) -> bytes:
+    """Stored, fixed-Huffman and dynamic blocks in one stream: pieces ended by full flushes, concatenated."""
+    stored = zlib.compressobj(0, zlib.DEFLATED, -12)
+    fixed = zlib.compressobj(1, zlib.DEFLATED, -12, 8, zlib.Z_FIXED)
+    dynamic = zlib.compressobj(9, zlib.DEFLATED, -12)
+    return (
+        stored.compress(data[:5000]) + stored.flush(zlib.Z_FULL_FLUSH)
+        + fixed.compress(data[5000:30000]) + fixed.flush(zlib.Z_FULL_FLUSH)
+        + dynamic.compress(data[30000:]) + dynamic.flush()
+    )
+
+
+#: 8 KiB of text repeated: a 32 KiB window reaches 8 KiB back, a 4 KiB one cannot
+REPEATS = TEXT[:8192] * 8
+LONG = TEXT[: 2 * CLUSTER]
+
+DEFLATE_GOOD = {
+    # written with zlib's default 32 KiB window (QEMU inflates a cluster in one call: every distance inside
+    # the cluster's output is valid, whatever windowBits it was opened with)
+    "window-32k": (_deflate(REPEATS, wbits=-15), REPEATS),
+    "trailing-garbage": (_deflate(TEXT[:CLUSTER]) + pattern(9, 3000), TEXT[:CLUSTER]),
+    # a stream that goes on past the cluster: QEMU stops when the buffer is full (Z_BUF_ERROR is fine)
+    "longer-than-the-cluster": (_deflate(LONG), LONG[:CLUSTER]),
+    "stored-fixed-dynamic-blocks": (_blocks(TEXT[:CLUSTER]), TEXT[:CLUSTER]),
+}
+
+DEFLATE_BAD = {
+    "short": (_deflate(TEXT[: CLUSTER - 512]), "ends after 65024 of 65536 bytes"),
+    # distances into a preset dictionary: before the start of the cluster
+    "distance-before-the-start": (_deflate(TEXT[:CLUSTER], zdict=TEXT[:CLUSTER]), "invalid distance too far back"),
+    "not-deflate": (pattern(11, 4000), "deflate"),
+    "zeros": (bytes(1024), "deflate"),
+}
+
+
+
+def _flipped(data: bytes, bit: int) -> bytes:
+    out = bytearray(data)
+    out[bit // 8] ^= 1 << (bit % 8)
+    return bytes(out)
+
+
+_VALID = _deflate(TEXT[:CLUSTER])
+
+#: payloads judged by QEMU alone: bootkit must fail where it fails and read what it reads
+DEFLATE_AS_QEMU = {
+    # no final block: after the full output QEMU's inflate() reads on into the sector padding
+    "no-final-block": _deflate(TEXT[:CLUSTER], finish=False),
+    "truncated": _VALID[:-300],
+    **{f"bit-{bit}-flipped": _flipped(_VALID, bit) for bit in (0, 1, 2, 9, 40, 77, 130, 300, 1000, 4000)},
+    **{f"bit-{bit}-from-the-end-flipped": _flipped(_VALID, 8 * len(_VALID) - bit) for bit in (1, 9, 17, 33)},
+}
+
+
+@pytest.fixture(params=["libdeflate", "zlib"])
+def inflater(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "zlib":
+        monkeypatch.setattr(compress, "_libdeflate_api", False)
+    else:
+        assert compress.load_libdeflate(), "libdeflate.so.0 is not loadable (scripts/setup.sh installs libdeflate0)"
+    assert compress.inflater() == request.param
+    return str(request.param)
+
+
+@pytest.mark.parametrize("name", list(DEFLATE_GOOD))
+def test_deflate_payloads_qemu_reads(bases: Bases, tmp_path: Path, name: str, inflater: str) -> None:
+    payload, data = DEFLATE_GOOD[name]
+    img = _cluster_patched(copy(bases.deflate, tmp_path), payload)
+    got = reads_like_qemu(img)  # whole clusters: decoded in place
+    assert got[:CLUSTER] == data[:CLUSTER]
+    with bootkit.qcow2.open(img) as image:  # part of a cluster: through the decoded-cluster cache
+        assert image.pread(100, 5000) == data[100:5100]
+
+
+@pytest.mark.parametrize("name", list(DEFLATE_BAD))
+def test_deflate_payloads_qemu_refuses(bases: Bases, tmp_path: Path, name: str, inflater: str) -> None:
+    payload, words = DEFLATE_BAD[name]
+    img = _cluster_patched(copy(bases.deflate, tmp_path), payload)
+    assert qemu_io_read_fails(img, 0, 512)
+    read_fails(img, 100, 512, CorruptImage, "compressed cluster at host offset", "guest offset 0x0", words)
+    read_fails(img, 0, CLUSTER, CorruptImage, "compressed cluster at host offset", words)
+    with bootkit.qcow2.open(img) as image:
+        assert image.pread(CLUSTER, CLUSTER) == pattern(5, CLUSTER)
+
+
+@pytest.mark.parametrize("name", list(DEFLATE_AS_QEMU))
+def test_deflate_payloads_as_qemu(bases: Bases, tmp_path: Path, name: str, inflater: str) -> None:
+    img = _cluster_patched(copy(bases.deflate, tmp_path), DEFLATE_AS_QEMU[name])
+    if qemu_io_read_fails(img, 0, 512):
+        read_fails(img, 0, CLUSTER, CorruptImage, "compressed cluster at host offset", "deflate")
+        read_fails(img, 100, 512, CorruptImage, "compressed cluster at host offset", "deflate")
+    else:
+        reads_like_qemu(img)
 
 
 def test_compressed_cluster_in_an_image_with_a_data_file(tmp_path: Path) -> None:

@@ -405,6 +405,10 @@ def preload(extra: Sequence[str] = ()) -> None:
         importlib.import_module("zstandard")
     except ImportError:
         pass
+    # so is libdeflate, a shared library: opened now, while its file is still there
+    from bootkit.qcow2 import compress
+
+    compress.load_libdeflate()
     del bootkit
 
 

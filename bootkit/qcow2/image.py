@@ -19,7 +19,7 @@ import sys
 import threading
 from array import array
 from collections import OrderedDict
-from typing import Callable, Iterable, Iterator, List, NamedTuple, Optional, Tuple, TypeVar, Union
+from typing import Callable, Iterable, Iterator, List, NamedTuple, Optional, Tuple, TypeVar, Union, cast
 
 from bootkit.errors import CorruptImage, ImageError
 from bootkit.log import log
@@ -215,8 +215,16 @@ class Image:
             if kind == DATA:
                 read_into(self.data_file or self.source, run.host, dst)
             elif kind == COMPRESSED:
-                start = run.offset & (self.cluster_size - 1)
-                dst[:] = self._cluster(run.host, run.csize, run.offset)[start : start + run.length]
+                if run.length == self.cluster_size:
+                    # a whole cluster: decoded straight into place; the cache is for partial reads
+                    cached = cast(Optional[bytes], self._cluster_cache.get(run.host))
+                    if cached is None:
+                        self._decompress_into(run.host, run.csize, run.offset, dst)
+                    else:
+                        dst[:] = cached
+                else:
+                    start = run.offset & (self.cluster_size - 1)
+                    dst[:] = memoryview(self._cluster(run.host, run.csize, run.offset))[start : start + run.length]
             elif kind == ZERO or self.backing is None:
                 zero_fill(dst)
             else:
@@ -428,14 +436,20 @@ class Image:
         return data  # type: ignore[return-value]
 
     def decompress(self, coffset: int, csize: int, guest: int) -> bytes:
-        """Decode the compressed cluster at host ``coffset``; the read is clamped at end of file and the rest
-        reads as zeros, as QEMU's block layer does (iotest 214: a size field reaching past EOF is fine)."""
+        """Decode the compressed cluster at host ``coffset`` (raises CorruptImage naming its offsets)."""
+        out = bytearray(self.cluster_size)
+        self._decompress_into(coffset, csize, guest, memoryview(out))
+        return bytes(out)
+
+    def _decompress_into(self, coffset: int, csize: int, guest: int, dst: memoryview) -> None:
+        """Decode into ``dst`` (one cluster); the read is clamped at end of file and the rest reads as zeros,
+        as QEMU's block layer does (iotest 214: a size field reaching past EOF is fine)."""
         raw = self.source.pread(coffset, csize)
         if len(raw) < csize:
             raw = raw + bytes(csize - len(raw))
         assert self._decode is not None
         try:
-            return self._decode(raw, self.cluster_size)
+            self._decode(raw, dst)
         except CorruptImage as e:
             raise CorruptImage(
                 f"{self.name}: compressed cluster at host offset {coffset:#x} (guest offset "

@@ -60,6 +60,9 @@ install() {
         done
     fi
 
+    # libdeflate, which the reader loads through ctypes when present (twice zlib's speed on deflate clusters)
+    inst_libdir_file "libdeflate.so.0" || :
+
     # HTTPS: the system CA bundle, for rd.qcow2.cacert= defaults
     inst_simple -o /etc/ssl/certs/ca-certificates.crt
 
