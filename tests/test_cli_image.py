@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,50 @@ def test_convert_matches_qemu_img(images: dict[str, Path], kind: str, tmp_path: 
     assert out.read_bytes() == images["raw"].read_bytes()
     # holes stay holes: far fewer blocks than the 32 MiB virtual size
     assert os.stat(out).st_blocks * 512 < 16 << 20
+
+
+@pytest.fixture
+def xfs(tmp_path: Path) -> Iterator[Path]:
+    """A small XFS with reflink, loop-mounted (root, mkfs.xfs from xfsprogs): a filesystem that shares blocks."""
+    require_tools("mkfs.xfs", "filefrag")
+    if os.geteuid() != 0:
+        pytest.skip("mounting a loop filesystem needs root")
+    fs, mnt = tmp_path / "xfs.img", tmp_path / "mnt"
+    mnt.mkdir()
+    with open(fs, "wb") as f:
+        f.truncate(400 << 20)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(fs)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(fs), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+_EXTENT = re.compile(r"^\s*\d+:\s*\d+\.\.\s*\d+:\s*\d+\.\.\s*\d+:\s*(\d+):.*\bshared\b")
+
+
+def _shared_bytes(path: Path) -> int:
+    """Bytes of ``path`` in extents that filefrag flags as shared (reflinked)."""
+    out = subprocess.run(["filefrag", "-v", "-b1", str(path)], capture_output=True, text=True, check=True).stdout
+    return sum(int(m.group(1)) for m in map(_EXTENT.match, out.splitlines()) if m)
+
+
+@pytest.mark.parametrize("cluster", ["64k", "512"])
+def test_convert_reflinks_uncompressed_data_where_the_filesystem_can(xfs: Path, cluster: str) -> None:
+    """On XFS the uncompressed clusters are shared with the image, not copied; where the filesystem refuses
+    (512-byte clusters: host offsets off its 4 KiB blocks) they are read and written instead. The bytes are
+    qemu-img's either way."""
+    image, out, ref = xfs / "disk.qcow2", xfs / "out.raw", xfs / "ref.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", str(image), "24M"],
+                   check=True)
+    qemu_io(image, "write -P 0x11 0 8M", "write -P 0x22 12M 3M", "write -c -P 0x33 20M 64k")
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(ref)], check=True)
+    proc = bootkit("convert", str(image), str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == ref.read_bytes()
+    if cluster == "64k":
+        assert _shared_bytes(out) >= 11 << 20
 
 
 def test_convert_to_stdout(images: dict[str, Path]) -> None:
