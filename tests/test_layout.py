@@ -94,3 +94,37 @@ def test_zstandard_is_not_imported_for_deflate_images(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_command_table_names_the_module_that_registers_each_command() -> None:
+    """``bootkit CMD`` imports only COMMANDS[CMD]; a command missing from the table would still work (all
+    modules are imported then) but pay every module's import time."""
+    import argparse
+
+    from bootkit import cli
+
+    registered: dict[str, str] = {}
+    for module_name in cli.COMMAND_MODULES:
+        parser = argparse.ArgumentParser()
+        sub = parser.add_subparsers()
+        __import__(module_name, fromlist=["register"]).register(sub)
+        registered.update((name, module_name) for name in sub.choices)
+    assert registered == cli.COMMANDS
+
+
+def test_a_command_imports_only_its_own_cli_module() -> None:
+    code = (
+        "import sys\n"
+        "from bootkit.cli import main\n"
+        "main(['inspect', '--help'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code + "\n"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "usage: bootkit inspect" in proc.stdout
+    code = (
+        "import sys\n"
+        "from bootkit.cli import build_parser\n"
+        "build_parser('convert')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('bootkit.cli.', 'jinja2', 'requests'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['bootkit.cli.image']"

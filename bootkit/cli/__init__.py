@@ -26,6 +26,24 @@ COMMAND_MODULES = (
     "bootkit.cli.initrd",
 )
 
+#: which module registers each subcommand: ``bootkit convert`` imports only the reader's CLI module, not the
+#: HTTP client or the PXE templates (start-up time is part of every command; tests keep this table true)
+COMMANDS = {
+    "inspect": "bootkit.cli.image",
+    "map": "bootkit.cli.image",
+    "convert": "bootkit.cli.image",
+    "check": "bootkit.cli.image",
+    "serve-nbd": "bootkit.cli.nbd",
+    "attach": "bootkit.cli.nbd",
+    "detach": "bootkit.cli.nbd",
+    "fetch": "bootkit.cli.fetch",
+    "manifest": "bootkit.cli.fetch",
+    "serve-http": "bootkit.cli.fetch",
+    "pxe-config": "bootkit.cli.pxe",
+    "build-initrd": "bootkit.cli.initrd",
+    "status": "bootkit.cli.initrd",
+}
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -37,14 +55,16 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with ``command``, only the module that registers that subcommand is imported."""
     parser = _Parser(prog="bootkit", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"bootkit {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more diagnostics (repeatable)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for name in COMMAND_MODULES:
+    modules = (COMMANDS[command],) if command in COMMANDS else COMMAND_MODULES
+    for name in modules:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
@@ -55,8 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_word(argv: Sequence[str]) -> str | None:
+    """The subcommand named on the command line (global options take no values), if any."""
+    for word in argv:
+        if word == "--":
+            return None
+        if not word.startswith("-"):
+            return word
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_word(argv))
     args = parser.parse_args(argv)
     setup(-1 if args.quiet else args.verbose)
     handler: Handler = args.handler
