@@ -56,9 +56,15 @@ class RawFileDouble:
         self._check(offset, length)
         return self.source.pread(offset, length)
 
-    def readinto(self, offset: int, buf: memoryview) -> int:
+    def readinto(self, offset: int, buf: memoryview, plan: Optional[list[RawExtent]] = None) -> int:
         self._check(offset, len(buf))
         return self.source.preadinto(offset, buf)
+
+    def plan(self, offset: int, length: int) -> list[RawExtent]:
+        return list(self.extents(offset, max(0, min(length, self.virtual_size - offset))))
+
+    def decodes(self, plan: list[RawExtent]) -> bool:
+        return any(e.kind == "compressed" for e in plan)
 
     def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[RawExtent]:
         end = self.virtual_size if length is None else offset + length

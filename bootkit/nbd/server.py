@@ -45,9 +45,13 @@ class Image(Protocol):
     @property
     def virtual_size(self) -> int: ...
 
-    def readinto(self, offset: int, buf: memoryview) -> int: ...
+    def readinto(self, offset: int, buf: memoryview, plan: Optional[List[Any]] = None) -> int: ...
 
     def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Any]: ...
+
+    def plan(self, offset: int, length: int) -> List[Any]: ...
+
+    def decodes(self, plan: List[Any]) -> bool: ...
 
 
 class ProtocolError(NBDError):
@@ -405,16 +409,22 @@ class _Connection:
             return _Request(flags, type_, cookie, offset, length)
 
     def classify(self, req: _Request) -> Tuple[bool, Optional[List[Any]]]:
-        """(work on it inline?, its extents if looked up).
+        """(work on it inline?, what was looked up: a read plan below _SENDFILE_MIN bytes, else extents).
 
         Requests that decode nothing (uncompressed and zero runs, up to _INLINE_MAX bytes, and every command
         but READ and large BLOCK_STATUS) cost less than waking another thread takes: the leader answers them
         itself, keeping the other threads asleep (no GIL hand-offs). Compressed reads go to the team, so
-        several clusters decompress at once.
+        several clusters decompress at once. What was looked up here is used again: a request is mapped once.
         """
         if req.type == p.NBD_CMD_READ:
             if req.length > _INLINE_MAX or self.check(req, p.NBD_CMD_FLAG_FUA | p.NBD_CMD_FLAG_DF, p.MAX_PAYLOAD):
                 return req.length <= _INLINE_MAX, None
+            if req.length < _SENDFILE_MIN:
+                try:
+                    plan = self.image.plan(req.offset, req.length)
+                except Exception:
+                    return True, None  # read() meets the same error and answers EIO
+                return not self.image.decodes(plan), plan
             try:
                 extents = list(self.image.extents(req.offset, req.length))
             except Exception:
@@ -424,14 +434,14 @@ class _Connection:
             return req.length <= _INLINE_MAX * 32, None
         return True, None
 
-    def handle(self, req: _Request, extents: Optional[List[Any]] = None) -> None:
+    def handle(self, req: _Request, looked_up: Optional[List[Any]] = None) -> None:
         t = req.type
         if t == p.NBD_CMD_READ:
             error = self.check(req, p.NBD_CMD_FLAG_FUA | p.NBD_CMD_FLAG_DF, p.MAX_PAYLOAD)
             if error:
                 self.error_reply(req, error)
             else:
-                self.read(req, extents)
+                self.read(req, looked_up)
         elif t == p.NBD_CMD_BLOCK_STATUS:
             error = self.check(req, p.NBD_CMD_FLAG_REQ_ONE, 0xFFFFFFFF)
             if not error and (self.meta_context is None or req.length == 0):
@@ -488,24 +498,29 @@ class _Connection:
             ) + p.OFFSET_DATA.pack(req.offset)
         return p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, req.cookie)
 
-    def read(self, req: _Request, extents: Optional[List[Any]] = None) -> None:
-        if req.length >= _SENDFILE_MIN:
-            if extents is None:
-                try:
-                    extents = list(self.image.extents(req.offset, req.length))
-                except Exception as e:  # CorruptImage, OSError: this request fails, the server goes on
-                    self.read_failed(req, e)
-                    return
-            if self.structured and not req.flags & p.NBD_CMD_FLAG_DF and any(_is_hole(e) for e in extents):
-                self.sparse_read(req, extents)
+    def read(self, req: _Request, looked_up: Optional[List[Any]] = None) -> None:
+        """``looked_up``: from classify(): the read plan of a short read, the extents of a longer one."""
+        if req.length < _SENDFILE_MIN:
+            self.send_read(req, self.read_header(req), req.offset, req.length, looked_up)
+            return
+        extents = looked_up
+        if extents is None:
+            try:
+                extents = list(self.image.extents(req.offset, req.length))
+            except Exception as e:  # CorruptImage, OSError: this request fails, the server goes on
+                self.read_failed(req, e)
                 return
-            plan = self.sendfile_plan(extents)
-            if plan is not None:
-                self.send_plan(self.read_header(req), plan)
-                return
+        if self.structured and not req.flags & p.NBD_CMD_FLAG_DF and any(_is_hole(e) for e in extents):
+            self.sparse_read(req, extents)
+            return
+        plan = self.sendfile_plan(extents)
+        if plan is not None:
+            self.send_plan(self.read_header(req), plan)
+            return
         self.send_read(req, self.read_header(req), req.offset, req.length)
 
-    def send_read(self, req: _Request, head: bytes, offset: int, length: int) -> bool:
+    def send_read(self, req: _Request, head: bytes, offset: int, length: int,
+                  plan: Optional[List[Any]] = None) -> bool:
         """Read ``length`` bytes at ``offset`` into a buffer after ``head`` and send both; False on EIO."""
         n = len(head) + length
         # buffers kept by the threads are bounded by the thread count; only bigger ones count against the budget
@@ -516,7 +531,7 @@ class _Connection:
             view = self.buffer(n)
             view[: len(head)] = head
             try:
-                self.image.readinto(offset, view[len(head) :])
+                self.image.readinto(offset, view[len(head) :], plan)
             except Exception as e:
                 self.read_failed(req, e)
                 return False

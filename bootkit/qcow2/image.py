@@ -200,16 +200,18 @@ class Image:
         self.readinto(offset, buf)
         return bytes(buf)
 
-    def readinto(self, offset: int, buf: Union[bytearray, memoryview]) -> int:
+    def readinto(self, offset: int, buf: Union[bytearray, memoryview], plan: Optional[List[Run]] = None) -> int:
         """Fill ``buf`` with guest bytes from ``offset``; returns the count (short only at end of disk).
 
-        Raises CorruptImage for a broken table entry or compressed cluster inside the range.
+        ``plan``: what ``plan(offset, len(buf))`` returned, so that a caller who looked at it first (a server
+        choosing the thread for a request) does not pay for the mapping twice. Raises CorruptImage for a
+        broken table entry or compressed cluster inside the range.
         """
         if offset < 0:
             raise ValueError(f"negative offset {offset}")
         mv = memoryview(buf).cast("B")
         n = max(0, min(len(mv), self.virtual_size - offset))
-        for run in self._layer_runs(offset, n):
+        for run in self._layer_runs(offset, n) if plan is None else plan:
             dst = mv[run.offset - offset : run.offset - offset + run.length]
             kind = run.kind
             if kind == DATA:
@@ -217,7 +219,7 @@ class Image:
             elif kind == COMPRESSED:
                 if run.length == self.cluster_size:
                     # a whole cluster: decoded straight into place; the cache is for partial reads
-                    cached = cast(Optional[bytes], self._cluster_cache.get(run.host))
+                    cached = cast(Optional[bytearray], self._cluster_cache.get(run.host))
                     if cached is None:
                         self._decompress_into(run.host, run.csize, run.offset, dst)
                     else:
@@ -230,6 +232,15 @@ class Image:
             else:
                 read_into(self.backing, run.offset, dst)
         return n
+
+    def plan(self, offset: int, length: int) -> List[Run]:
+        """This layer's runs over ``length`` bytes at ``offset`` (clamped to the disk): the work of a read."""
+        return list(self._layer_runs(offset, max(0, min(length, self.virtual_size - offset))))
+
+    def decodes(self, plan: List[Run]) -> bool:
+        """Whether reading ``plan`` decompresses anything (here, or possibly further down the chain)."""
+        below = self.backing is not None
+        return any(r.kind == COMPRESSED or (below and r.kind == UNALLOCATED) for r in plan)
 
     def close(self) -> None:
         for s in self._owned:
@@ -427,13 +438,14 @@ class Image:
                 f"(L2 offset: {l2_offset:#x}, L2 index: {l2_index:#x})"
             )
 
-    def _cluster(self, coffset: int, csize: int, guest: int) -> bytes:
-        """One decompressed cluster, from the cache when possible."""
-        data = self._cluster_cache.get(coffset)
+    def _cluster(self, coffset: int, csize: int, guest: int) -> bytearray:
+        """One decompressed cluster, from the cache when possible (read-only for the caller)."""
+        data = cast(Optional[bytearray], self._cluster_cache.get(coffset))
         if data is None:
-            data = self.decompress(coffset, csize, guest)
+            data = bytearray(self.cluster_size)
+            self._decompress_into(coffset, csize, guest, memoryview(data))
             self._cluster_cache.put(coffset, data, self.cluster_size)
-        return data  # type: ignore[return-value]
+        return data
 
     def decompress(self, coffset: int, csize: int, guest: int) -> bytes:
         """Decode the compressed cluster at host ``coffset`` (raises CorruptImage naming its offsets)."""
