@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import struct
 import zlib
@@ -649,7 +650,7 @@ ZSTD_GOOD = {
 
 
 @pytest.mark.parametrize("name", list(ZSTD_GOOD))
-def test_zstd_payloads_qemu_reads(bases: Bases, tmp_path: Path, name: str) -> None:
+def test_zstd_payloads_qemu_reads(bases: Bases, tmp_path: Path, name: str, zstd_decoder: str) -> None:
     img = _cluster_patched(copy(bases.zstd, tmp_path), ZSTD_GOOD[name])
     got = reads_like_qemu(img)
     assert got[:CLUSTER] == TEXT[:CLUSTER]
@@ -671,7 +672,7 @@ ZSTD_BAD = {
 
 
 @pytest.mark.parametrize("name", list(ZSTD_BAD))
-def test_zstd_payloads_qemu_refuses(bases: Bases, tmp_path: Path, name: str) -> None:
+def test_zstd_payloads_qemu_refuses(bases: Bases, tmp_path: Path, name: str, zstd_decoder: str) -> None:
     payload, words = ZSTD_BAD[name]
     img = _cluster_patched(copy(bases.zstd, tmp_path), payload)
     read_fails(img, 100, 512, CorruptImage, "compressed cluster at host offset", "guest offset 0x0", *words)
@@ -681,7 +682,7 @@ def test_zstd_payloads_qemu_refuses(bases: Bases, tmp_path: Path, name: str) -> 
         assert image.pread(CLUSTER, CLUSTER) == pattern(5, CLUSTER)
 
 
-def test_zstd_empty_frame_before_the_data(bases: Bases, tmp_path: Path) -> None:
+def test_zstd_empty_frame_before_the_data(bases: Bases, tmp_path: Path, zstd_decoder: str) -> None:
     """An empty frame makes input progress, so QEMU's ZSTD_decompressStream loop goes on to the next one."""
     img = _cluster_patched(copy(bases.zstd, tmp_path), _frame(b"") + _frame(TEXT[:CLUSTER]))
     got = reads_like_qemu(img)
@@ -754,10 +755,20 @@ DEFLATE_AS_QEMU = {
 @pytest.fixture(params=["libdeflate", "zlib"])
 def inflater(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "zlib":
-        monkeypatch.setattr(compress, "_libdeflate_api", False)
+        monkeypatch.setattr(compress.LIBDEFLATE, "api", False)
     else:
-        assert compress.load_libdeflate(), "libdeflate.so.0 is not loadable (scripts/setup.sh installs libdeflate0)"
+        assert compress.LIBDEFLATE.load(), "libdeflate.so.0 is not loadable (scripts/setup.sh installs libdeflate0)"
     assert compress.inflater() == request.param
+    return str(request.param)
+
+
+@pytest.fixture(params=["libzstd", "zstandard"])
+def zstd_decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "zstandard":
+        monkeypatch.setattr(compress.LIBZSTD, "api", False)
+    else:
+        assert compress.LIBZSTD.load(), "libzstd.so.1 is not loadable"
+    assert compress.zstd_decoder() == request.param
     return str(request.param)
 
 
@@ -788,6 +799,28 @@ def test_deflate_payloads_as_qemu(bases: Bases, tmp_path: Path, name: str, infla
     if qemu_io_read_fails(img, 0, 512):
         read_fails(img, 0, CLUSTER, CorruptImage, "compressed cluster at host offset", "deflate")
         read_fails(img, 100, 512, CorruptImage, "compressed cluster at host offset", "deflate")
+    else:
+        reads_like_qemu(img)
+
+
+def _damaged_zstd(seed: int) -> bytes:
+    """A real frame with one to four bytes changed (header, first blocks or anywhere)."""
+    rng = random.Random(seed)
+    frame = bytearray(_frame(TEXT[:CLUSTER], write_checksum=bool(seed & 1), write_content_size=bool(seed & 2)))
+    for _ in range(rng.choice((1, 1, 2, 4))):
+        pos = rng.randrange(min(len(frame), rng.choice((8, 32, 400, len(frame)))))
+        frame[pos] = rng.randrange(256) if rng.random() < 0.5 else frame[pos] ^ (1 << rng.randrange(8))
+    return bytes(frame)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_damaged_zstd_payloads_as_qemu(bases: Bases, tmp_path: Path, seed: int) -> None:
+    """Through libzstd bootkit runs QEMU's own decoding loop: a damaged frame reads, or fails, as in QEMU
+    (with the zstandard module, which decodes frames whole with its own zstd, it often did not)."""
+    assert compress.zstd_decoder() == "libzstd"
+    img = _cluster_patched(copy(bases.zstd, tmp_path), _damaged_zstd(seed))
+    if qemu_io_read_fails(img, 0, 512):
+        read_fails(img, 0, CLUSTER, CorruptImage, "compressed cluster at host offset", "zstd")
     else:
         reads_like_qemu(img)
 

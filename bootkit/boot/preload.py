@@ -109,8 +109,8 @@ def preload(*, strict: bool = True) -> List[str]:
     import linecache  # noqa: F401
     import tokenize  # noqa: F401
 
-    # libdeflate (a shared library the reader loads through ctypes when the system has it): opened now
+    # libdeflate and libzstd (shared libraries the reader uses through ctypes when present): opened now
     from bootkit.qcow2 import compress
 
-    compress.load_libdeflate()
+    compress.preload()
     return missing

@@ -405,10 +405,10 @@ def preload(extra: Sequence[str] = ()) -> None:
         importlib.import_module("zstandard")
     except ImportError:
         pass
-    # so is libdeflate, a shared library: opened now, while its file is still there
+    # so are libdeflate and libzstd, shared libraries: opened now, while their files are still there
     from bootkit.qcow2 import compress
 
-    compress.load_libdeflate()
+    compress.preload()
     del bootkit
 
 

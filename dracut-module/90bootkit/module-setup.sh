@@ -60,8 +60,9 @@ install() {
         done
     fi
 
-    # libdeflate, which the reader loads through ctypes when present (twice zlib's speed on deflate clusters)
-    inst_libdir_file "libdeflate.so.0" || :
+    # libdeflate and libzstd, which the reader uses through ctypes when present (deflate at twice zlib's
+    # speed; zstd decoded by QEMU's own loop)
+    inst_libdir_file "libdeflate.so.0" "libzstd.so.1" || :
 
     # HTTPS: the system CA bundle, for rd.qcow2.cacert= defaults
     inst_simple -o /etc/ssl/certs/ca-certificates.crt
