@@ -63,8 +63,8 @@ class RawFileDouble:
     def plan(self, offset: int, length: int) -> list[RawExtent]:
         return list(self.extents(offset, max(0, min(length, self.virtual_size - offset))))
 
-    def decodes(self, plan: list[RawExtent]) -> bool:
-        return any(e.kind == "compressed" for e in plan)
+    def clusters_to_decode(self, plan: list[RawExtent]) -> int:
+        return sum(e.kind == "compressed" for e in plan)
 
     def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[RawExtent]:
         end = self.virtual_size if length is None else offset + length

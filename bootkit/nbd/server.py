@@ -51,7 +51,7 @@ class Image(Protocol):
 
     def plan(self, offset: int, length: int) -> List[Any]: ...
 
-    def decodes(self, plan: List[Any]) -> bool: ...
+    def clusters_to_decode(self, plan: List[Any]) -> int: ...
 
 
 class ProtocolError(NBDError):
@@ -424,7 +424,7 @@ class _Connection:
                     plan = self.image.plan(req.offset, req.length)
                 except Exception:
                     return True, None  # read() meets the same error and answers EIO
-                return not self.image.decodes(plan), plan
+                return self.image.clusters_to_decode(plan) <= 1, plan
             try:
                 extents = list(self.image.extents(req.offset, req.length))
             except Exception:

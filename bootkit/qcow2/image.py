@@ -71,6 +71,8 @@ class Extent(NamedTuple):
 
 
 _ZEROS = bytes(1 << 20)
+#: most compressed bytes read with one pread for the whole clusters of one read
+_BATCH_MAX = 4 << 20
 
 
 def zero_fill(dst: memoryview) -> None:
@@ -211,36 +213,64 @@ class Image:
             raise ValueError(f"negative offset {offset}")
         mv = memoryview(buf).cast("B")
         n = max(0, min(len(mv), self.virtual_size - offset))
+        # whole compressed clusters are decoded straight into place (the cache is for partial reads), and
+        # those whose data lie together in the file are read with one pread: a batch
+        batch: List[Run] = []
+        low = high = 0
         for run in self._layer_runs(offset, n) if plan is None else plan:
-            dst = mv[run.offset - offset : run.offset - offset + run.length]
             kind = run.kind
+            if kind == COMPRESSED and run.length == self.cluster_size:
+                if batch and low <= run.host <= high and run.host + run.csize - low <= _BATCH_MAX:
+                    high = max(high, run.host + run.csize)
+                else:
+                    if batch:
+                        self._decode_batch(batch, low, high, mv, offset)
+                    batch, low, high = [], run.host, run.host + run.csize
+                batch.append(run)
+                continue
+            if batch:
+                self._decode_batch(batch, low, high, mv, offset)
+                batch = []
+            dst = mv[run.offset - offset : run.offset - offset + run.length]
             if kind == DATA:
                 read_into(self.data_file or self.source, run.host, dst)
             elif kind == COMPRESSED:
-                if run.length == self.cluster_size:
-                    # a whole cluster: decoded straight into place; the cache is for partial reads
-                    cached = cast(Optional[bytearray], self._cluster_cache.get(run.host))
-                    if cached is None:
-                        self._decompress_into(run.host, run.csize, run.offset, dst)
-                    else:
-                        dst[:] = cached
-                else:
-                    start = run.offset & (self.cluster_size - 1)
-                    dst[:] = memoryview(self._cluster(run.host, run.csize, run.offset))[start : start + run.length]
+                start = run.offset & (self.cluster_size - 1)
+                dst[:] = memoryview(self._cluster(run.host, run.csize, run.offset))[start : start + run.length]
             elif kind == ZERO or self.backing is None:
                 zero_fill(dst)
             else:
                 read_into(self.backing, run.offset, dst)
+        if batch:
+            self._decode_batch(batch, low, high, mv, offset)
         return n
+
+    def _decode_batch(self, batch: List[Run], low: int, high: int, mv: memoryview, offset: int) -> None:
+        """Decode whole clusters whose compressed data lie in [low, high) of the file into their places."""
+        raw = self._read_compressed(low, high - low)
+        for run in batch:
+            dst = mv[run.offset - offset : run.offset - offset + run.length]
+            cached = cast(Optional[bytearray], self._cluster_cache.get(run.host))
+            if cached is not None:
+                dst[:] = cached
+            else:
+                self._decode_checked(raw[run.host - low : run.host - low + run.csize], run, dst)
 
     def plan(self, offset: int, length: int) -> List[Run]:
         """This layer's runs over ``length`` bytes at ``offset`` (clamped to the disk): the work of a read."""
         return list(self._layer_runs(offset, max(0, min(length, self.virtual_size - offset))))
 
-    def decodes(self, plan: List[Run]) -> bool:
-        """Whether reading ``plan`` decompresses anything (here, or possibly further down the chain)."""
+    def clusters_to_decode(self, plan: List[Run]) -> int:
+        """How many compressed clusters reading ``plan`` decodes (here; a range left to a backing file counts
+        as many, since what it holds is not looked up)."""
         below = self.backing is not None
-        return any(r.kind == COMPRESSED or (below and r.kind == UNALLOCATED) for r in plan)
+        n = 0
+        for r in plan:
+            if r.kind == COMPRESSED:
+                n += 1
+            elif below and r.kind == UNALLOCATED:
+                return sys.maxsize
+        return n
 
     def close(self) -> None:
         for s in self._owned:
@@ -443,29 +473,32 @@ class Image:
         data = cast(Optional[bytearray], self._cluster_cache.get(coffset))
         if data is None:
             data = bytearray(self.cluster_size)
-            self._decompress_into(coffset, csize, guest, memoryview(data))
+            run = Run(COMPRESSED, guest, self.cluster_size, coffset, csize)
+            self._decode_checked(self._read_compressed(coffset, csize), run, memoryview(data))
             self._cluster_cache.put(coffset, data, self.cluster_size)
         return data
 
     def decompress(self, coffset: int, csize: int, guest: int) -> bytes:
         """Decode the compressed cluster at host ``coffset`` (raises CorruptImage naming its offsets)."""
         out = bytearray(self.cluster_size)
-        self._decompress_into(coffset, csize, guest, memoryview(out))
+        run = Run(COMPRESSED, guest, self.cluster_size, coffset, csize)
+        self._decode_checked(self._read_compressed(coffset, csize), run, memoryview(out))
         return bytes(out)
 
-    def _decompress_into(self, coffset: int, csize: int, guest: int, dst: memoryview) -> None:
-        """Decode into ``dst`` (one cluster); the read is clamped at end of file and the rest reads as zeros,
-        as QEMU's block layer does (iotest 214: a size field reaching past EOF is fine)."""
-        raw = self.source.pread(coffset, csize)
-        if len(raw) < csize:
-            raw = raw + bytes(csize - len(raw))
+    def _read_compressed(self, offset: int, length: int) -> bytes:
+        """Compressed data; the read is clamped at end of file and the rest reads as zeros, as QEMU's block
+        layer does (iotest 214: a size field reaching past EOF is fine)."""
+        raw = self.source.pread(offset, length)
+        return raw if len(raw) == length else raw + bytes(length - len(raw))
+
+    def _decode_checked(self, raw: bytes, run: Run, dst: memoryview) -> None:
         assert self._decode is not None
         try:
             self._decode(raw, dst)
         except CorruptImage as e:
             raise CorruptImage(
-                f"{self.name}: compressed cluster at host offset {coffset:#x} (guest offset "
-                f"{guest & ~(self.cluster_size - 1):#x}, {csize} bytes): {e}"
+                f"{self.name}: compressed cluster at host offset {run.host:#x} (guest offset "
+                f"{run.offset & ~(self.cluster_size - 1):#x}, {run.csize} bytes): {e}"
             ) from None
 
     # -- file-like view -----------------------------------------------------------------------------------
