@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import random
 import shutil
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from fetch_fixtures import fast_options, make_data, nginx
 
 from bootkit import qcow2
 from bootkit.errors import FetchError, UsageError
-from bootkit.fetch import ChunkError, HTTPSource, HTTPStatusError, Manifest, RemoteChanged, SizeMismatch
+from bootkit.fetch import ChunkError, HTTPSource, HTTPStatusError, Manifest, RemoteChanged, SizeMismatch, client
 from bootkit.httpserve import http_server
 from bootkit.run import run
 
@@ -209,6 +210,27 @@ def test_bad_chunk_once_is_fetched_again(faulty: tuple[str, FaultState]) -> None
         state.add_faults("/img", Fault(corrupt_at=7))
         assert source.pread(2 * CHUNK, 3 * CHUNK) == DATA[2 * CHUNK : 5 * CHUNK]
         assert source.stats["bad_chunks"] == 1
+
+
+def test_reconnects_need_no_name_lookup(faulty: tuple[str, FaultState], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lazy mode reads on after switch_root, where name lookup may not work (the new root's resolv.conf and
+    NSS modules): the source looks its server up when opened, then reconnects to the same addresses."""
+    url, state = faulty
+    url = url.replace("127.0.0.1", "localhost")
+    with HTTPSource(url, fast_options(), manifest=MANIFEST, readahead=0) as source:
+
+        def no_lookup(*args: object, **kwargs: object) -> None:
+            raise socket.gaierror(socket.EAI_NONAME, "no name lookup after switch_root")
+
+        monkeypatch.setattr(socket, "getaddrinfo", no_lookup)
+        before = len(state.requests_for("/img"))
+        state.add_faults("/img", Fault(drop_after=100), Fault(drop_after=100))  # each drop: a new connection
+        assert source.pread(0, len(DATA)) == DATA
+        assert len(state.requests_for("/img")) - before >= 9  # 7 chunks, 2 of them again after a drop
+        # the lookup really is gone: an unpinned connection to the same URL cannot be made
+        conn = client.connect(client.parse_url(url), fast_options())[0]
+        with pytest.raises(socket.gaierror):
+            conn.connect()
 
 
 def test_each_request_is_retried(faulty: tuple[str, FaultState]) -> None:

@@ -14,10 +14,11 @@ import http.client
 import random
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
 import urllib.request
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from bootkit import __version__
 from bootkit.errors import BootkitError, FetchError, UsageError
@@ -96,8 +97,59 @@ def _proxy_for(url: Url) -> Optional[Tuple[str, int]]:
     return parts.hostname, parts.port or 80
 
 
-def connect(url: Url, options: FetchOptions) -> Tuple[http.client.HTTPConnection, str]:
-    """A (not yet connected) connection for ``url`` and the request target to send on it."""
+class Pins:
+    """Server addresses looked up once per (host, port), then reused by every connection.
+
+    For a source that goes on reading after switch_root (lazy mode): name lookup there reads the new
+    root's resolv.conf and loads its NSS modules, which may not work, or not be there. The host name still
+    goes into the Host header and into TLS (SNI and the certificate check); only the lookup is pinned.
+    """
+
+    def __init__(self) -> None:
+        self._addresses: Dict[Tuple[str, int], List[Any]] = {}
+        self._lock = threading.Lock()
+
+    def addresses(self, host: str, port: int) -> List[Any]:
+        with self._lock:
+            found = self._addresses.get((host, port))
+        if found is None:
+            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            with self._lock:
+                self._addresses[(host, port)] = found
+        return found
+
+    def connector(self, host: str, port: int) -> Callable[..., socket.socket]:
+        """A ``socket.create_connection`` for (host, port) that tries the pinned addresses in order."""
+
+        def create_connection(address: Any, timeout: Any = None, source_address: Any = None) -> socket.socket:
+            error: Optional[OSError] = None
+            for family, kind, proto, _, sockaddr in self.addresses(host, port):
+                sock = socket.socket(family, kind, proto)
+                try:
+                    if timeout is not None:
+                        sock.settimeout(timeout)
+                    if source_address:
+                        sock.bind(source_address)
+                    sock.connect(sockaddr)
+                    return sock
+                except OSError as e:
+                    error = e
+                    sock.close()
+            raise error or OSError(f"{host}: no address")
+
+        return create_connection
+
+
+def connect(url: Url, options: FetchOptions, pins: Optional[Pins] = None) -> Tuple[http.client.HTTPConnection, str]:
+    """A (not yet connected) connection for ``url`` and the request target to send on it; with ``pins``, it
+    connects to the addresses found the first time (see ``Pins``)."""
+    conn, target = _connection(url, options)
+    if pins is not None:
+        conn._create_connection = pins.connector(conn.host, conn.port)  # type: ignore[attr-defined]
+    return conn, target
+
+
+def _connection(url: Url, options: FetchOptions) -> Tuple[http.client.HTTPConnection, str]:
     proxy = _proxy_for(url)
     if url.scheme == "https":
         context = ssl_context(options.cacert, options.insecure)
@@ -138,6 +190,7 @@ def open_url(
     options: FetchOptions,
     headers: Optional[Dict[str, str]] = None,
     method: str = "GET",
+    pins: Optional[Pins] = None,
 ) -> Opened:
     """Send one request, following redirects; any status other than a redirect is returned, not raised.
 
@@ -147,7 +200,7 @@ def open_url(
     seen: List[str] = [url]
     current = url
     while True:
-        conn, target = connect(parse_url(current), options)
+        conn, target = connect(parse_url(current), options, pins)
         try:
             response = request(conn, target, headers, method)
         except BaseException:

@@ -87,6 +87,8 @@ class HTTPSource:
         self._last_chunk = -2
         self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=max(1, connections), thread_name_prefix="fetch-ahead")
+        # the server's addresses are looked up here, once: this source goes on reading after switch_root
+        self._pins = client.Pins()
         self._size, self._url, self._validator = self._probe()
         if manifest is not None and manifest.size != self._size:
             raise SizeMismatch(f"{url}: the server has {self._size} bytes, the manifest says {manifest.size}")
@@ -327,7 +329,7 @@ class HTTPSource:
             conn.close()
             if not reused:
                 raise
-            conn = client.connect(self._url_parts(), self.options)[0]
+            conn = client.connect(self._url_parts(), self.options, self._pins)[0]
             try:
                 data = self._range_on(conn, offset, length)
             except BaseException:
@@ -382,7 +384,7 @@ class HTTPSource:
         with self._lock:
             if self._idle:
                 return self._idle.pop(), True
-        return client.connect(self._url_parts(), self.options)[0], False
+        return client.connect(self._url_parts(), self.options, self._pins)[0], False
 
     def _put_conn(self, conn: http.client.HTTPConnection) -> None:
         if conn.sock is None:
@@ -398,7 +400,7 @@ class HTTPSource:
         retry = client.Retry(self.name, self.options)
         while True:
             try:
-                opened = client.open_url(self.name, self.options, {"Range": "bytes=0-0"})
+                opened = client.open_url(self.name, self.options, {"Range": "bytes=0-0"}, pins=self._pins)
                 try:
                     response = opened.response
                     if response.status == 200:
@@ -479,7 +481,7 @@ class HTTPSource:
     def _fill_stream(self, index: int, progress: Progress) -> int:
         """Stream from chunk ``index`` to the end into the local file; returns the next chunk to fetch."""
         offset = index * self.chunk_size
-        conn = client.connect(self._url_parts(), self.options)[0]
+        conn = client.connect(self._url_parts(), self.options, self._pins)[0]
         self._fill_conn = conn
         try:
             headers = {"Range": f"bytes={offset}-"}
