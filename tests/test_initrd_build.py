@@ -26,7 +26,9 @@ def bootkit_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
 def contents(image: Path) -> list[str]:
     need("lsinitrd")
     out = subprocess.run(["lsinitrd", str(image)], capture_output=True, check=True).stdout.decode(errors="replace")
-    return [line.split()[-1] for line in out.splitlines() if line[:1] in "-dlrwxs" and len(line.split()) >= 9]
+    # the path is the last field, or for a symlink the one before "-> target"
+    return [line.split(" -> ")[0].split()[-1] for line in out.splitlines()
+            if line[:1] in "-dlrwxs" and len(line.split()) >= 9]
 
 
 def test_module_is_shellcheck_clean() -> None:
