@@ -10,9 +10,9 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
 import random
 import shutil
-import os
 import subprocess
 import sys
 import textwrap
