@@ -15,7 +15,7 @@ import shutil
 import struct
 import zlib
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import pytest
 import zstandard
@@ -752,24 +752,25 @@ DEFLATE_AS_QEMU = {
 }
 
 
+def _decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, library: Any, fallback: str,
+             which: Callable[[], str]) -> str:
+    """Run the test through ``request.param``: the C library (setup.sh installs it), or the fallback."""
+    if request.param == fallback:
+        monkeypatch.setattr(library, "api", False)
+    else:
+        assert library.load(), f"{library.soname} is not loadable"
+    assert which() == request.param
+    return str(request.param)
+
+
 @pytest.fixture(params=["libdeflate", "zlib"])
 def inflater(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "zlib":
-        monkeypatch.setattr(compress.LIBDEFLATE, "api", False)
-    else:
-        assert compress.LIBDEFLATE.load(), "libdeflate.so.0 is not loadable (scripts/setup.sh installs libdeflate0)"
-    assert compress.inflater() == request.param
-    return str(request.param)
+    return _decoder(request, monkeypatch, compress.LIBDEFLATE, "zlib", compress.inflater)
 
 
 @pytest.fixture(params=["libzstd", "zstandard"])
 def zstd_decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "zstandard":
-        monkeypatch.setattr(compress.LIBZSTD, "api", False)
-    else:
-        assert compress.LIBZSTD.load(), "libzstd.so.1 is not loadable"
-    assert compress.zstd_decoder() == request.param
-    return str(request.param)
+    return _decoder(request, monkeypatch, compress.LIBZSTD, "zstandard", compress.zstd_decoder)
 
 
 @pytest.mark.parametrize("name", list(DEFLATE_GOOD))
