@@ -267,12 +267,12 @@ class Image:
                     high = max(high, run.host + run.csize)
                 else:
                     if batch:
-                        self._decode_batch(batch, low, high, mv, offset)
+                        self._decode_batch(batch, mv, offset)
                     batch, low, high = [], run.host, run.host + run.csize
                 batch.append(run)
                 continue
             if batch:
-                self._decode_batch(batch, low, high, mv, offset)
+                self._decode_batch(batch, mv, offset)
                 batch = []
             dst = mv[run.offset - offset : run.offset - offset + run.length]
             if kind == DATA:
@@ -284,16 +284,23 @@ class Image:
             else:
                 read_into(self.backing, run.offset, dst)
         if batch:
-            self._decode_batch(batch, low, high, mv, offset)
+            self._decode_batch(batch, mv, offset)
         return n
 
-    def _decode_batch(self, batch: List[Run], low: int, high: int, mv: memoryview, offset: int) -> None:
-        """Decode whole clusters whose compressed data lie in [low, high) of the file into their places."""
-        raw = self._read_compressed(low, high - low)
+    def _decode_batch(self, batch: List[Run], mv: memoryview, offset: int) -> None:
+        """Decode whole clusters whose compressed data lie together in the file into their places: those not
+        in the cache, from one read of the span they cover."""
+        misses = []
         for run in batch:
             dst = mv[run.offset - offset : run.offset - offset + run.length]
             if not self._cluster_cache.copy(run.host, 0, dst):
-                self._decode_checked(raw[run.host - low : run.host - low + run.csize], run, dst)
+                misses.append((run, dst))
+        if not misses:
+            return
+        low = min(run.host for run, _ in misses)
+        raw = self._read_compressed(low, max(run.host + run.csize for run, _ in misses) - low)
+        for run, dst in misses:
+            self._decode_checked(raw[run.host - low : run.host - low + run.csize], run, dst)
 
     def plan(self, offset: int, length: int) -> List[Run]:
         """This layer's runs over ``length`` bytes at ``offset`` (clamped to the disk): the work of a read."""
@@ -521,8 +528,7 @@ class Image:
         if self._cluster_cache.copy(run.host, start, dst):
             return
         data = self._cluster_cache.buffer()
-        whole = Run(COMPRESSED, run.offset - start, self.cluster_size, run.host, run.csize)
-        self._decode_checked(self._read_compressed(run.host, run.csize), whole, memoryview(data))
+        self._decode_checked(self._read_compressed(run.host, run.csize), run, memoryview(data))
         dst[:] = memoryview(data)[start : start + len(dst)]
         self._cluster_cache.keep(run.host, data)
 
