@@ -28,8 +28,9 @@ class RawFileDouble:
 
     Every byte is one "data" extent backed by the file (so the os.sendfile path is used), except ranges
     listed in ``zero_ranges``, reported as "zero" (and read as the file's bytes, which tests keep zero there),
-    and ``corrupt_ranges``, reported as "compressed" and raising CorruptImage when read, like a broken
-    compressed cluster.
+    ``compressed_ranges``, reported as "compressed" (so the server queues small reads there as it does reads
+    that decode a cluster) and read as the file's bytes, and ``corrupt_ranges``, reported as "compressed"
+    and raising CorruptImage when read, like a broken compressed cluster.
     """
 
     def __init__(
@@ -38,12 +39,14 @@ class RawFileDouble:
         *,
         zero_ranges: tuple[tuple[int, int], ...] = (),
         corrupt_ranges: tuple[tuple[int, int], ...] = (),
+        compressed_ranges: tuple[tuple[int, int], ...] = (),
     ) -> None:
         self.source = FileSource(path)
         self.virtual_size = self.source.size
         self.cluster_size = 65536
         self.zero_ranges = zero_ranges
         self.corrupt_ranges = corrupt_ranges
+        self.compressed_ranges = compressed_ranges
 
     def _check(self, offset: int, length: int) -> None:
         from bootkit.errors import CorruptImage
@@ -69,7 +72,8 @@ class RawFileDouble:
     def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[RawExtent]:
         end = self.virtual_size if length is None else offset + length
         special = sorted(
-            [(a, n, "zero") for a, n in self.zero_ranges] + [(a, n, "compressed") for a, n in self.corrupt_ranges]
+            [(a, n, "zero") for a, n in self.zero_ranges]
+            + [(a, n, "compressed") for a, n in self.corrupt_ranges + self.compressed_ranges]
         )
         pos = offset
         for start, n, kind in special:

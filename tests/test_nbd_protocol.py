@@ -23,6 +23,7 @@ SIZE = 33 * 1024 * 1024 + 512  # not a power of two on purpose
 ZERO_AT = (1024 * 1024, 256 * 1024)
 ZERO_BEFORE_CORRUPT = (32 * 1024 * 1024, 65536)
 CORRUPT_AT = (32 * 1024 * 1024 + 65536, 65536)
+COMPRESSED_AT = (4 * 1024 * 1024, 2 * 1024 * 1024)  # reads fine, but small reads there are queued
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,12 @@ def data_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, bytes]:
 def server_sock(data_file: tuple[str, bytes], tmp_path: Path) -> Iterator[str]:
     sock_path = str(tmp_path / "nbd.sock")
     with (
-        RawFileDouble(data_file[0], zero_ranges=(ZERO_AT, ZERO_BEFORE_CORRUPT), corrupt_ranges=(CORRUPT_AT,)) as image,
+        RawFileDouble(
+            data_file[0],
+            zero_ranges=(ZERO_AT, ZERO_BEFORE_CORRUPT),
+            corrupt_ranges=(CORRUPT_AT,),
+            compressed_ranges=(COMPRESSED_AT,),
+        ) as image,
         serve_unix(image, sock_path, name="disk", description="test disk"),
     ):
         yield sock_path
@@ -347,6 +353,62 @@ def test_disc_answers_requests_in_flight_first(server_sock: str) -> None:
         assert error == 0
         cookies.remove(cookie)
     assert c.closed_by_server()
+
+
+def test_queued_small_reads_and_errors_then_disc(server_sock: str, data_file: tuple[str, bytes]) -> None:
+    """Reads that decode one cluster, sent in a burst, are queued and shared by two threads whose replies may
+    go out several at once; a failing one among them, and DISC right after, change nothing for the rest."""
+    data = data_file[1]
+    c = Client(server_sock)
+    c.go()
+    rng = random.Random(7)
+    wanted: dict[int, tuple[int, int]] = {}
+    failing = set()
+    burst = b""
+    for i in range(300):
+        if i % 37 == 0:
+            offset, length = CORRUPT_AT[0] + rng.randrange(0, 60000), 512
+        else:
+            offset, length = COMPRESSED_AT[0] + rng.randrange(0, COMPRESSED_AT[1] // 4096) * 4096, 4096
+        c.cookie += 1
+        burst += p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.NBD_CMD_READ, c.cookie, offset, length)
+        wanted[c.cookie] = (offset, length)
+        if offset >= CORRUPT_AT[0]:
+            failing.add(c.cookie)
+    c.s.sendall(burst + p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.NBD_CMD_DISC, 0, 0, 0))
+    while wanted:
+        magic, error, cookie = p.SIMPLE_REPLY.unpack(c.recv(p.SIMPLE_REPLY.size))
+        assert magic == p.SIMPLE_REPLY_MAGIC
+        offset, length = wanted.pop(cookie)
+        if cookie in failing:
+            assert error == p.NBD_EIO
+        else:
+            assert error == 0
+            assert c.recv(length) == data[offset : offset + length]
+    assert c.closed_by_server()
+
+
+def test_client_sending_faster_than_it_reads(server_sock: str, data_file: tuple[str, bytes]) -> None:
+    """Thousands of queued reads, sent while replies pile up: the server stops taking requests in when its
+    queue is full, and still answers each one exactly once."""
+    data = data_file[1]
+    c = Client(server_sock)
+    c.go()
+    n = 5000
+    offsets = [COMPRESSED_AT[0] + (i * 7919 % (COMPRESSED_AT[1] // 512)) * 512 for i in range(n)]
+    burst = b"".join(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.NBD_CMD_READ, i + 1, o, 512) for i, o in enumerate(offsets))
+    sender = threading.Thread(target=c.s.sendall, args=(burst,))
+    sender.start()
+    seen = set()
+    for _ in range(n):
+        magic, error, cookie = p.SIMPLE_REPLY.unpack(c.recv(p.SIMPLE_REPLY.size))
+        assert (magic, error) == (p.SIMPLE_REPLY_MAGIC, 0)
+        assert cookie not in seen
+        seen.add(cookie)
+        offset = offsets[cookie - 1]
+        assert c.recv(512) == data[offset : offset + 512]
+    sender.join()
+    _alive(server_sock, data)
 
 
 def test_structured_read_and_error_chunks(server_sock: str, data_file: tuple[str, bytes]) -> None:

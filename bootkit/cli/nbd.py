@@ -48,7 +48,7 @@ def register(sub: Any) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snapshot", metavar="NAME", help="serve an internal snapshot instead of the active layer")
-    p.add_argument("--threads", type=int, default=4, metavar="N", help="requests in progress per connection")
+    p.add_argument("--threads", type=int, default=4, metavar="N", help="threads per connection (default 4)")
     p.add_argument("--daemon", action="store_true", help="detach once ready (argv[0] '@bootkit-nbd', memory locked)")
     p.add_argument("--pid-file", metavar="PATH", help="with --daemon: write the daemon's pid here")
 
