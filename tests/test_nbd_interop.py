@@ -268,6 +268,35 @@ def test_tcp_and_export_name(images: dict[str, tuple[Path, Path]], tmp_path: Pat
         assert proc.wait(60) == 0
 
 
+@pytest.mark.parametrize("extra", [["--threads", "1", "--poll-us", "0"], ["--threads", "2", "--poll-us", "500"]])
+def test_serve_threads_and_poll_options(images: dict[str, tuple[Path, Path]], tmp_path: Path, extra: list[str]) -> None:
+    """No helper at all (one thread, never polling) and a leader with only the helper both serve every byte,
+    to a whole-disk copy and to many small reads in flight."""
+    image, ref = images["zstd"]
+    data = ref.read_bytes()
+    with serve(image, tmp_path / "nbd.sock", *extra) as uri:
+        out = tmp_path / "out.raw"
+        _run("qemu-img", "convert", "-f", "raw", uri, "-O", "raw", str(out))
+        assert out.read_bytes() == data
+        _run("fio", "--name=nbd", "--ioengine=nbd", f"--uri={uri}", "--rw=randread", "--bs=4k", "--iodepth=16",
+             f"--size={len(data)}", "--io_size=4M", "--output-format=json")
+
+
+@pytest.mark.parametrize(
+    "option,value", [("--threads", "0"), ("--poll-us", "-1"), ("--poll-us", "10001"), ("--poll-us", "x")]
+)
+def test_serve_bad_option_exits_2_with_one_line(tmp_path: Path, option: str, value: str) -> None:
+    image = tmp_path / "disk.qcow2"
+    _run("qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M")
+    proc = subprocess.run(
+        [*BOOTKIT, "serve-nbd", str(image), "--unix", str(tmp_path / "s"), option, value],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and option in lines[0], proc.stderr
+
+
 def test_serve_bad_image_exits_2_with_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.qcow2"
     bad.write_bytes(b"QFI\xfb" + bytes(200))

@@ -547,3 +547,12 @@ def test_server_survives_fault_storm_with_good_client_running(server_sock: str, 
     finally:
         stop.set()
         t.join(60)
+
+
+@pytest.mark.parametrize("threads,poll_us,named", [(0, 50, "threads"), (4, -1, "poll_us"), (4, 10001, "poll_us")])
+def test_server_settings_out_of_range(data_file: tuple[str, bytes], threads: int, poll_us: int, named: str) -> None:
+    from bootkit.errors import NBDError
+    from bootkit.nbd.server import NBDServer
+
+    with RawFileDouble(data_file[0]) as image, pytest.raises(NBDError, match=named):
+        NBDServer(image, threads=threads, poll_us=poll_us)

@@ -49,6 +49,13 @@ def register(sub: Any) -> None:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snapshot", metavar="NAME", help="serve an internal snapshot instead of the active layer")
     p.add_argument("--threads", type=int, default=4, metavar="N", help="threads per connection (default 4)")
+    p.add_argument(
+        "--poll-us",
+        type=int,
+        default=None,
+        metavar="US",
+        help="an idle connection looks for its next request this long before sleeping (default 50, 0: never)",
+    )
     p.add_argument("--daemon", action="store_true", help="detach once ready (argv[0] '@bootkit-nbd', memory locked)")
     p.add_argument("--pid-file", metavar="PATH", help="with --daemon: write the daemon's pid here")
 
@@ -104,6 +111,12 @@ def _as_daemon(args: argparse.Namespace, body: Callable[[_Lifecycle], int]) -> i
 
     if args.threads < 1:
         raise UsageError(f"--threads {args.threads}: must be at least 1")
+    from bootkit.nbd.server import DEFAULT_POLL_US, MAX_POLL_US
+
+    if args.poll_us is None:
+        args.poll_us = DEFAULT_POLL_US
+    if not 0 <= args.poll_us <= MAX_POLL_US:
+        raise UsageError(f"--poll-us {args.poll_us}: must be 0 to {MAX_POLL_US}")
     if not args.daemon:
         if args.pid_file:
             raise UsageError("--pid-file needs --daemon")
@@ -149,7 +162,7 @@ def serve_nbd(args: argparse.Namespace) -> int:
                 listeners = activated
             else:
                 listeners = [transport.tcp_listener("127.0.0.1", transport.DEFAULT_PORT)]
-            server = NBDServer(image, name=args.export, threads=args.threads)
+            server = NBDServer(image, name=args.export, threads=args.threads, poll_us=args.poll_us)
             # socket activation by a client (nbdcopy -- [ CMD ]): done when that client is
             by_client = listeners is activated and not args.daemon
             acceptor = transport.Acceptor(listeners, server.serve_connection, once=by_client)
@@ -188,6 +201,7 @@ def attach(args: argparse.Namespace) -> int:
                 connections=args.connections,
                 timeout=args.timeout,
                 threads=args.threads,
+                poll_us=args.poll_us,
             )
             stop = threading.Event()
             signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -39,7 +39,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from bootkit.errors import NBDError
 from bootkit.log import log
-from bootkit.nbd.server import KERNEL_FLAGS, Image, NBDServer
+from bootkit.nbd.server import DEFAULT_POLL_US, KERNEL_FLAGS, Image, NBDServer
 from bootkit.nbd.transport import tune
 
 # -- netlink (linux/netlink.h, linux/genetlink.h) ------------------------------------------------------------
@@ -258,13 +258,14 @@ def attach(
     timeout: int = 0,
     dead_conn_timeout: int = 0,
     threads: int = 4,
+    poll_us: int = DEFAULT_POLL_US,
     load_module: bool = True,
     scan_partitions: bool = True,
 ) -> Attachment:
     """Serve ``image`` read-only as ``device`` (``/dev/nbdN``; None: the kernel picks a free one).
 
-    ``timeout`` (seconds, 0: none) is the kernel's per-request timeout; ``threads`` the requests each
-    connection works on at once. Returns once the device is usable and its partitions are scanned.
+    ``timeout`` (seconds, 0: none) is the kernel's per-request timeout; ``threads`` and ``poll_us`` are
+    NBDServer's. Returns once the device is usable and its partitions are scanned.
     """
     size = image.virtual_size
     if size % BLOCK_SIZE:
@@ -272,7 +273,7 @@ def attach(
     if connections < 1:
         raise NBDError(f"connections: must be at least 1, not {connections}")
     index = None if device is None else device_index(device)
-    server = NBDServer(image, threads=threads)
+    server = NBDServer(image, threads=threads, poll_us=poll_us)
     with GenericNetlink() as nl:
         family = nbd_family(nl, load=load_module)
         pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(connections)]

@@ -17,8 +17,9 @@ receive lock (the leader) and reads requests, a whole recv of them at a time:
   follower).
 Replies go out under the send lock in completion order, which NBDP allows (the cookie identifies them).
 Every hand-off between threads is a context switch, and in a VM those cost 10-20 us each; the design keeps
-them below one per request. Measured at depth 16 (bench/nbd.py): 12 us of server CPU per 4 KiB uncompressed
-random read (qemu-nbd 16 us), 65-69 us per zstd one (qemu-nbd 66-70 us) at 1.1-1.3x qemu-nbd's rate.
+them below one per request. Before sleeping on the socket an idle leader polls it briefly (``poll_us``):
+waking costs more than a small read. Measured (bench/nbd.py), random 4 KiB reads, zstd: 1.2-1.3x qemu-nbd's
+rate at depth 16 (63-69 us of server CPU per read, qemu-nbd 65-70), 1.35-1.6x at depth 1.
 
 Runs inside the initramfs: standard library only, Python >= 3.9.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections import deque
 from typing import Any, Iterator, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
@@ -84,6 +86,9 @@ _RECV_CHUNK = 64 * 1024
 _INLINE_MAX = 256 * 1024
 #: reply buffers up to this size are kept by each thread for its next requests (about 1 MiB per thread)
 _KEEP_BUFFER = 1024 * 1024 + 64
+#: how long an idle connection looks for its next request before sleeping (NBDServer poll_us)
+DEFAULT_POLL_US = 50
+MAX_POLL_US = 10000
 
 SERVER_FLAGS = (
     p.NBD_FLAG_HAS_FLAGS
@@ -119,7 +124,8 @@ class _Budget:
 class NBDServer:
     """Serves one open image, read-only, to any number of connections.
 
-    ``threads`` is the number of requests one connection may have in progress at once; a client that has
+    ``threads`` is the number of threads serving one connection; ``poll_us`` how long an otherwise idle
+    connection keeps looking for the next request before its thread sleeps (0: never); a client that has
     not finished negotiating after ``handshake_timeout`` seconds is dropped (it would hold a thread).
     """
 
@@ -130,16 +136,20 @@ class NBDServer:
         name: str = "",
         description: str = "",
         threads: int = 4,
+        poll_us: int = DEFAULT_POLL_US,
         buffer_limit: int = 4 * p.MAX_PAYLOAD,
         handshake_timeout: Optional[float] = 60.0,
     ) -> None:
         if threads < 1:
             raise NBDError(f"threads: must be at least 1, not {threads}")
+        if not 0 <= poll_us <= MAX_POLL_US:
+            raise NBDError(f"poll_us: must be 0 to {MAX_POLL_US}, not {poll_us}")
         self.image = image
         self.name = name
         self.description = description
         self.size: int = image.virtual_size
         self.threads = threads
+        self.poll = poll_us / 1e6
         self.handshake_timeout = handshake_timeout
         self._budget = _Budget(max(buffer_limit, p.MAX_PAYLOAD + 64))
         self._lock = threading.Lock()
@@ -244,7 +254,9 @@ class _Connection:
         self.small_jobs: deque[_Job] = deque()
         self.lock = threading.Lock()
         self.small_ready = threading.Condition(self.lock)
-        self.idle = False
+        self.idle = server.threads < 2  # the helper waits for work (or there is none)
+        self.busy = 0  # followers working on a request they read
+        self.poll = server.poll
         self.closing = False
         self._rbuf = bytearray()
         self._rpos = 0
@@ -443,7 +455,7 @@ class _Connection:
                             req = self.read_request(None if self.looked else False)
                         else:
                             self.flush()  # held-back replies go out before the socket is waited on
-                            req = self.read_request(True)
+                            req = self.poll_request()
                         if req is None:
                             job = self.take()
                             if job is not None:
@@ -469,9 +481,34 @@ class _Connection:
                             break
                 finally:
                     lock.release()
-                self.handle(req, looked_up)
+                with self.lock:
+                    self.busy += 1
+                try:
+                    self.handle(req, looked_up)
+                finally:
+                    with self.lock:
+                        self.busy -= 1
         except BaseException as e:
             self.fail(e)
+
+    def poll_request(self) -> Optional[_Request]:
+        """Wait for the next request; while no other thread of the connection works, keep looking at the
+        socket for ``server.poll`` seconds before sleeping on it.
+
+        Waking a thread that sleeps costs more than the work of a small read here (30-40 us in a VM, where
+        an idle CPU halts): a client at depth 1 sends its next request a few microseconds after our reply,
+        and catching it awake nearly halves the round trip. QEMU's iothreads poll the same way (poll-max-ns).
+        When another thread is working, looking would only take CPU and the GIL from it.
+        """
+        if self.poll and self.idle and not self.busy:
+            deadline = time.perf_counter() + self.poll
+            while True:
+                req = self.read_request(False)
+                if req is not None:
+                    return req
+                if time.perf_counter() > deadline:
+                    break
+        return self.read_request(True)
 
     def handle_small(self, job: _Job) -> None:
         """Work on a queued read that decodes one cluster; while more wait, its reply may be held back and
