@@ -54,7 +54,7 @@ def test_python_files_are_the_runtime_only() -> None:
     for needed in ("bootkit/boot/main.py", "bootkit/nbd/kernel.py", "bootkit/qcow2/image.py",
                    "bootkit/fetch/download.py", "bootkit/errors.py"):  # fmt: skip
         assert needed in boot
-    assert not [f for f in boot if f.startswith(("bootkit/cli", "bootkit/bootcfg")) or "initrd" in f]
+    assert not [f for f in boot if f.startswith(("bootkit/cli", "bootkit/pxecfg")) or "initrd" in f]
     assert not [f for f in stdlib if "jinja2" in f or "requests" in f or "site-packages" in f]
     for needed in ("http/client.py", "ssl.py", "json/__init__.py", "encodings/idna.py"):
         assert any(f.endswith("/python3.11/" + needed) for f in stdlib), needed

@@ -1,6 +1,6 @@
 """Read a boot description from a TOML file or from command-line flags into a :class:`Config`.
 
-Every setting is declared once in :mod:`bootkit.bootcfg.settings` (TOML key, flag, help text); the TOML
+Every setting is declared once in :mod:`bootkit.pxecfg.settings` (TOML key, flag, help text); the TOML
 reader and the flags-only mode share them and one validator, so both report a bad value the same way, naming the key and
 the file (``pxe.toml: entry.debian.sha256: ...``) or the flag (``--sha256: ...``). Unknown keys, missing
 files and contradictory settings are :class:`ConfigError` (exit status 2).
@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from bootkit.bootcfg.cmdline import MAX_CMDLINE, kernel_cmdline
-from bootkit.bootcfg.model import (
+from bootkit.errors import ConfigError
+from bootkit.log import human_size, log
+from bootkit.pxecfg.cmdline import MAX_CMDLINE, kernel_cmdline
+from bootkit.pxecfg.model import (
     Artifact,
     Bootloader,
     Config,
@@ -36,7 +38,7 @@ from bootkit.bootcfg.model import (
     Mode,
     Overlay,
 )
-from bootkit.bootcfg.settings import (
+from bootkit.pxecfg.settings import (
     DEFAULT_TIMEOUT,
     DHCP_SETTINGS,
     ENTRY_SETTINGS,
@@ -48,8 +50,6 @@ from bootkit.bootcfg.settings import (
     Setting,
     flag_dest,
 )
-from bootkit.errors import ConfigError
-from bootkit.log import human_size, log
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

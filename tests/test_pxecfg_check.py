@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bootcfg_fixtures import LoggedServer, logged_http_server, run_cli
+from pxecfg_fixtures import LoggedServer, logged_http_server, run_cli
 
 
 @pytest.fixture

@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from bootcfg_fixtures import logged_http_server, run_cli
+from pxecfg_fixtures import logged_http_server, run_cli
 from testtools import require_tools
 
-from bootkit.bootcfg.cmdline import kernel_cmdline
-from bootkit.bootcfg.load import load_file
 from bootkit.errors import BootkitError
 from bootkit.kernelpkg import Kernel, ensure_kernel
+from bootkit.pxecfg.cmdline import kernel_cmdline
+from bootkit.pxecfg.load import load_file
 
 pytestmark = pytest.mark.qemu
 
