@@ -49,12 +49,15 @@ def register(sub: Any) -> None:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snapshot", metavar="NAME", help="serve an internal snapshot instead of the active layer")
     p.add_argument("--threads", type=int, default=4, metavar="N", help="threads per connection (default 4)")
+    from bootkit.nbd.server import DEFAULT_POLL_US
+
     p.add_argument(
         "--poll-us",
         type=int,
-        default=None,
+        default=DEFAULT_POLL_US,
         metavar="US",
-        help="an idle connection looks for its next request this long before sleeping (default 50, 0: never)",
+        help="an idle connection looks for its next request this long before sleeping "
+        f"(default {DEFAULT_POLL_US}, 0: never)",
     )
     p.add_argument("--daemon", action="store_true", help="detach once ready (argv[0] '@bootkit-nbd', memory locked)")
     p.add_argument("--pid-file", metavar="PATH", help="with --daemon: write the daemon's pid here")
@@ -111,10 +114,8 @@ def _as_daemon(args: argparse.Namespace, body: Callable[[_Lifecycle], int]) -> i
 
     if args.threads < 1:
         raise UsageError(f"--threads {args.threads}: must be at least 1")
-    from bootkit.nbd.server import DEFAULT_POLL_US, MAX_POLL_US
+    from bootkit.nbd.server import MAX_POLL_US
 
-    if args.poll_us is None:
-        args.poll_us = DEFAULT_POLL_US
     if not 0 <= args.poll_us <= MAX_POLL_US:
         raise UsageError(f"--poll-us {args.poll_us}: must be 0 to {MAX_POLL_US}")
     if not args.daemon:

@@ -256,7 +256,6 @@ class _Connection:
         self.small_ready = threading.Condition(self.lock)
         self.idle = server.threads < 2  # the helper waits for work (or there is none)
         self.busy = 0  # followers working on a request they read
-        self.poll = server.poll
         self.closing = False
         self._rbuf = bytearray()
         self._rpos = 0
@@ -497,11 +496,12 @@ class _Connection:
 
         Waking a thread that sleeps costs more than the work of a small read here (30-40 us in a VM, where
         an idle CPU halts): a client at depth 1 sends its next request a few microseconds after our reply,
-        and catching it awake nearly halves the round trip. QEMU's iothreads poll the same way (poll-max-ns).
-        When another thread is working, looking would only take CPU and the GIL from it.
+        and catching it awake cuts the round trip by a quarter to a half. QEMU's iothreads poll the same way
+        (poll-max-ns). When another thread is working, looking would only take CPU and the GIL from it.
         """
-        if self.poll and self.idle and not self.busy:
-            deadline = time.perf_counter() + self.poll
+        poll = self.server.poll
+        if poll and self.idle and not self.busy:
+            deadline = time.perf_counter() + poll
             while True:
                 req = self.read_request(False)
                 if req is not None:
@@ -601,8 +601,9 @@ class _Connection:
 
         _CHEAP requests decode nothing (uncompressed and zero runs up to _INLINE_MAX bytes, every command but
         READ and large BLOCK_STATUS) and cost less than waking another thread: the leader answers them at
-        once. _SMALL reads decode one cluster, _BIG ones more (or are long): both are queued. What was looked
-        up here is used again: a request is mapped once.
+        once. _SMALL reads decode one cluster and are queued; _BIG ones decode more (or are long), and the
+        leader hands the lead on to work on them. What was looked up here is used again: a request is mapped
+        once.
         """
         if req.type == p.NBD_CMD_READ:
             if req.length > _INLINE_MAX or self.check(req, p.NBD_CMD_FLAG_FUA | p.NBD_CMD_FLAG_DF, p.MAX_PAYLOAD):
@@ -744,13 +745,10 @@ class _Connection:
         if not pending:
             return
         with self.send_lock:
-            if len(pending) == 1:
-                self.sock.sendall(pending[0])
-            else:
-                _sendmsg_all(self.sock, pending)
+            _sendmsg_all(self.sock, pending)
         pending.clear()
 
-    def buffer(self, n: int, local: Optional[_ThreadState] = None) -> memoryview:
+    def buffer(self, n: int, local: _ThreadState) -> memoryview:
         """A reply buffer of ``n`` bytes; up to _KEEP_BUFFER it is this thread's own, reused (one for each
         reply held back, and one more).
 
@@ -759,8 +757,6 @@ class _Connection:
         """
         if n > _KEEP_BUFFER:
             return memoryview(bytearray(n))
-        if local is None:
-            local = self.local
         bufs, i = local.bufs, len(local.pending)
         if i == len(bufs):
             bufs.append(bytearray(max(n, 64 * 1024)))

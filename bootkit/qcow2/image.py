@@ -111,13 +111,18 @@ class _LRU:
 
     def get(self, key: int) -> object:
         with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return item[0]
+            return self._hit(key)
+
+    def _hit(self, key: int) -> object:
+        """The value cached at ``key`` (now the most recently used), or None; counts the hit or miss. The
+        caller holds the lock."""
+        item = self._items.get(key)
+        if item is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return item[0]
 
     def put(self, key: int, value: object, cost: int) -> List[object]:
         """Cache ``value``; returns the values evicted to make room."""
@@ -151,13 +156,10 @@ class _ClusterCache(_LRU):
     def copy(self, key: int, start: int, dst: memoryview) -> bool:
         """Copy ``len(dst)`` bytes at ``start`` of the cluster cached at ``key`` into ``dst``; False on a miss."""
         with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                self.misses += 1
+            data = self._hit(key)
+            if data is None:
                 return False
-            self._items.move_to_end(key)
-            self.hits += 1
-            dst[:] = memoryview(item[0])[start : start + len(dst)]  # type: ignore[arg-type]
+            dst[:] = memoryview(data)[start : start + len(dst)]  # type: ignore[arg-type]
             return True
 
     def buffer(self) -> bytearray:
