@@ -1,5 +1,5 @@
 import sys
 
-from bootkit.cli import main
+from bootkit.host.cli import main
 
 sys.exit(main())

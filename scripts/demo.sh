@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
-exec python -m bootkit.demo "$@"
+PYTHONPATH=qemu-tests exec python -m bkharness.demo "$@"

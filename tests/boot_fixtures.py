@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from bootkit.initrd import InitrdOptions, InitrdResult, build_initrd
-from bootkit.kernelpkg import Kernel, ensure_kernel
+from bootkit.host.initrd import InitrdOptions, InitrdResult, build_initrd
+from bootkit.host.kernelpkg import Kernel, ensure_kernel
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "artifacts"
@@ -241,7 +241,7 @@ def keep_artifact(path: Path, name: str) -> Path:
 @contextlib.contextmanager
 def serve(directory: Path) -> Iterator[int]:
     """Serve ``directory`` on 127.0.0.1 (bootkit serve-http's server); yields the port (guest: 10.0.2.2)."""
-    from bootkit.httpserve import http_server
+    from bootkit.host.httpserve import http_server
 
     with http_server(str(directory)) as url:
         yield int(url.rstrip("/").rsplit(":", 1)[1])

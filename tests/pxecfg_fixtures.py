@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bootkit.cli import main
+from bootkit.host.cli import main
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "pxe"
 

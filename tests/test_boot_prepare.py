@@ -19,7 +19,7 @@ from bootkit.boot.cmdline import BootConfig, parse_cmdline
 from bootkit.boot.main import Prepared, Stages, prepare
 from bootkit.boot.partitions import RootNotFound
 from bootkit.errors import ConfigError, FetchError, ImageError
-from bootkit.httpserve import http_server
+from bootkit.host.httpserve import http_server
 
 
 def sha256(path: Path) -> str:

@@ -26,8 +26,8 @@ from boot_fixtures import (  # noqa: F401 - fixtures
     serve,
 )
 
-from bootkit.initrd import InitrdResult
-from bootkit.kernelpkg import Kernel
+from bootkit.host.initrd import InitrdResult
+from bootkit.host.kernelpkg import Kernel
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(1500)]
 

@@ -17,7 +17,7 @@ import pytest
 from fetch_fixtures import make_data
 
 from bootkit.errors import UsageError
-from bootkit.httpserve import http_server, parse_bind, parse_range
+from bootkit.host.httpserve import http_server, parse_bind, parse_range
 
 DATA = make_data(100_000, seed=41)
 

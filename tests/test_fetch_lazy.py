@@ -24,7 +24,7 @@ from fetch_fixtures import fast_options, make_data, nginx
 from bootkit import qcow2
 from bootkit.errors import FetchError, UsageError
 from bootkit.fetch import ChunkError, HTTPSource, HTTPStatusError, Manifest, RemoteChanged, SizeMismatch, client
-from bootkit.httpserve import http_server
+from bootkit.host.httpserve import http_server
 from bootkit.run import run
 
 CHUNK = 64 * 1024

@@ -17,7 +17,7 @@ from faultserver import fault_server
 from fetch_fixtures import fast_options, make_data, make_tls, nginx
 
 from bootkit.fetch import HTTPSource, TLSError, download
-from bootkit.httpserve import http_server
+from bootkit.host.httpserve import http_server
 
 DATA = make_data(1024 * 1024 + 3, seed=31)
 SHA = hashlib.sha256(DATA).hexdigest()

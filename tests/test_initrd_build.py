@@ -12,8 +12,8 @@ from pathlib import Path
 
 from boot_fixtures import debian_kernel, initrd_shell, initrd_systemd, need  # noqa: F401 - fixtures
 
-from bootkit.initrd import InitrdOptions, InitrdResult, build_initrd, collect_python_files, module_dir, repo_root
-from bootkit.kernelpkg import Kernel, ensure_kernel
+from bootkit.host.initrd import InitrdOptions, InitrdResult, build_initrd, collect_python_files, module_dir, repo_root
+from bootkit.host.kernelpkg import Kernel, ensure_kernel
 
 MB = 1000 * 1000
 
@@ -54,7 +54,7 @@ def test_python_files_are_the_runtime_only() -> None:
     for needed in ("bootkit/boot/main.py", "bootkit/nbd/kernel.py", "bootkit/qcow2/image.py",
                    "bootkit/fetch/download.py", "bootkit/errors.py"):  # fmt: skip
         assert needed in boot
-    assert not [f for f in boot if f.startswith(("bootkit/cli", "bootkit/pxecfg")) or "initrd" in f]
+    assert not [f for f in boot if f.startswith(("bootkit/host/cli", "bootkit/host/pxecfg")) or "initrd" in f]
     assert not [f for f in stdlib if "jinja2" in f or "requests" in f or "site-packages" in f]
     for needed in ("http/client.py", "ssl.py", "json/__init__.py", "encodings/idna.py"):
         assert any(f.endswith("/python3.11/" + needed) for f in stdlib), needed
@@ -73,7 +73,7 @@ def test_trimmed_shell_initramfs(initrd_shell: InitrdResult) -> None:  # noqa: F
                  "usr/lib/bootkit/zstandard/__init__.py", "usr/sbin/qcow2root", "usr/sbin/dhclient",
                  "/libdeflate.so.0", "/libzstd.so.1"):  # fmt: skip
         assert any(n.endswith(path) or n == path for n in names), path
-    assert not [n for n in names if "jinja2" in n or "requests" in n or "bootkit/cli" in n]
+    assert not [n for n in names if "jinja2" in n or "requests" in n or "bootkit/host/cli" in n]
     assert not any("systemd-networkd" in n for n in names)  # the shell flavour names network-legacy
     assert initrd_shell.size <= 30 * MB, initrd_shell.size
 

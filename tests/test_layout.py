@@ -1,4 +1,9 @@
-"""The initramfs side of bootkit imports only the standard library and runs on Python 3.9."""
+"""The initramfs side of bootkit imports only the standard library and runs on Python 3.9.
+
+The layout states the line: everything under ``bootkit/`` runs inside the initramfs except ``bootkit/host/``
+(the command line, initramfs builder, PXE configuration generator and other host-only tools) and
+``bootkit/__main__.py`` (``python -m bootkit``, the command line).
+"""
 
 from __future__ import annotations
 
@@ -11,34 +16,28 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "bootkit"
-#: modules and packages that run inside the initramfs
-INITRAMFS = ["qcow2", "nbd", "fetch", "boot", "source.py", "errors.py", "log.py", "__init__.py"]
+#: host-only code lives under this package; everything else in bootkit/ runs inside the initramfs
+HOST = PACKAGE / "host"
+#: ``python -m bootkit``: the command line's second door, host-only as well
+MAIN = PACKAGE / "__main__.py"
 #: third-party modules the initramfs side may import, and only lazily (inside a function)
 LAZY_ALLOWED = {"zstandard"}
 
 
 def initramfs_files() -> list[Path]:
-    files: list[Path] = []
-    for name in INITRAMFS:
-        path = PACKAGE / name
-        if path.is_dir():
-            files.extend(sorted(path.rglob("*.py")))
-        elif path.exists():
-            files.append(path)
-    return files
+    return sorted(p for p in PACKAGE.rglob("*.py") if HOST not in p.parents and p != MAIN)
 
 
 def initramfs_module(name: str) -> bool:
     parts = name.split(".")
-    if parts[0] != "bootkit":
-        return False
-    if len(parts) == 1:
-        return True
-    return parts[1] in {n.removesuffix(".py") for n in INITRAMFS}
+    return parts[0] == "bootkit" and parts[1:2] != ["host"]
 
 
 def test_there_are_initramfs_modules() -> None:
-    assert PACKAGE / "qcow2" / "image.py" in initramfs_files()
+    files = initramfs_files()
+    assert PACKAGE / "qcow2" / "image.py" in files
+    assert PACKAGE / "run.py" in files
+    assert not any(HOST in p.parents for p in files)
 
 
 @pytest.mark.parametrize("path", initramfs_files(), ids=lambda p: str(p.relative_to(ROOT)))
@@ -101,7 +100,7 @@ def test_command_table_names_the_module_that_registers_each_command() -> None:
     modules are imported then) but pay every module's import time."""
     import argparse
 
-    from bootkit import cli
+    from bootkit.host import cli
 
     registered: dict[str, str] = {}
     for module_name in cli.COMMAND_MODULES:
@@ -115,16 +114,16 @@ def test_command_table_names_the_module_that_registers_each_command() -> None:
 def test_a_command_imports_only_its_own_cli_module() -> None:
     code = (
         "import sys\n"
-        "from bootkit.cli import main\n"
+        "from bootkit.host.cli import main\n"
         "main(['inspect', '--help'])\n"
     )
     proc = subprocess.run([sys.executable, "-c", code + "\n"], capture_output=True, text=True)
     assert proc.returncode == 0 and "usage: bootkit inspect" in proc.stdout
     code = (
         "import sys\n"
-        "from bootkit.cli import build_parser\n"
+        "from bootkit.host.cli import build_parser\n"
         "build_parser('convert')\n"
-        "print(sorted(m for m in sys.modules if m.startswith(('bootkit.cli.', 'jinja2', 'requests'))))\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('bootkit.host.cli.', 'jinja2', 'requests'))))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['bootkit.cli.image']"
+    assert out.strip() == "['bootkit.host.cli.image']"

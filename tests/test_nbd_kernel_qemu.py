@@ -1,7 +1,7 @@
 """The kernel NBD path, proven in a QEMU guest (TCG): `bootkit attach` -> /dev/nbdN with partitions.
 
 The build host has no NBD driver, so the guest does the attaching. It boots the cached Debian kernel
-(bootkit.kernelpkg) with a tiny initramfs assembled here: static busybox, the host's python3 and standard
+(bootkit.host.kernelpkg) with a tiny initramfs assembled here: static busybox, the host's python3 and standard
 library, the bootkit package, nbd.ko, and a >2 GiB QCOW2 image whose GPT has one partition below and one
 above the 2 GiB mark. The guest's /init attaches it (as a daemon, and a second time in the foreground over
 two connections), prints sizes, partitions and checksums on the serial console, reads again with the files
@@ -79,13 +79,13 @@ poweroff -f
 
 def _kernel() -> Any:
     try:
-        from bootkit import kernelpkg
+        from bootkit.host import kernelpkg
     except ImportError:
-        pytest.skip("no kernel cache module (bootkit.kernelpkg): the guest kernel comes from it")
+        pytest.skip("no kernel cache module (bootkit.host.kernelpkg): the guest kernel comes from it")
     try:
         return kernelpkg.ensure_kernel()
     except Exception as e:  # no network, no apt: name it and skip
-        pytest.skip(f"no Debian kernel available for the guest (bootkit.kernelpkg.ensure_kernel: {e})")
+        pytest.skip(f"no Debian kernel available for the guest (bootkit.host.kernelpkg.ensure_kernel: {e})")
 
 
 def _libraries(files: list[Path]) -> set[Path]:

@@ -12,8 +12,8 @@ import pytest
 from pxecfg_fixtures import run_cli
 from testtools import require_tools
 
-from bootkit.pxecfg.load import load_file
-from bootkit.pxecfg.model import Mode
+from bootkit.host.pxecfg.load import load_file
+from bootkit.host.pxecfg.model import Mode
 
 KERNEL_LINE_PREFIX = "kernel http://"
 
@@ -285,7 +285,13 @@ def test_grub_mknetdir_builds_bios_and_uefi_images(
 
 
 def test_readme_documents_every_key() -> None:
-    from bootkit.pxecfg.settings import DHCP_SETTINGS, ENTRY_SETTINGS, GRUB_SETTINGS, MACHINE_SETTINGS, TOP_SETTINGS
+    from bootkit.host.pxecfg.settings import (
+        DHCP_SETTINGS,
+        ENTRY_SETTINGS,
+        GRUB_SETTINGS,
+        MACHINE_SETTINGS,
+        TOP_SETTINGS,
+    )
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme.split("## PXE configuration (`bootkit pxe-config`)", 1)[1].split("\n## ", 1)[0]

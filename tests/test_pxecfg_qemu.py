@@ -4,7 +4,7 @@ Each test generates the configuration with ``bootkit pxe-config``, serves kernel
 HTTP server on 127.0.0.1 (the guest reaches it as 10.0.2.2) and QEMU's built-in TFTP serves ``OUT/tftp``.
 The boot goes as far as the kernel: the server's log must show the right kernel and initrd fetched, and
 the guest kernel must print the command line bootkit built (``Command line: ...``) and start unpacking the
-initrd it was handed. Then QEMU is killed. The kernel is the Debian one from ``bootkit.kernelpkg``'s cache;
+initrd it was handed. Then QEMU is killed. The kernel is the Debian one from ``bootkit.host.kernelpkg``'s cache;
 the initrd is a dummy (the kernel only has to find it).
 
 Machines: BIOS uses QEMU's default SeaBIOS with the iPXE option ROM of virtio-net (package ipxe-qemu);
@@ -33,9 +33,9 @@ from pxecfg_fixtures import logged_http_server, run_cli
 from testtools import require_tools
 
 from bootkit.errors import BootkitError
-from bootkit.kernelpkg import Kernel, ensure_kernel
-from bootkit.pxecfg.cmdline import kernel_cmdline
-from bootkit.pxecfg.load import load_file
+from bootkit.host.kernelpkg import Kernel, ensure_kernel
+from bootkit.host.pxecfg.cmdline import kernel_cmdline
+from bootkit.host.pxecfg.load import load_file
 
 pytestmark = pytest.mark.qemu
 

@@ -13,9 +13,9 @@ from pxecfg_fixtures import GOLDEN, run_cli
 from testtools import require_tools
 
 from bootkit.boot.cmdline import parse_cmdline
-from bootkit.pxecfg.cmdline import kernel_cmdline
-from bootkit.pxecfg.load import load_file
-from bootkit.pxecfg.render import grub_quote, render_all
+from bootkit.host.pxecfg.cmdline import kernel_cmdline
+from bootkit.host.pxecfg.load import load_file
+from bootkit.host.pxecfg.render import grub_quote, render_all
 
 #: BOOTKIT_UPDATE_GOLDEN=1 rewrites the expected files from the current output (then review the diff)
 UPDATE = os.environ.get("BOOTKIT_UPDATE_GOLDEN") == "1"

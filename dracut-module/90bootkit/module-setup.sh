@@ -8,7 +8,7 @@
 #
 # Not meant to be copied into /usr/lib/dracut: `bootkit build-initrd` points dracut at it through a
 # dracutbasedir overlay and passes what to install in the environment:
-#   BOOTKIT_STAGE  directory prepared by bootkit.initrd: stdlib.list (absolute paths of the Python files and
+#   BOOTKIT_STAGE  directory prepared by bootkit.host.initrd: stdlib.list (absolute paths of the Python files and
 #                  C extensions the runtime imports), site/ (bootkit's runtime modules and zstandard).
 
 # called by dracut

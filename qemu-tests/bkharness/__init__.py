@@ -1,7 +1,7 @@
 """bootkit's end-to-end test harness: build a root image, make the QCOW2, build the initrd, render the boot
 configuration, serve it, boot QEMU, read the serial console.
 
-Used by the QEMU tests (qemu-tests/test_*.py), by bench/boot.py and by the README demo (bootkit/demo.py).
+Used by the QEMU tests (qemu-tests/test_*.py), by bench/boot.py and by the README demo (bkharness/demo.py).
 Each step is a function or a context manager named after the step, so a test reads as the boot story::
 
     image = qcow2_image(root_image("busybox").raw, compression="deflate")

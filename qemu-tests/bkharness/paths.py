@@ -13,7 +13,7 @@ ROOTFS_FILES = REPO / "qemu-tests" / "rootfs"
 
 
 def cache_dir() -> Path:
-    """``$BOOTKIT_CACHE`` or ``cache/`` at the top of the tree (gitignored); the same rule as bootkit.kernelpkg."""
+    """``$BOOTKIT_CACHE`` or ``cache/`` at the top of the tree (gitignored); the same rule as bootkit.host.kernelpkg."""
     env = os.environ.get("BOOTKIT_CACHE")
     return Path(env) if env else REPO / "cache"
 

@@ -1,6 +1,6 @@
 """The bootkit pieces an end-to-end boot is made of, called the way a user calls them.
 
-Kernel: ``bootkit.kernelpkg.ensure_kernel`` (a Debian kernel package unpacked into the cache). Initramfs:
+Kernel: ``bootkit.host.kernelpkg.ensure_kernel`` (a Debian kernel package unpacked into the cache). Initramfs:
 ``bootkit build-initrd``. Boot configuration: ``bootkit pxe-config``. Each runs as a separate
 ``python -m bootkit`` process, exactly like the README tells a user. A piece that does not exist yet raises
 :class:`MissingPiece`, which the tests turn into a skip naming it.
@@ -27,7 +27,7 @@ class MissingPiece(Exception):
 @cache
 def bootkit_commands() -> frozenset[str]:
     """The subcommands ``python -m bootkit`` offers right now."""
-    from bootkit.cli import build_parser
+    from bootkit.host.cli import build_parser
 
     parser = build_parser()
     for action in parser._actions:
@@ -48,11 +48,11 @@ def bootkit(*args: str | Path, timeout: float = 900) -> str:
 
 
 def kernel() -> Any:
-    """The cached Debian kernel (``bootkit.kernelpkg.Kernel``: kver, vmlinuz, kmoddir), fetched if needed."""
+    """The cached Debian kernel (``bootkit.host.kernelpkg.Kernel``: kver, vmlinuz, kmoddir), fetched if needed."""
     try:
-        kernelpkg = importlib.import_module("bootkit.kernelpkg")
+        kernelpkg = importlib.import_module("bootkit.host.kernelpkg")
     except ModuleNotFoundError as e:
-        raise MissingPiece("bootkit.kernelpkg (the kernel cache, issue 5)") from e
+        raise MissingPiece("bootkit.host.kernelpkg (the kernel cache, issue 5)") from e
     return kernelpkg.ensure_kernel()
 
 

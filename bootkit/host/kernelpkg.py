@@ -50,7 +50,7 @@ def cache_dir() -> Path:
     env = os.environ.get("BOOTKIT_CACHE")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "cache"
+    return Path(__file__).resolve().parents[2] / "cache"
 
 
 def _kernel_from_tree(root: Path, kver: str) -> Kernel:

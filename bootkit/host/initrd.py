@@ -86,7 +86,7 @@ class InitrdResult:
 
 
 def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def module_dir() -> Path:
@@ -108,7 +108,7 @@ def check_tools() -> None:
 
 def resolve_kernel(kver: str | None, kmoddir: Path | None) -> tuple[str, Path, Path | None]:
     """(kver, kmoddir, vmlinuz or None) for the options; fetches the Debian kernel when none is named."""
-    from bootkit import kernelpkg
+    from bootkit.host import kernelpkg
 
     if kmoddir is not None:
         kmoddir = kmoddir.resolve()

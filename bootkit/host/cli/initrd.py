@@ -40,7 +40,7 @@ def register(sub: Any) -> None:
 
 
 def _build_initrd(args: argparse.Namespace) -> int:
-    from bootkit.initrd import InitrdOptions, build_initrd, describe
+    from bootkit.host.initrd import InitrdOptions, build_initrd, describe
 
     drivers = None
     if args.drivers is not None:

@@ -1,6 +1,6 @@
 """Every setting of a boot description, declared once: TOML key, command-line flag, help text.
 
-The TOML reader (:mod:`bootkit.pxecfg.load`) accepts exactly these keys, the flags-only mode of
+The TOML reader (:mod:`bootkit.host.pxecfg.load`) accepts exactly these keys, the flags-only mode of
 ``bootkit pxe-config`` offers them as flags (``--overlay-size``, ``--dhcp-mode``), and the README's key table
 is checked against them by a test. Plain data: the CLI imports this module at start-up.
 """

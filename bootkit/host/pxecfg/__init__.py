@@ -1,7 +1,7 @@
 """Boot configuration generation: iPXE script, GRUB network configs and dnsmasq from one description.
 
 ``settings`` declares every key once; ``load`` turns a TOML file (or command-line flags) into a frozen
-:class:`~bootkit.pxecfg.model.Config`; ``cmdline`` builds the kernel command line of an entry (the one
+:class:`~bootkit.host.pxecfg.model.Config`; ``cmdline`` builds the kernel command line of an entry (the one
 place); ``render`` makes the text files from Jinja2 templates; ``grub`` builds GRUB's TFTP tree with
 ``grub-mknetdir``; ``output`` writes the output directory; ``check`` verifies over HTTP that everything the
 result points to is served, with the pinned sizes and hashes.

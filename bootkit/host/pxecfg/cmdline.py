@@ -7,7 +7,7 @@ module (which parses exactly these); the README lists them.
 
 from __future__ import annotations
 
-from bootkit.pxecfg.model import Entry, Machine, Mode, Overlay
+from bootkit.host.pxecfg.model import Entry, Machine, Mode, Overlay
 
 #: x86 COMMAND_LINE_SIZE (arch/x86/include/asm/setup.h): longer lines are cut by the kernel
 MAX_CMDLINE = 2048

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bootkit.host.pxecfg.model import Firmware
 from bootkit.log import log
-from bootkit.pxecfg.model import Firmware
 from bootkit.run import run
 
 #: where Debian's GRUB packages put each platform

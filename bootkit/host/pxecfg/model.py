@@ -1,6 +1,6 @@
 """The boot description as typed values: what ``pxe-config`` reads (TOML or flags) once, then passes down.
 
-Everything here is frozen and already validated by :mod:`bootkit.pxecfg.load`: URLs are absolute, hashes
+Everything here is frozen and already validated by :mod:`bootkit.host.pxecfg.load`: URLs are absolute, hashes
 are 64 lower-case hex digits, MAC addresses are lower-case with colons, entry names exist. Closed sets are
 ``StrEnum`` with the behaviour that depends on them (``Firmware.bios.grub_platform``), so the renderers and
 templates never branch on strings.

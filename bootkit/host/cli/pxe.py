@@ -9,7 +9,7 @@ from typing import Any
 from bootkit.errors import UsageError
 
 # the setting tables are plain data: importing them keeps the CLI fast (jinja2 and requests load later)
-from bootkit.pxecfg.settings import FLAG_SETTINGS, flag_dest, flag_name
+from bootkit.host.pxecfg.settings import FLAG_SETTINGS, flag_dest, flag_name
 
 DESCRIPTION = """\
 Write the boot configuration for network-booting QCOW2 images: an iPXE script, GRUB network configs (plus
@@ -48,8 +48,8 @@ def register(sub: Any) -> None:
 
 
 def pxe_config(args: argparse.Namespace) -> int:
+    from bootkit.host.pxecfg import load, output
     from bootkit.log import log
-    from bootkit.pxecfg import load, output
 
     flag_values = {flag_dest(t, s): getattr(args, flag_dest(t, s)) for t, s in FLAG_SETTINGS}
     given = [flag_name(t, s) for t, s in FLAG_SETTINGS if flag_values[flag_dest(t, s)] not in (None, [])]
@@ -68,7 +68,7 @@ def pxe_config(args: argparse.Namespace) -> int:
         written = output.write(config, args.out, grub_images=not args.no_grub_images)
         log.info("pxe-config: %d files in %s", len(written), args.out)
     if args.check:
-        from bootkit.pxecfg.check import check
+        from bootkit.host.pxecfg.check import check
 
         problems = check(config)
         for line in problems:

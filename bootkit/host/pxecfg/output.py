@@ -16,10 +16,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from bootkit.host.pxecfg import grub
+from bootkit.host.pxecfg.model import Bootloader, Config, Firmware
+from bootkit.host.pxecfg.render import render_all
 from bootkit.log import log
-from bootkit.pxecfg import grub
-from bootkit.pxecfg.model import Bootloader, Config, Firmware
-from bootkit.pxecfg.render import render_all
 
 #: where Debian's ``ipxe`` package installs the chain-loadable builds
 IPXE_LIB = Path("/usr/lib/ipxe")

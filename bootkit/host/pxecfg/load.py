@@ -1,6 +1,6 @@
 """Read a boot description from a TOML file or from command-line flags into a :class:`Config`.
 
-Every setting is declared once in :mod:`bootkit.pxecfg.settings` (TOML key, flag, help text); the TOML
+Every setting is declared once in :mod:`bootkit.host.pxecfg.settings` (TOML key, flag, help text); the TOML
 reader and the flags-only mode share them and one validator, so both report a bad value the same way, naming the key and
 the file (``pxe.toml: entry.debian.sha256: ...``) or the flag (``--sha256: ...``). Unknown keys, missing
 files and contradictory settings are :class:`ConfigError` (exit status 2).
@@ -25,9 +25,8 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from bootkit.errors import ConfigError
-from bootkit.log import human_size, log
-from bootkit.pxecfg.cmdline import MAX_CMDLINE, kernel_cmdline
-from bootkit.pxecfg.model import (
+from bootkit.host.pxecfg.cmdline import MAX_CMDLINE, kernel_cmdline
+from bootkit.host.pxecfg.model import (
     Artifact,
     Bootloader,
     Config,
@@ -38,7 +37,7 @@ from bootkit.pxecfg.model import (
     Mode,
     Overlay,
 )
-from bootkit.pxecfg.settings import (
+from bootkit.host.pxecfg.settings import (
     DEFAULT_TIMEOUT,
     DHCP_SETTINGS,
     ENTRY_SETTINGS,
@@ -50,6 +49,7 @@ from bootkit.pxecfg.settings import (
     Setting,
     flag_dest,
 )
+from bootkit.log import human_size, log
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

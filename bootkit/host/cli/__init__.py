@@ -19,29 +19,29 @@ from bootkit.log import log, setup
 
 #: modules that register subcommands, in the order they appear in ``--help``
 COMMAND_MODULES = (
-    "bootkit.cli.image",
-    "bootkit.cli.nbd",
-    "bootkit.cli.fetch",
-    "bootkit.cli.pxe",
-    "bootkit.cli.initrd",
+    "bootkit.host.cli.image",
+    "bootkit.host.cli.nbd",
+    "bootkit.host.cli.fetch",
+    "bootkit.host.cli.pxe",
+    "bootkit.host.cli.initrd",
 )
 
 #: which module registers each subcommand: ``bootkit convert`` imports only the reader's CLI module, not the
 #: HTTP client or the PXE templates (start-up time is part of every command; tests keep this table true)
 COMMANDS = {
-    "inspect": "bootkit.cli.image",
-    "map": "bootkit.cli.image",
-    "convert": "bootkit.cli.image",
-    "check": "bootkit.cli.image",
-    "serve-nbd": "bootkit.cli.nbd",
-    "attach": "bootkit.cli.nbd",
-    "detach": "bootkit.cli.nbd",
-    "fetch": "bootkit.cli.fetch",
-    "manifest": "bootkit.cli.fetch",
-    "serve-http": "bootkit.cli.fetch",
-    "pxe-config": "bootkit.cli.pxe",
-    "build-initrd": "bootkit.cli.initrd",
-    "status": "bootkit.cli.initrd",
+    "inspect": "bootkit.host.cli.image",
+    "map": "bootkit.host.cli.image",
+    "convert": "bootkit.host.cli.image",
+    "check": "bootkit.host.cli.image",
+    "serve-nbd": "bootkit.host.cli.nbd",
+    "attach": "bootkit.host.cli.nbd",
+    "detach": "bootkit.host.cli.nbd",
+    "fetch": "bootkit.host.cli.fetch",
+    "manifest": "bootkit.host.cli.fetch",
+    "serve-http": "bootkit.host.cli.fetch",
+    "pxe-config": "bootkit.host.cli.pxe",
+    "build-initrd": "bootkit.host.cli.initrd",
+    "status": "bootkit.host.cli.initrd",
 }
 
 Handler = Callable[[argparse.Namespace], int]

@@ -23,8 +23,8 @@ from urllib.parse import urlsplit
 import jinja2
 
 from bootkit.errors import ConfigError
-from bootkit.pxecfg.cmdline import kernel_args
-from bootkit.pxecfg.model import Artifact, Bootloader, Config, DhcpMode, Entry, Firmware, Machine
+from bootkit.host.pxecfg.cmdline import kernel_args
+from bootkit.host.pxecfg.model import Artifact, Bootloader, Config, DhcpMode, Entry, Firmware, Machine
 
 #: paths of the generated text files, relative to the output directory
 IPXE_SCRIPT = PurePosixPath("tftp/boot.ipxe")

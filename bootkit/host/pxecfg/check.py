@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import requests
 
+from bootkit.host.pxecfg.model import Artifact, Config
 from bootkit.log import human_size, log
-from bootkit.pxecfg.model import Artifact, Config
 
 CHUNK = 1 << 20
 

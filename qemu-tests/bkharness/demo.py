@@ -1,8 +1,9 @@
 """The README demo: network-boot a small Linux system from a QCOW2 image, in QEMU, on this machine.
 
-``python -m bootkit.demo`` (what ``scripts/demo.sh`` runs after installing what is needed):
+``python -m bkharness.demo`` from ``qemu-tests/`` (what ``scripts/demo.sh`` runs after installing what is
+needed):
 
-1. a Debian kernel package, unpacked into the cache (``bootkit.kernelpkg``);
+1. a Debian kernel package, unpacked into the cache (``bootkit.host.kernelpkg``);
 2. the busybox root disk (GPT: ESP + root partition) as a deflate-compressed QCOW2 (built once, cached);
 3. bootkit's initramfs (``bootkit build-initrd``, cached until bootkit's code changes);
 4. the PXE configuration (``bootkit pxe-config``: iPXE script, GRUB config);
@@ -12,7 +13,8 @@
    powers off.
 
 The serial console streams to the terminal, with a progress line per stage; the last line says SUCCESS or
-FAILURE. Runs from a source checkout (it uses the end-to-end harness in qemu-tests/). Host side.
+FAILURE. Test code, not part of the installed package: it is the end-to-end harness of qemu-tests/ telling the
+boot story. Host side.
 """
 
 from __future__ import annotations
@@ -26,8 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-REPO = Path(__file__).resolve().parent.parent
-HARNESS = REPO / "qemu-tests"
+REPO = Path(__file__).resolve().parents[2]
 
 STAGE_TEXT = {
     "kernel": "kernel started (firmware, iPXE and the HTTP downloads of kernel and initramfs are done)",
@@ -156,18 +157,13 @@ def run_demo(console: bool, keep: bool, out: TextIO) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bootkit.demo", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="scripts/demo.sh", description=__doc__.splitlines()[0],
                                      allow_abbrev=False)
     parser.add_argument("--no-console", dest="console", action="store_false",
                         help="show only the progress lines, not the guest's serial console")
     parser.add_argument("--keep", action="store_true", help="keep the web root under cache/demo/run")
     args = parser.parse_args(argv)
-    if not (HARNESS / "bkharness").is_dir():
-        sys.stderr.write(f"error: the demo runs from a bootkit source checkout ({HARNESS} not found)\n")
-        return 2
-    sys.path.insert(0, str(HARNESS))
     from bkharness.pieces import MissingPiece
-
     from bootkit.errors import BootkitError
 
     try:

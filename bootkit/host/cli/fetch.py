@@ -113,7 +113,7 @@ def _manifest(args: argparse.Namespace) -> int:
 
 
 def _serve_http(args: argparse.Namespace) -> int:
-    from bootkit.httpserve import make_server
+    from bootkit.host.httpserve import make_server
     from bootkit.log import log
 
     if args.key and not args.cert:
