@@ -47,7 +47,7 @@ DEFAULT_MINMEM_MIB = 128
 
 #: a SHA-256 as text: 64 hexadecimal digits, either case (normalised to lower case where stored)
 HEX64 = re.compile(r"[0-9a-fA-F]{64}")
-_TMPFS_SIZE = re.compile(r"^(\d+[kKmMgG]?|\d{1,3}%)$")
+_TMPFS_SIZE = re.compile(r"^([0-9]+[kKmMgG]?|[0-9]{1,3}%)$")
 _BACKING_NAME = re.compile(r"^[A-Za-z0-9._+-]+$")
 _URL = re.compile(r"^https?://[^/\s]+/\S*[^/]$")
 
@@ -381,7 +381,7 @@ def _url(option: str, value: str) -> str:
 
 def parse_root(option: str, value: str) -> RootSpec:
     """``N`` | ``LABEL=..`` | ``UUID=..`` | ``PARTUUID=..``."""
-    if value.isdigit() and int(value) > 0:
+    if re.fullmatch(r"[0-9]+", value) and int(value) > 0:
         return RootSpec("number", str(int(value)))
     key, sep, rest = value.partition("=")
     if sep and rest and key.upper() in ("LABEL", "UUID", "PARTUUID"):
