@@ -134,6 +134,8 @@ def test_https_url() -> None:
         ("rd.qcow2.mode=lazy rd.qcow2.manifest=ftp://x/y", "rd.qcow2.manifest=ftp://x/y: expected an http"),
         ("rd.qcow2.root=0", "rd.qcow2.root=0: expected a partition number, LABEL=, UUID= or PARTUUID="),
         ("rd.qcow2.root=sda2", "rd.qcow2.root=sda2: expected a partition number"),
+        ("rd.qcow2.root=\u00b2", "expected a partition number"),  # str.isdigit() says yes, int() raised
+        ("rd.qcow2.overlay=tmpfs:size=\u0661\u0662m", "expected tmpfs"),
         ("rd.qcow2.root=LABEL=", "rd.qcow2.root=LABEL=: expected"),
         ("rd.qcow2.overlay=disk", "rd.qcow2.overlay=disk: expected tmpfs, tmpfs:size="),
         ("rd.qcow2.overlay=tmpfs:size=lots", "rd.qcow2.overlay=tmpfs:size=lots: expected"),
