@@ -27,8 +27,9 @@ import sys
 import tempfile
 import textwrap
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+from bootkit.boot.cmdline import CONTRACT_FILE, contract_info
 from bootkit.errors import BootkitError, UsageError
 from bootkit.log import human_size, log
 from bootkit.run import run
@@ -198,6 +199,9 @@ def _stage_python(stage: Path) -> list[str]:
         dest = site / f.relative_to(repo_root())
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, dest)
+    # what this initramfs understands on the kernel command line, for `pxe-config --check`
+    contract = site / PurePosixPath(CONTRACT_FILE).relative_to("usr/lib/bootkit")
+    contract.write_text(json.dumps(contract_info(), indent=1) + "\n")
     zdest = site / "zstandard"
     zdest.mkdir(parents=True)
     shutil.copy2(files.zstandard / "__init__.py", zdest)
