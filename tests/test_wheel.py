@@ -24,6 +24,7 @@ from testtools import require_tools
 
 from bootkit import __version__
 from bootkit.host import kernelpkg, pkgdata
+from bootkit.host.cli import COMMANDS
 from bootkit.host.kernelpkg import Kernel
 
 Completed = subprocess.CompletedProcess[str]
@@ -141,6 +142,10 @@ def test_installed_package_is_not_the_checkout(installed: Installed) -> None:
     assert Path(package).is_relative_to(installed.venv) and checkout == "None"
     proc = installed.run("bootkit", "--version")
     assert (proc.returncode, proc.stdout) == (0, f"bootkit {__version__}\n")
+    # every subcommand's module imports from the installed package
+    for command in COMMANDS:
+        proc = installed.run("bootkit", command, "--help")
+        assert (proc.returncode, proc.stderr) == (0, ""), command
 
 
 def test_installed_package_caches_in_the_user_cache_dir(installed: Installed, tmp_path: Path) -> None:
