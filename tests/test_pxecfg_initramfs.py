@@ -17,11 +17,11 @@ from pxecfg_fixtures import logged_http_server, run_cli
 from testtools import require_tools
 
 from bootkit.boot.cmdline import CONTRACT_FILE, KNOWN_OPTIONS, contract_info, describe_contract
-from bootkit.host.initrd import repo_root
 from bootkit.host.kernelpkg import Kernel
 from bootkit.host.pxecfg.check import InitrdContract, read_contract
 from bootkit.host.pxecfg.initramfs import UnreadableInitramfs
 
+REPO = Path(__file__).resolve().parent.parent
 EXPECTED = InitrdContract(contract_info()["version"], frozenset(KNOWN_OPTIONS))  # type: ignore[arg-type]
 
 
@@ -161,7 +161,7 @@ def test_build_initrd_records_and_prints_the_contract(tmp_path: Path, debian_ker
     proc = subprocess.run(
         [sys.executable, "-m", "bootkit", "build-initrd", "-o", str(out), "--kver", debian_kernel.kver,
          "--kmoddir", str(debian_kernel.kmoddir), "--drivers", "virtio_net"],
-        capture_output=True, text=True, cwd=repo_root(), timeout=1800, check=False,
+        capture_output=True, text=True, cwd=REPO, timeout=1800, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[1] == describe_contract()
