@@ -39,7 +39,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from bootkit.errors import NBDError
 from bootkit.log import log
-from bootkit.nbd.server import DEFAULT_POLL_US, KERNEL_FLAGS, Image, NBDServer
+from bootkit.nbd.protocol import KERNEL_FLAGS
+from bootkit.nbd.server import DEFAULT_POLL_US, Image, NBDServer
 from bootkit.nbd.transport import tune
 
 # -- netlink (linux/netlink.h, linux/genetlink.h) ------------------------------------------------------------
