@@ -37,6 +37,7 @@ BOOTKIT_MODULES: Tuple[str, ...] = (
     "bootkit.nbd",
     "bootkit.nbd.protocol",
     "bootkit.nbd.receiver",
+    "bootkit.nbd.budget",
     "bootkit.nbd.handshake",
     "bootkit.nbd.replies",
     "bootkit.nbd.scheduler",

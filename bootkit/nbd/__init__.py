@@ -6,8 +6,9 @@
 - ``receiver``: buffered reads from a client
 - ``scheduler``: the threads of a connection (leader/follower, the queue of one-cluster reads, polling)
 - ``replies``: answers and how they go out (send lock, buffers, sparse reads, sendfile)
+- ``budget``: the bound on large reply buffers, shared out between connections
 - ``transport``: Unix/TCP listeners, socket activation, the accept loop
-- ``kernel``: ``attach()``/``detach()`` over generic netlink, and the daemon bits
+- ``kernel``: ``attach()``/``detach()`` over generic netlink (the daemon that serves it: ``bootkit.daemon``)
 
 Runs inside the initramfs: standard library only, Python >= 3.9.
 """

@@ -255,7 +255,8 @@ def attach(
     if connections < 1:
         raise NBDError(f"connections: must be at least 1, not {connections}")
     index = None if device is None else device_index(device)
-    server = NBDServer(image, threads=threads, poll_us=poll_us)
+    # the kernel reads its replies; dropping one of its connections would fail the device
+    server = NBDServer(image, threads=threads, poll_us=poll_us, buffer_wait=None)
     with GenericNetlink() as nl:
         family = nbd_family(nl, load=load_module)
         pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(connections)]

@@ -7,13 +7,14 @@ References: NetworkBlockDevice/nbd doc/proto.md (NBDP) "Simple reply message", "
 Replies go out under the send lock in completion order, which NBDP allows (the cookie identifies them).
 A read that needs no decoding goes out with ``os.sendfile`` from the image file; the others are read into
 a buffer behind their header and sent in one call. Buffers up to about 1 MiB belong to the thread and are
-reused; larger ones count against the server's buffer budget.
+reused; larger ones are mapped for one reply and count against the server's buffer budget (``budget``).
 
 Runs inside the initramfs: standard library only, Python >= 3.9.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import socket
 import threading
@@ -25,7 +26,8 @@ from bootkit.nbd.handshake import Session
 from bootkit.source import FileSource
 
 if TYPE_CHECKING:
-    from bootkit.nbd.server import Budget, Image
+    from bootkit.nbd.budget import Budget
+    from bootkit.nbd.server import Image
     from bootkit.qcow2.image import Extent, Run
 
 #: runs reported as data by BLOCK_STATUS; "zero" and "unallocated" read as zeros: hole + zero, like qemu-nbd
@@ -192,32 +194,62 @@ class Replies:
     ) -> bool:
         """Read ``length`` bytes at ``offset`` into a buffer after ``head`` and send both; False on EIO."""
         n = len(head) + length
-        # buffers kept by the threads are bounded by the thread count; only bigger ones count against the budget
-        budget = n if n > KEEP_BUFFER else 0
-        if budget:
-            self.budget.acquire(budget)
+        if n > KEEP_BUFFER:
+            return self.send_large_read(req, head, offset, length)
+        local = self.local
+        pending = local.pending
+        view = self.buffer(n, local)
+        view[: len(head)] = head
         try:
-            local = self.local
-            pending = local.pending
-            view = self.buffer(n, local)
+            self.image.readinto(offset, view[len(head) :], plan)
+        except Exception as e:
+            self.read_failed(req, e)
+            return False
+        if pending or local.defer:
+            pending.append(view)
+            # held back while more small jobs wait, to go out with this thread's next reply
+            if not (local.defer and len(pending) < _COALESCE and self.queued):
+                self.flush()
+        else:
+            with self.send_lock:
+                self.sock.sendall(view)
+        return True
+
+    def send_large_read(self, req: p.Request, head: bytes, offset: int, length: int) -> bool:
+        """send_read for more than KEEP_BUFFER bytes: in a buffer counted against the budget, mapped for this
+        reply alone and unmapped right after it.
+
+        A large bytearray freed goes back to malloc, and glibc keeps it in the thread's arena once its
+        mmap threshold has risen (it does, up to 32 MiB, with every large block freed): the process then
+        grew well past the budget, to 755 MB with a 128 MiB bound (issue 12 §3). An unmapped buffer is
+        gone.
+        """
+        n = len(head) + length
+        self.flush()  # replies held back go first (they never are: small jobs are not this large)
+        token = self.budget.acquire(n, self)
+        try:
+            view = memoryview(mmap.mmap(-1, n))
             view[: len(head)] = head
             try:
-                self.image.readinto(offset, view[len(head) :], plan)
+                self.image.readinto(offset, view[len(head) :])
             except Exception as e:
                 self.read_failed(req, e)
                 return False
-            if pending or local.defer:
-                pending.append(view)
-                # held back while more small jobs wait, to go out with this thread's next reply
-                if not (local.defer and len(pending) < _COALESCE and self.queued):
-                    self.flush()
-            else:
-                with self.send_lock:
-                    self.sock.sendall(view)
+            with self.send_lock:
+                self.sock.sendall(view)
             return True
         finally:
-            if budget:
-                self.budget.release(budget)
+            # the last reference: the mapping goes (slices the reader made died with its frames)
+            view = None  # type: ignore[assignment]
+            self.budget.release(n, self, token)
+
+    def evict(self, reason: str) -> None:
+        """Drop this connection: its threads' blocked sends fail, and they release their buffers."""
+        log.warning("nbd: dropping a connection: %s", reason)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def flush(self) -> None:
         """Send the replies this thread has held back, in one call."""

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Iterator, List, Optional, Protocol
 from bootkit.errors import NBDError
 from bootkit.log import log
 from bootkit.nbd import protocol as p
+from bootkit.nbd.budget import Budget
 from bootkit.nbd.handshake import Session, negotiate
 from bootkit.nbd.receiver import Receiver
 from bootkit.nbd.scheduler import Connection
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 #: how long an idle connection looks for its next request before sleeping (NBDServer poll_us)
 DEFAULT_POLL_US = 50
 MAX_POLL_US = 10000
+#: the largest reply built in a buffer: a read of the largest payload, with its structured reply header
+_LARGEST_REPLY = p.MAX_PAYLOAD + 64
 
 
 class Image(Protocol):
@@ -49,31 +52,15 @@ class Image(Protocol):
     def clusters_to_decode(self, plan: List[Run]) -> int: ...
 
 
-class Budget:
-    """Bounds the bytes of read buffers in flight over all connections (the daemon locks its memory)."""
-
-    def __init__(self, limit: int) -> None:
-        self._free = limit
-        self._cond = threading.Condition()
-
-    def acquire(self, n: int) -> None:
-        with self._cond:
-            while self._free < n:
-                self._cond.wait()
-            self._free -= n
-
-    def release(self, n: int) -> None:
-        with self._cond:
-            self._free += n
-            self._cond.notify_all()
-
-
 class NBDServer:
     """Serves one open image, read-only, to any number of connections.
 
     ``threads`` is the number of threads serving one connection; ``poll_us`` how long an otherwise idle
     connection keeps looking for the next request before its thread sleeps (0: never); a client that has
     not finished negotiating after ``handshake_timeout`` seconds is dropped (it would hold a thread).
+    Replies larger than 1 MiB take buffers from ``buffer_limit`` bytes, a quarter of it at most per
+    connection; when a read has waited ``buffer_wait`` seconds for one, the connections that have held
+    theirs that long are dropped (None: never; see ``budget``).
     """
 
     def __init__(
@@ -85,6 +72,7 @@ class NBDServer:
         threads: int = 4,
         poll_us: int = DEFAULT_POLL_US,
         buffer_limit: int = 4 * p.MAX_PAYLOAD,
+        buffer_wait: Optional[float] = 30.0,
         handshake_timeout: Optional[float] = 60.0,
     ) -> None:
         if threads < 1:
@@ -98,7 +86,9 @@ class NBDServer:
         self.threads = threads
         self.poll = poll_us / 1e6
         self.handshake_timeout = handshake_timeout
-        self.budget = Budget(max(buffer_limit, p.MAX_PAYLOAD + 64))
+        # room for one maximum-size read (and its reply header) per connection, and four in all by default
+        limit = max(buffer_limit, _LARGEST_REPLY)
+        self.budget = Budget(limit, max(limit // 4, _LARGEST_REPLY), buffer_wait)
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
 
