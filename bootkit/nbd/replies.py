@@ -97,6 +97,7 @@ class Replies:
         self.queued = queued
         self.send_lock = threading.Lock()
         self.local = ThreadState()
+        self.evicted = False
 
     def answer(self, req: p.Request, plan: Optional[List[Run]] = None, extents: Optional[List[Extent]] = None) -> None:
         """Answer ``req``; ``plan`` or ``extents``: what the scheduler already looked up for a read."""
@@ -245,6 +246,9 @@ class Replies:
 
     def evict(self, reason: str) -> None:
         """Drop this connection: its threads' blocked sends fail, and they release their buffers."""
+        if self.evicted:  # other waiters may find it still holding until its threads have noticed
+            return
+        self.evicted = True
         log.warning("nbd: dropping a connection: %s", reason)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
