@@ -1,7 +1,9 @@
-"""The one edge where bootkit starts external commands (host side).
+"""The one edge where bootkit starts external commands, on the host and inside the initramfs.
 
 argv lists only, never a shell; each command is logged as ``+ cmd`` at debug level; a failure is raised once,
 with the command and the tail of its stderr.
+
+Runs inside the initramfs too (``modprobe nbd``): standard library only, Python >= 3.9.
 """
 
 from __future__ import annotations

@@ -7,20 +7,12 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 from bootkit.nbd import transport
 from bootkit.nbd.server import NBDServer
+from bootkit.qcow2.image import Extent, Run
 from bootkit.source import FileSource
-
-
-class RawExtent(NamedTuple):
-    kind: str
-    offset: int
-    length: int
-    host_offset: Optional[int]
-    depth: int
-    source: Any
 
 
 class RawFileDouble:
@@ -59,17 +51,18 @@ class RawFileDouble:
         self._check(offset, length)
         return self.source.pread(offset, length)
 
-    def readinto(self, offset: int, buf: memoryview, plan: Optional[list[RawExtent]] = None) -> int:
+    def readinto(self, offset: int, buf: memoryview, plan: Optional[list[Run]] = None) -> int:
         self._check(offset, len(buf))
         return self.source.preadinto(offset, buf)
 
-    def plan(self, offset: int, length: int) -> list[RawExtent]:
-        return list(self.extents(offset, max(0, min(length, self.virtual_size - offset))))
+    def plan(self, offset: int, length: int) -> list[Run]:
+        extents = self.extents(offset, max(0, min(length, self.virtual_size - offset)))
+        return [Run(e.kind, e.offset, e.length, -1 if e.host_offset is None else e.host_offset, 0) for e in extents]
 
-    def clusters_to_decode(self, plan: list[RawExtent]) -> int:
-        return sum(e.kind == "compressed" for e in plan)
+    def clusters_to_decode(self, plan: list[Run]) -> int:
+        return sum(r.kind == "compressed" for r in plan)
 
-    def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[RawExtent]:
+    def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
         end = self.virtual_size if length is None else offset + length
         special = sorted(
             [(a, n, "zero") for a, n in self.zero_ranges]
@@ -80,12 +73,12 @@ class RawFileDouble:
             if start + n <= pos or start >= end:
                 continue
             if start > pos:
-                yield RawExtent("data", pos, start - pos, pos, 0, self.source)
+                yield Extent("data", pos, start - pos, pos, 0, self.source)
             stop = min(start + n, end)
-            yield RawExtent(kind, max(start, pos), stop - max(start, pos), None, 0, None)
+            yield Extent(kind, max(start, pos), stop - max(start, pos), None, 0, None)
             pos = stop
         if pos < end:
-            yield RawExtent("data", pos, end - pos, pos, 0, self.source)
+            yield Extent("data", pos, end - pos, pos, 0, self.source)
 
     def close(self) -> None:
         self.source.close()

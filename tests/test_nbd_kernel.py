@@ -279,3 +279,10 @@ def test_server_runs_on_python_3_9(image: tuple[Path, bytes], tmp_path: Path) ->
         assert proc.wait(60) == 0
     finally:
         proc.kill()
+
+
+def test_serve_nbd_help_says_the_default_listener_has_no_authentication() -> None:
+    proc = subprocess.run([*BOOTKIT, "serve-nbd", "--help"], capture_output=True, text=True, timeout=60, check=True)
+    text = " ".join(proc.stdout.split())
+    assert "else TCP 127.0.0.1:10809. There is no authentication and no TLS" in text
+    assert "use --unix PATH in a directory only they can enter" in text

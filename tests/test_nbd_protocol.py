@@ -11,6 +11,7 @@ import random
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -242,6 +243,33 @@ def test_silent_client_is_dropped_after_the_handshake_timeout(data_file: tuple[s
         c = Client(sock_path)
         c.recv(p.SERVER_GREETING.size)
         c.s.sendall(struct.pack(">I", 3))  # flags, then nothing
+        assert c.closed_by_server()
+        _alive(sock_path, data_file[1])
+
+
+def test_trickling_client_is_dropped_at_the_handshake_deadline(
+    data_file: tuple[str, bytes], tmp_path: Path
+) -> None:
+    """The handshake timeout bounds the whole negotiation, not each receive: one byte every 0.2 s (well
+    inside a 1 s timeout per receive) does not keep a client negotiating."""
+    sock_path = str(tmp_path / "nbd.sock")
+    with RawFileDouble(data_file[0]) as image, serve_unix(image, sock_path, handshake_timeout=1.0):
+        c = Client(sock_path)
+        c.recv(p.SERVER_GREETING.size)
+        c.s.sendall(struct.pack(">I", 3))
+        option = p.OPTION_HEADER.pack(p.IHAVEOPT, p.NBD_OPT_GO, 4000) + bytes(4000)
+        start = time.monotonic()
+        dropped = False
+        for b in option:
+            if time.monotonic() - start > 20:  # far beyond the deadline: the server let it go on
+                break
+            try:
+                c.s.send(bytes([b]))
+            except OSError:  # EPIPE / ECONNRESET: the server closed the connection
+                dropped = True
+                break
+            time.sleep(0.2)
+        assert dropped
         assert c.closed_by_server()
         _alive(sock_path, data_file[1])
 

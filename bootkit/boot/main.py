@@ -4,7 +4,7 @@ Started by the dracut module (``/usr/lib/bootkit/bootkit-boot``) with argv[0] ``
 handler ``qcow2root`` once the network is up (shell initramfs), or by ``bootkit-root.service`` after
 ``network-online.target`` (systemd initramfs).
 
-The process forks the NBD server daemon first (``bootkit.nbd.kernel.fork_daemon``: before any thread
+The process forks the NBD server daemon first (``bootkit.daemon.fork_daemon``: before any thread
 exists) and the daemon does the work that needs the image: download and verify it into ``/run`` (or open it
 lazily over HTTP), open the QCOW2 chain, pick the root partition from the image itself, attach the kernel
 NBD device, then report the device to the parent and serve for the rest of the system's life. The daemon is
@@ -249,11 +249,12 @@ def prepare(cfg: BootConfig, stages: Stages, image_dir: str = IMAGE_DIR) -> Prep
 
 def run_daemon(cfg: BootConfig, stages: Stages, report: Any) -> int:
     """The forked daemon: prepare the device, report it, then serve until the kernel disconnects."""
+    from bootkit import daemon
     from bootkit.nbd import kernel
 
     status = StatusFile()
     try:
-        kernel.harden()
+        daemon.harden()
         if cfg.mode == "ram":
             _grow_run(cfg)
         ready = prepare(cfg, stages)
@@ -363,15 +364,15 @@ def mount_root(cfg: BootConfig, device: str, fstype: Optional[str], newroot: str
 
 
 def boot(cfg: BootConfig, newroot: str, unit: Optional[str]) -> int:
-    from bootkit.nbd import kernel
+    from bootkit import daemon
 
     stages = Stages()
     os.makedirs(RUN_DIR, exist_ok=True)
     log.info("[%8.2f] start: root=qcow2:%s", stages.started, cfg.url)
-    report, fd = kernel.fork_daemon()
+    report, fd = daemon.fork_daemon()
     if report is not None:  # the daemon
         os._exit(run_daemon(cfg, stages, report))
-    code, line = kernel.wait_daemon(fd)
+    code, line = daemon.wait_daemon(fd)
     if code != 0:
         return _fail(line)
     try:

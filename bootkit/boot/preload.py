@@ -2,8 +2,10 @@
 
 After switch_root the server's own root directory is empty: a lazy ``import`` there fails with
 ``ModuleNotFoundError`` (measured, dracut-notes §7). So the boot code imports this whole list before it does
-anything, error and logging paths included, and ``bootkit build-initrd`` imports the same list on the host
-to learn which files to put into the initramfs: one list, two uses.
+anything, error and logging paths included; a ``bootkit serve-nbd|attach --daemon`` imports it before it
+locks its memory; and ``bootkit build-initrd`` imports the same list on the host to learn which files to put
+into the initramfs: one list, three uses. tests/test_nbd_daemon.py checks that it names every module of
+bootkit's initramfs side.
 
 Runs inside the initramfs: standard library only, Python >= 3.9.
 """
@@ -15,9 +17,14 @@ from typing import List, Tuple
 
 #: bootkit's own runtime modules (never the CLI, templates or host-side builders)
 BOOTKIT_MODULES: Tuple[str, ...] = (
+    "bootkit",
+    "bootkit.boot",
+    "bootkit.boot.preload",
     "bootkit.errors",
     "bootkit.log",
     "bootkit.source",
+    "bootkit.run",
+    "bootkit.daemon",
     "bootkit.boot.cmdline",
     "bootkit.boot.partitions",
     "bootkit.boot.status",
@@ -29,7 +36,13 @@ BOOTKIT_MODULES: Tuple[str, ...] = (
     "bootkit.qcow2.snapshot",
     "bootkit.nbd",
     "bootkit.nbd.protocol",
+    "bootkit.nbd.receiver",
+    "bootkit.nbd.budget",
+    "bootkit.nbd.handshake",
+    "bootkit.nbd.replies",
+    "bootkit.nbd.scheduler",
     "bootkit.nbd.server",
+    "bootkit.nbd.transport",
     "bootkit.nbd.kernel",
     "bootkit.fetch",
     "bootkit.fetch.client",
@@ -41,6 +54,10 @@ BOOTKIT_MODULES: Tuple[str, ...] = (
     "bootkit.fetch.progress",
     "bootkit.boot.main",
 )
+
+#: initramfs-side modules that nothing at boot or in a serving daemon imports: the host's ``bootkit check``
+#: and ``bootkit convert`` beside the reader
+NOT_PRELOADED: Tuple[str, ...] = ("bootkit.qcow2.check", "bootkit.qcow2.convert")
 
 #: standard library modules used lazily somewhere on the boot, serve, error or log paths
 STDLIB_MODULES: Tuple[str, ...] = (
@@ -95,7 +112,8 @@ def preload(*, strict: bool = True) -> List[str]:
     """Import every module the runtime may need; returns the names that could not be imported.
 
     ``strict`` raises on the first missing module (the boot code: a missing module must fail now, not after
-    the root switch); non-strict is for ``build-initrd`` while parts of bootkit are still missing.
+    the root switch); non-strict is for ``build-initrd`` while parts of bootkit are still missing, and for a
+    ``--daemon`` on a host without zstandard.
     """
     missing: List[str] = []
     for name in STDLIB_MODULES + EXTRA_MODULES + BOOTKIT_MODULES:

@@ -13,34 +13,27 @@ ioctls, because netlink
   (``bootkit detach``), which is what nbd-client does by default too.
 Generic netlink is plain ``AF_NETLINK`` datagrams: the standard library's ``socket`` is enough.
 
-The daemon side follows systemd's ROOT_STORAGE_DAEMONS.md: argv[0] starting with '@' (spared by the
-switch-root and shutdown killing sprees), every module imported before the root is switched (the initramfs
-is emptied underneath the process; a lazy import then fails), memory locked, ``oom_score_adj`` -1000 and
-``PR_SET_IO_FLUSHER`` (reclaim must never wait on I/O to the device this process serves).
+The process that serves the device is a root storage daemon: see ``bootkit.daemon``.
 
 Runs inside the initramfs: standard library only, Python >= 3.9.
 """
 
 from __future__ import annotations
 
-import ctypes
-import importlib
 import os
-import pkgutil
 import re
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 from bootkit.errors import NBDError
 from bootkit.log import log
-from bootkit.nbd.server import DEFAULT_POLL_US, KERNEL_FLAGS, Image, NBDServer
+from bootkit.nbd.protocol import KERNEL_FLAGS
+from bootkit.nbd.server import DEFAULT_POLL_US, Image, NBDServer
 from bootkit.nbd.transport import tune
+from bootkit.run import CommandFailed, run
 
 # -- netlink (linux/netlink.h, linux/genetlink.h) ------------------------------------------------------------
 
@@ -80,14 +73,6 @@ NBD_SOCK_FD = 1
 #: logical block size given to the kernel: partition tables in images are laid out for 512-byte sectors
 BLOCK_SIZE = 512
 BLKRRPART = 0x125F
-
-# -- daemon bits ---------------------------------------------------------------------------------------------
-
-MCL_CURRENT = 1
-MCL_FUTURE = 2
-MCL_ONFAULT = 4  # Linux 4.4: lock pages as they are touched, so idle thread stacks are not populated
-PR_SET_IO_FLUSHER = 57  # Linux 5.6
-DAEMON_ARGV0 = "@bootkit-nbd"
 
 
 class NBDModuleUnavailable(NBDError):
@@ -196,13 +181,10 @@ def nbd_family(nl: GenericNetlink, *, load: bool = True) -> int:
 def _modprobe(cmd: Sequence[str]) -> str:
     """Run modprobe; '' on success, else why it failed (one line)."""
     try:
-        proc = subprocess.run(list(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60, check=False)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"{cmd[0]}: {e}"
-    if proc.returncode == 0:
-        return ""
-    lines = proc.stderr.decode(errors="replace").strip().splitlines()
-    return f"{' '.join(cmd)} failed: {lines[-1] if lines else f'exit status {proc.returncode}'}"
+        run(cmd, capture=True, timeout=60)
+    except CommandFailed as e:
+        return str(e)
+    return ""
 
 
 def device_index(device: str) -> int:
@@ -273,7 +255,8 @@ def attach(
     if connections < 1:
         raise NBDError(f"connections: must be at least 1, not {connections}")
     index = None if device is None else device_index(device)
-    server = NBDServer(image, threads=threads, poll_us=poll_us)
+    # the kernel reads its replies; dropping one of its connections would fail the device
+    server = NBDServer(image, threads=threads, poll_us=poll_us, buffer_wait=None)
     with GenericNetlink() as nl:
         family = nbd_family(nl, load=load_module)
         pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(connections)]
@@ -353,146 +336,3 @@ def detach(device: str) -> None:
             nl.request(family, NBD_CMD_DISCONNECT, NBD_GENL_VERSION, _nla_u32(NBD_ATTR_INDEX, index))
         except OSError as e:
             raise NBDError(f"{device}: disconnect failed: {e.strerror}") from e
-
-
-# -- daemon ---------------------------------------------------------------------------------------------------
-
-
-def argv0() -> str:
-    """This process's argv[0] as the kernel (and systemd) sees it."""
-    try:
-        with open("/proc/self/cmdline", "rb") as f:
-            return f.read().split(b"\0", 1)[0].decode(errors="replace")
-    except OSError:
-        return sys.argv[0]
-
-
-def reexec_with_argv0(args: Sequence[str], name: str = DAEMON_ARGV0) -> None:
-    """Replace this process by ``python -m bootkit ARGS`` whose argv[0] is ``name`` (like ``exec -a``).
-
-    Python finds its prefix (and a virtualenv's site-packages) from argv[0]; '@name' is no path, so the
-    current ``sys.path`` is passed on as PYTHONPATH. Inside the initramfs one would rather start the
-    process that way in the first place (``exec -a @bootkit-nbd python3 -m bootkit attach ...``): then
-    argv[0] already starts with '@' and nothing is re-executed.
-    """
-    import bootkit
-
-    # the package's own parent first: an editable install is found through a .pth hook, not a path entry
-    here = os.path.dirname(os.path.dirname(os.path.abspath(bootkit.__file__)))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([here, *(p for p in sys.path if p and p != here)])
-    os.execve(sys.executable, [name, "-m", "bootkit", *args], env)
-
-
-def preload(extra: Sequence[str] = ()) -> None:
-    """Import every module the daemon could ever need, error and log paths included (see module doc)."""
-    import bootkit
-
-    names = ["zlib", "traceback", "linecache", "errno", "fcntl", "encodings.idna", "selectors", *extra]
-    for pkg in ("bootkit.qcow2", "bootkit.nbd"):
-        try:
-            mod = importlib.import_module(pkg)
-        except ImportError:
-            continue
-        names.extend(m.name for m in pkgutil.walk_packages(mod.__path__, pkg + "."))
-    names.extend(f"bootkit.{n}" for n in ("errors", "log", "source"))
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except ImportError as e:
-            log.debug("preload: %s: %s", name, e)
-    # zstandard is imported lazily by the reader: only images with zstd clusters need it
-    try:
-        importlib.import_module("zstandard")
-    except ImportError:
-        pass
-    # so are libdeflate and libzstd, shared libraries: opened now, while their files are still there
-    from bootkit.qcow2 import compress
-
-    compress.preload()
-    del bootkit
-
-
-def harden() -> List[str]:
-    """Lock memory, oom_score_adj -1000, PR_SET_IO_FLUSHER; returns what failed (best effort, logged).
-
-    Call before starting the serving threads: the I/O flusher flag belongs to the calling thread and is
-    inherited by threads it creates afterwards.
-    """
-    failed = []
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0 and libc.mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
-        failed.append(f"mlockall: {os.strerror(ctypes.get_errno())}")
-    try:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("-1000\n")
-    except OSError as e:
-        failed.append(f"oom_score_adj: {e.strerror}")
-    if libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
-        failed.append(f"PR_SET_IO_FLUSHER: {os.strerror(ctypes.get_errno())}")
-    for what in failed:
-        log.warning("daemon: %s", what)
-    return failed
-
-
-class DaemonReport:
-    """The daemon's one message to the process that started it: exit status and a line to print."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    def send(self, status: int, line: str) -> None:
-        if self._fd < 0:
-            return
-        try:
-            os.write(self._fd, f"{status} {line}\n".encode())
-        finally:
-            os.close(self._fd)
-            self._fd = -1
-
-
-def fork_daemon() -> Tuple[Optional[DaemonReport], int]:
-    """Double fork. In the daemon: (report, -1); in the original process: (None, fd to ``wait_daemon``).
-
-    Call before starting any thread (threads do not survive fork).
-    """
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(w)
-        os.waitpid(pid, 0)
-        return None, r
-    os.close(r)
-    os.setsid()
-    if os.fork():
-        os._exit(0)
-    os.chdir("/")
-    os.umask(0o022)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    return DaemonReport(w), -1
-
-
-def wait_daemon(fd: int) -> Tuple[int, str]:
-    """(exit status, line) reported by the daemon; status 1 if it died without a word."""
-    chunks = []
-    while True:
-        b = os.read(fd, 4096)
-        if not b:
-            break
-        chunks.append(b)
-    os.close(fd)
-    text = b"".join(chunks).decode(errors="replace").strip()
-    status, _, line = text.partition(" ")
-    if not status.isdigit():
-        return 1, "error: the daemon exited before it was ready"
-    return int(status), line
-
-
-def write_pid_file(path: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)

@@ -10,6 +10,9 @@ Runs inside the initramfs: standard library only, Python >= 3.9.
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
+
+from bootkit.errors import NBDError
 
 # -- handshake -----------------------------------------------------------------------------------------------
 
@@ -162,6 +165,39 @@ OFFSET_HOLE = struct.Struct(">QI")
 #: NBD_REPLY_TYPE_BLOCK_STATUS: context id, then descriptors (length, status flags)
 BLOCK_STATUS_HEADER = struct.Struct(">I")
 BLOCK_DESCRIPTOR = struct.Struct(">II")
+
+#: what the server offers every client: read-only, FLUSH and CACHE accepted (nothing to do), DF honoured,
+#: several connections to one export see the same data
+SERVER_FLAGS = (
+    NBD_FLAG_HAS_FLAGS
+    | NBD_FLAG_READ_ONLY
+    | NBD_FLAG_SEND_FLUSH
+    | NBD_FLAG_SEND_DF
+    | NBD_FLAG_CAN_MULTI_CONN
+    | NBD_FLAG_SEND_CACHE
+)
+#: what the server offers the kernel, and clients without structured replies: no DF (NBDP: MUST NOT be set
+#: unless structured replies were negotiated)
+KERNEL_FLAGS = SERVER_FLAGS & ~NBD_FLAG_SEND_DF
+
+
+class Request(NamedTuple):
+    """One request of the transmission phase (NBDP "Request message"); a WRITE's payload is not part of it."""
+
+    flags: int
+    type: int
+    cookie: int
+    offset: int
+    length: int
+
+
+class ProtocolError(NBDError):
+    """The peer broke the protocol; the connection is dropped (the server keeps running)."""
+
+
+class PeerClosed(Exception):
+    """The peer closed the connection (EOF, reset)."""
+
 
 COMMAND_NAMES = {
     NBD_CMD_READ: "READ",

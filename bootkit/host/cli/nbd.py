@@ -8,9 +8,13 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bootkit.errors import BootkitError, UsageError
+from bootkit.log import log
+
+if TYPE_CHECKING:
+    from bootkit.daemon import DaemonReport
 
 
 def register(sub: Any) -> None:
@@ -18,7 +22,10 @@ def register(sub: Any) -> None:
         "serve-nbd",
         help="serve an image read-only over NBD (Unix socket, TCP or socket activation)",
         description="Serve IMAGE read-only to NBD clients. Prints the NBD URI once listening. Without --unix "
-        "or --tcp: the sockets passed by socket activation (LISTEN_FDS), else TCP 127.0.0.1:10809.",
+        "or --tcp: the sockets passed by socket activation (LISTEN_FDS), else TCP 127.0.0.1:10809. "
+        "There is no authentication and no TLS: every client that can connect can read the whole image (any "
+        "local user, for the default 127.0.0.1:10809; anyone who can reach HOST:PORT, for --tcp). To restrict "
+        "who may read it, use --unix PATH in a directory only they can enter.",
     )
     p.add_argument("image", metavar="IMAGE", help="QCOW2 image file")
     where = p.add_mutually_exclusive_group()
@@ -60,7 +67,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         f"(default {DEFAULT_POLL_US}, 0: never)",
     )
     p.add_argument("--daemon", action="store_true", help="detach once ready (argv[0] '@bootkit-nbd', memory locked)")
-    p.add_argument("--pid-file", metavar="PATH", help="with --daemon: write the daemon's pid here")
+    p.add_argument(
+        "--pid-file",
+        metavar="PATH",
+        help="with --daemon: write the daemon's pid here (replaced atomically; a symbolic link there is refused)",
+    )
 
 
 def _open_image(args: argparse.Namespace) -> Any:
@@ -82,23 +93,27 @@ class _Lifecycle:
 
 
 class _DaemonLifecycle(_Lifecycle):
-    def __init__(self, report: Any, pid_file: str | None) -> None:
+    def __init__(self, report: DaemonReport, pid_file: str | None) -> None:
         self.report = report
         self.pid_file = pid_file
+        self.wrote_pid_file = False
 
     def opened(self) -> None:
-        from bootkit.nbd import kernel
+        from bootkit import daemon
+        from bootkit.boot.preload import preload
 
         # the image opened fine; now, before any serving thread exists (PR_SET_IO_FLUSHER is a per-thread
         # flag that new threads inherit), import everything and lock down
-        kernel.preload()
-        kernel.harden()
+        for name in preload(strict=False):
+            log.debug("preload: %s: not importable", name)
+        daemon.harden()
 
     def ready(self, line: str) -> None:
-        from bootkit.nbd import kernel
+        from bootkit import daemon
 
         if self.pid_file:
-            kernel.write_pid_file(self.pid_file)
+            daemon.write_pid_file(self.pid_file)
+            self.wrote_pid_file = True
         self.report.send(0, line)
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
@@ -110,7 +125,7 @@ def _as_daemon(args: argparse.Namespace, body: Callable[[_Lifecycle], int]) -> i
 
     A BootkitError before ``ready`` becomes the original process's error line and exit status.
     """
-    from bootkit.nbd import kernel
+    from bootkit import daemon
 
     if args.threads < 1:
         raise UsageError(f"--threads {args.threads}: must be at least 1")
@@ -122,21 +137,22 @@ def _as_daemon(args: argparse.Namespace, body: Callable[[_Lifecycle], int]) -> i
         if args.pid_file:
             raise UsageError("--pid-file needs --daemon")
         return body(_Lifecycle())
-    if not kernel.argv0().startswith("@"):
-        kernel.reexec_with_argv0(sys.argv[1:])
+    if not daemon.argv0().startswith("@"):
+        daemon.reexec_with_argv0(sys.argv[1:])
     pid_file = os.path.abspath(args.pid_file) if args.pid_file else None
-    report, fd = kernel.fork_daemon()
+    report, fd = daemon.fork_daemon()
     if report is None:
-        status, line = kernel.wait_daemon(fd)
+        status, line = daemon.wait_daemon(fd)
         print(line, file=sys.stdout if status == 0 else sys.stderr, flush=True)
         return status
+    life = _DaemonLifecycle(report, pid_file)
     try:
-        return body(_DaemonLifecycle(report, pid_file))
+        return body(life)
     except BootkitError as e:
         report.send(e.exit_status, f"error: {e}")
         return e.exit_status
     finally:
-        if pid_file:
+        if pid_file and life.wrote_pid_file:
             try:
                 os.unlink(pid_file)
             except OSError:
