@@ -30,7 +30,9 @@ from bootkit.fetch import (
     SizeMismatch,
     download,
 )
-from bootkit.fetch.download import READ_SLICE, filesystem_type, parse_sums
+from bootkit.fetch.checksums import parse_sums
+from bootkit.fetch.download import READ_SLICE
+from bootkit.fetch.room import filesystem_type
 
 SIZE = 3 * 1024 * 1024 + 12345
 DATA = make_data(SIZE, seed=4)

@@ -25,11 +25,12 @@ from typing import Dict, List, Optional, Tuple
 
 from bootkit.errors import BootkitError, UsageError
 from bootkit.fetch import client
-from bootkit.fetch.download import _content_range, _validator, check_fits, local_error
 from bootkit.fetch.errors import ChunkError, HTTPStatusError, RemoteChanged, SizeMismatch, TransientError
 from bootkit.fetch.manifest import DEFAULT_CHUNK_SIZE, Manifest
 from bootkit.fetch.options import FetchOptions
 from bootkit.fetch.progress import Progress, human_duration
+from bootkit.fetch.ranges import content_range, if_range_validator
+from bootkit.fetch.room import check_fits, local_error
 from bootkit.log import human_size, log
 
 DEFAULT_CACHE_BYTES = 64 << 20
@@ -365,14 +366,14 @@ class HTTPSource:
                 f" (HTTP {response.status} to a range request)"
             )
         client.check_status(response, self.name, (206,))
-        first, total = _content_range(response)
+        first, total = content_range(response)
         if first != offset or total != self._size:
             response.close()
             raise RemoteChanged(
                 f"{self.name}: asked for bytes from {offset} of {self._size}, the server sent"
                 f" Content-Range {response.getheader('Content-Range')}"
             )
-        validator = _validator(response)
+        validator = if_range_validator(response)
         if self._validator and validator and validator != self._validator:
             response.close()
             raise RemoteChanged(f"{self.name}: the file changed on the server (validator {validator})")
@@ -407,14 +408,14 @@ class HTTPSource:
                         raise HTTPStatusError(
                             f"{self.name}: the server ignores Range requests; lazy mode needs them (use ram mode)"
                         )
-                    _, total = _content_range(response)
+                    _, total = content_range(response)
                     if response.status == 416 and total == 0:
-                        return 0, opened.url, _validator(response)
+                        return 0, opened.url, if_range_validator(response)
                     client.check_status(response, self.name, (206,))
                     response.read()
                     if total is None:
                         raise HTTPStatusError(f"{self.name}: no size in the Content-Range of a range request")
-                    return total, opened.url, _validator(response)
+                    return total, opened.url, if_range_validator(response)
                 finally:
                     opened.conn.close()
             except Exception as e:  # classify decides what is retried
