@@ -66,6 +66,8 @@ class FaultState:
     redirects: dict[str, str] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: send ETag (and honour If-Range); False: a server that gives no validator at all
+    validators: bool = True
 
     def etag(self, path: str) -> str:
         return '"' + hashlib.sha256(self.files[path]).hexdigest()[:16] + '"'
@@ -120,7 +122,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 state.files[path] = fault.replace
             redirect = fault.redirect or state.redirects.get(path)
             data = state.files.get(path)
-            etag = state.etag(path) if data is not None else ""
+            etag = state.etag(path) if data is not None and state.validators else ""
         if redirect is not None:
             self._empty(302, {"Location": redirect})
             return
@@ -145,7 +147,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             elif m and m.group(2):
                 first, last, status = max(size - int(m.group(2)), 0), size - 1, 206
             if status == 206 and first >= size:
-                self._empty(416, {"Content-Range": f"bytes */{size}", "ETag": etag})
+                self._empty(416, {"Content-Range": f"bytes */{size}", **({"ETag": etag} if etag else {})})
                 return
         payload = bytearray(data[first : last + 1])
         if fault.lie_length < 0:  # announce and send fewer bytes than the file has
@@ -153,7 +155,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if fault.corrupt_at is not None and fault.corrupt_at < len(payload):
             payload[fault.corrupt_at] ^= 0xFF
         self.send_response(status)
-        self.send_header("ETag", etag)
+        if etag:
+            self.send_header("ETag", etag)
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Length", str(len(payload) + max(fault.lie_length, 0)))
         if status == 206:

@@ -161,6 +161,26 @@ def test_file_replaced_mid_download_fails_pinned_hash(server: tuple[str, FaultSt
     assert leftovers(tmp_path) == []
 
 
+def test_file_replaced_without_validators_restarts_from_zero(
+    server: tuple[str, FaultState], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No ETag, no Last-Modified: a same-size replacement cannot be detected, so nothing is ever resumed."""
+    url, state = server
+    state.validators = False
+    state.add_faults("/img", Fault(drop_after=1_000_000), Fault(replace=NEW_DATA))
+    caplog.set_level(logging.INFO, logger="bootkit")
+    dest = tmp_path / "img"
+    result = download(f"{url}/img", str(dest), fast_options())
+    assert dest.read_bytes() == NEW_DATA  # not DATA[:1_000_000] + NEW_DATA[1_000_000:]
+    assert result.sha256 == hashlib.sha256(NEW_DATA).hexdigest()
+    first, second = state.requests_for("/img")
+    assert "ETag" not in first.headers and second.headers.get("Range") is None
+    assert (
+        "fetch: restarting from zero: the server sends neither ETag nor Last-Modified, so it cannot resume"
+        f" safely ({url}/img)"
+    ) in [r.getMessage() for r in caplog.records]
+
+
 def test_server_ignoring_if_range_is_not_spliced(server: tuple[str, FaultState], tmp_path: Path) -> None:
     url, state = server
     # the resume gets a 206 of the new version: its ETag gives it away

@@ -232,6 +232,9 @@ class _Download:
     def _attempt(self, sink: _Sink, retry: client.Retry) -> bool:
         """One request; True when the whole file is in. False: ask again at once (restart from zero)."""
         sink.flush()
+        if sink.written and not self.validator:
+            # without If-Range, a file replaced by one of the same size would be spliced: half of each version
+            self._restart(sink, "the server sends neither ETag nor Last-Modified, so it cannot resume safely", False)
         offset = sink.written
         headers = {}
         if offset:
