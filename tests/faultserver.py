@@ -45,6 +45,10 @@ class Fault:
     corrupt_at: int | None = None
     #: answer with a 302 to this location
     redirect: str | None = None
+    #: send this many bytes more than the answer should have (announced in Content-Length unless chunked)
+    extra_body: int = 0
+    #: send the body with Transfer-Encoding: chunked (no Content-Length)
+    chunked: bool = False
     #: ignore the Range header (answer 200 with the whole file)
     ignore_range: bool = False
     #: honour Range even when If-Range no longer matches (a server that ignores If-Range)
@@ -158,13 +162,42 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if etag:
             self.send_header("ETag", etag)
         self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Length", str(len(payload) + max(fault.lie_length, 0)))
+        if fault.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(len(payload) + max(fault.lie_length, 0) + fault.extra_body))
         if status == 206:
             self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
         self.end_headers()
         if not body:
             return
+        if fault.chunked or fault.extra_body:
+            self._send_oversized(bytes(payload), fault)
+            return
         self._send_body(bytes(payload), fault)
+
+    def _send_oversized(self, payload: bytes, fault: Fault) -> None:
+        """The payload, then ``extra_body`` more bytes (chunked if asked), sent from one small block."""
+        block = bytes(64 * 1024)
+        left = fault.extra_body
+        try:
+            if payload:
+                self._write_piece(payload, fault.chunked)
+            while left > 0:
+                self._write_piece(block[: min(left, len(block))], fault.chunked)
+                left -= len(block)
+            if fault.chunked:
+                self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except OSError:
+            pass  # the client hung up (as it should)
+        self._drop()
+
+    def _write_piece(self, piece: bytes, chunked: bool) -> None:
+        if chunked:
+            self.wfile.write(b"%x\r\n" % len(piece) + piece + b"\r\n")
+        else:
+            self.wfile.write(piece)
 
     def _send_body(self, payload: bytes, fault: Fault) -> None:
         limit = len(payload) if fault.drop_after is None else min(fault.drop_after, len(payload))

@@ -29,7 +29,7 @@ from bootkit.fetch.errors import ChunkError, HTTPStatusError, RemoteChanged, Siz
 from bootkit.fetch.manifest import DEFAULT_CHUNK_SIZE, Manifest
 from bootkit.fetch.options import FetchOptions
 from bootkit.fetch.progress import Progress, human_duration
-from bootkit.fetch.ranges import content_range, if_range_validator
+from bootkit.fetch.ranges import check_range_length, content_range, if_range_validator, read_range, shown_header
 from bootkit.fetch.room import check_fits, local_error
 from bootkit.log import human_size, log
 
@@ -347,10 +347,8 @@ class HTTPSource:
         if self._validator:
             headers["If-Range"] = self._validator
         response = client.request(conn, self._target, headers)
-        self._check_range_response(response, offset)
-        data = response.read()
-        if len(data) != length:
-            raise TransientError(f"{self.name}: got {len(data)} bytes for a range of {length}")
+        self._check_range_response(response, offset, offset + length - 1)
+        data = read_range(response, self.name, length)
         if response.will_close:
             conn.close()
         with self._lock:
@@ -358,7 +356,8 @@ class HTTPSource:
             self.stats["bytes"] += length
         return data
 
-    def _check_range_response(self, response: http.client.HTTPResponse, offset: int) -> None:
+    def _check_range_response(self, response: http.client.HTTPResponse, offset: int, last: int) -> None:
+        """A 206 with bytes ``offset``-``last`` of the file opened, or the error that says what came instead."""
         if response.status in (200, 416):
             response.close()
             raise RemoteChanged(
@@ -371,12 +370,13 @@ class HTTPSource:
             response.close()
             raise RemoteChanged(
                 f"{self.name}: asked for bytes from {offset} of {self._size}, the server sent"
-                f" Content-Range {response.getheader('Content-Range')}"
+                f" Content-Range {shown_header(response.getheader('Content-Range'))}"
             )
         validator = if_range_validator(response)
         if self._validator and validator and validator != self._validator:
             response.close()
-            raise RemoteChanged(f"{self.name}: the file changed on the server (validator {validator})")
+            raise RemoteChanged(f"{self.name}: the file changed on the server (validator {shown_header(validator)})")
+        check_range_length(response, self.name, offset, last)
 
     def _url_parts(self) -> client.Url:
         return client.parse_url(self._url)
@@ -412,9 +412,10 @@ class HTTPSource:
                     if response.status == 416 and total == 0:
                         return 0, opened.url, if_range_validator(response)
                     client.check_status(response, self.name, (206,))
-                    response.read()
                     if total is None:
                         raise HTTPStatusError(f"{self.name}: no size in the Content-Range of a range request")
+                    check_range_length(response, self.name, 0, 0)
+                    read_range(response, self.name, 1)
                     return total, opened.url, if_range_validator(response)
                 finally:
                     opened.conn.close()
@@ -489,7 +490,7 @@ class HTTPSource:
             if self._validator:
                 headers["If-Range"] = self._validator
             response = client.request(conn, self._target, headers)
-            self._check_range_response(response, offset)
+            self._check_range_response(response, offset, self._size - 1)
             buf = bytearray(self.chunk_size)
             while index < self._chunks and not self._closed:
                 _, length = self._span(index)
