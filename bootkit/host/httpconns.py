@@ -273,8 +273,16 @@ class Connections:
 
 
 def _refuse(sock: socket.socket, status: int) -> None:
+    """Send a short error answer without blocking, then close."""
     try:
         sock.setblocking(False)
+        # unread bytes at close() make the kernel send RST, which can destroy the answer before it is read
+        for _ in range(16):
+            if not sock.recv(65536):
+                break
+    except OSError:
+        pass
+    try:
         sock.send(_REFUSALS[status])
     except OSError:
         pass
