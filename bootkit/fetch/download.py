@@ -4,7 +4,8 @@ The bytes stream to ``DEST.part`` and are hashed as they arrive; only a verified
 Before the first byte, the announced size is compared with what fits: the free space of DEST's filesystem
 and, when that filesystem lives in RAM (tmpfs, ramfs), ``MemAvailable`` minus a reserve (dracut's
 ``rd.minmem``). Connection drops, timeouts and 5xx are retried with backoff and resumed with ``Range`` +
-``If-Range``, so a file that changed on the server restarts from zero instead of being spliced.
+``If-Range``, so a file that changed on the server restarts from zero instead of being spliced; a server that
+sends neither ETag nor Last-Modified gives nothing to put in ``If-Range``, so its downloads restart from zero.
 
 Runs inside the initramfs: standard library only, Python >= 3.9.
 """
