@@ -147,8 +147,14 @@ def test_parse_helpers() -> None:
 
 def test_cli_serve_http(tmp_path: Path) -> None:
     (tmp_path / "img").write_bytes(DATA)
+    cmd = [
+        sys.executable, "-m", "bootkit", "serve-http", str(tmp_path),
+        "--bind", "127.0.0.1:0",
+        "--timeout", "5",
+        "--max-connections", "8",
+    ]  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bootkit", "serve-http", str(tmp_path), "--bind", "127.0.0.1:0"],
+        cmd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -167,6 +173,12 @@ def test_cli_serve_http(tmp_path: Path) -> None:
         [sys.executable, "-m", "bootkit", "serve-http", str(tmp_path / "nope")], capture_output=True, text=True
     )
     assert bad.returncode == 2 and bad.stderr.strip() == f"error: {tmp_path / 'nope'}: not a directory"
+    bad = subprocess.run(
+        [sys.executable, "-m", "bootkit", "serve-http", str(tmp_path), "--max-connections", "0"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --max-connections 0: must be >= 1"
 
 
 def test_ipv6_loopback(tmp_path: Path) -> None:
