@@ -285,8 +285,10 @@ def make_server(
         raise UsageError(f"{root}: not a directory")
     if not timeout > 0:
         raise UsageError(f"--timeout {timeout}: must be > 0")
-    if max_connections < 1 or workers < 1:
+    if max_connections < 1:
         raise UsageError(f"--max-connections {max_connections}: must be >= 1")
+    if workers < 1:
+        raise UsageError(f"workers={workers}: must be >= 1")
     host, port = parse_bind(bind)
     try:
         server = _Server(
