@@ -58,7 +58,7 @@ class _Waiting:
 
 
 class Connections:
-    """The gate and the workers of one server; ``admit`` every accepted socket, ``close`` at the end."""
+    """The gate and the workers of one server: ``accept`` every new socket, ``close`` at the end."""
 
     def __init__(
         self, answer: Answer, *, workers: int, max_connections: int, timeout: float, tls: bool = False
