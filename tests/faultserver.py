@@ -45,6 +45,10 @@ class Fault:
     corrupt_at: int | None = None
     #: answer with a 302 to this location
     redirect: str | None = None
+    #: send this many bytes more than the answer should have (announced in Content-Length unless chunked)
+    extra_body: int = 0
+    #: send the body with Transfer-Encoding: chunked (no Content-Length)
+    chunked: bool = False
     #: ignore the Range header (answer 200 with the whole file)
     ignore_range: bool = False
     #: honour Range even when If-Range no longer matches (a server that ignores If-Range)
@@ -66,6 +70,8 @@ class FaultState:
     redirects: dict[str, str] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: send ETag (and honour If-Range); False: a server that gives no validator at all
+    validators: bool = True
 
     def etag(self, path: str) -> str:
         return '"' + hashlib.sha256(self.files[path]).hexdigest()[:16] + '"'
@@ -120,7 +126,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 state.files[path] = fault.replace
             redirect = fault.redirect or state.redirects.get(path)
             data = state.files.get(path)
-            etag = state.etag(path) if data is not None else ""
+            etag = state.etag(path) if data is not None and state.validators else ""
         if redirect is not None:
             self._empty(302, {"Location": redirect})
             return
@@ -145,7 +151,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             elif m and m.group(2):
                 first, last, status = max(size - int(m.group(2)), 0), size - 1, 206
             if status == 206 and first >= size:
-                self._empty(416, {"Content-Range": f"bytes */{size}", "ETag": etag})
+                self._empty(416, {"Content-Range": f"bytes */{size}", **({"ETag": etag} if etag else {})})
                 return
         payload = bytearray(data[first : last + 1])
         if fault.lie_length < 0:  # announce and send fewer bytes than the file has
@@ -153,15 +159,45 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if fault.corrupt_at is not None and fault.corrupt_at < len(payload):
             payload[fault.corrupt_at] ^= 0xFF
         self.send_response(status)
-        self.send_header("ETag", etag)
+        if etag:
+            self.send_header("ETag", etag)
         self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Length", str(len(payload) + max(fault.lie_length, 0)))
+        if fault.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(len(payload) + max(fault.lie_length, 0) + fault.extra_body))
         if status == 206:
             self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
         self.end_headers()
         if not body:
             return
+        if fault.chunked or fault.extra_body:
+            self._send_oversized(bytes(payload), fault)
+            return
         self._send_body(bytes(payload), fault)
+
+    def _send_oversized(self, payload: bytes, fault: Fault) -> None:
+        """The payload, then ``extra_body`` more bytes (chunked if asked), sent from one small block."""
+        block = bytes(64 * 1024)
+        left = fault.extra_body
+        try:
+            if payload:
+                self._write_piece(payload, fault.chunked)
+            while left > 0:
+                self._write_piece(block[: min(left, len(block))], fault.chunked)
+                left -= len(block)
+            if fault.chunked:
+                self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except OSError:
+            pass  # the client hung up (as it should)
+        self._drop()
+
+    def _write_piece(self, piece: bytes, chunked: bool) -> None:
+        if chunked:
+            self.wfile.write(b"%x\r\n" % len(piece) + piece + b"\r\n")
+        else:
+            self.wfile.write(piece)
 
     def _send_body(self, payload: bytes, fault: Fault) -> None:
         limit = len(payload) if fault.drop_after is None else min(fault.drop_after, len(payload))

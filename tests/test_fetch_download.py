@@ -30,7 +30,9 @@ from bootkit.fetch import (
     SizeMismatch,
     download,
 )
-from bootkit.fetch.download import READ_SLICE, filesystem_type, parse_sums
+from bootkit.fetch.checksums import parse_sums
+from bootkit.fetch.download import READ_SLICE
+from bootkit.fetch.room import filesystem_type
 
 SIZE = 3 * 1024 * 1024 + 12345
 DATA = make_data(SIZE, seed=4)
@@ -157,6 +159,26 @@ def test_file_replaced_mid_download_fails_pinned_hash(server: tuple[str, FaultSt
         f"{url}/img: SHA-256 mismatch: got {new_sha}, expected {SHA} (pinned); the download was deleted"
     )
     assert leftovers(tmp_path) == []
+
+
+def test_file_replaced_without_validators_restarts_from_zero(
+    server: tuple[str, FaultState], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No ETag, no Last-Modified: a same-size replacement cannot be detected, so nothing is ever resumed."""
+    url, state = server
+    state.validators = False
+    state.add_faults("/img", Fault(drop_after=1_000_000), Fault(replace=NEW_DATA))
+    caplog.set_level(logging.INFO, logger="bootkit")
+    dest = tmp_path / "img"
+    result = download(f"{url}/img", str(dest), fast_options())
+    assert dest.read_bytes() == NEW_DATA  # not DATA[:1_000_000] + NEW_DATA[1_000_000:]
+    assert result.sha256 == hashlib.sha256(NEW_DATA).hexdigest()
+    first, second = state.requests_for("/img")
+    assert "ETag" not in first.headers and second.headers.get("Range") is None
+    assert (
+        "fetch: restarting from zero: the server sends neither ETag nor Last-Modified, so it cannot resume"
+        f" safely ({url}/img)"
+    ) in [r.getMessage() for r in caplog.records]
 
 
 def test_server_ignoring_if_range_is_not_spliced(server: tuple[str, FaultState], tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import random
 import shutil
 import socket
 import threading
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,16 @@ from fetch_fixtures import fast_options, make_data, nginx
 
 from bootkit import qcow2
 from bootkit.errors import FetchError, UsageError
-from bootkit.fetch import ChunkError, HTTPSource, HTTPStatusError, Manifest, RemoteChanged, SizeMismatch, client
+from bootkit.fetch import (
+    ChunkError,
+    GaveUp,
+    HTTPSource,
+    HTTPStatusError,
+    Manifest,
+    RemoteChanged,
+    SizeMismatch,
+    client,
+)
 from bootkit.host.httpserve import http_server
 from bootkit.run import run
 
@@ -238,6 +248,51 @@ def test_each_request_is_retried(faulty: tuple[str, FaultState]) -> None:
     with HTTPSource(url, fast_options(timeout=1, retries=6), manifest=MANIFEST, readahead=0) as source:
         state.add_faults("/img", Fault(status=503), Fault(drop_after=100), Fault(stall_after=10, stall=3))
         assert source.pread(CHUNK, 10) == DATA[CHUNK : CHUNK + 10]
+
+
+HUGE = 64 << 20
+
+
+@pytest.mark.parametrize(
+    ("fault", "says"),
+    [
+        (Fault(chunked=True, extra_body=HUGE), f"the server sent more than the {CHUNK} bytes asked for"),
+        (
+            Fault(extra_body=HUGE),
+            f"asked for bytes {CHUNK}-{2 * CHUNK - 1} ({CHUNK} bytes), the server announced Content-Length"
+            f" '{CHUNK + HUGE}'",
+        ),
+    ],
+    ids=["chunked-without-length", "content-length-larger-than-asked"],
+)
+def test_oversized_range_answer_is_not_read(faulty: tuple[str, FaultState], fault: Fault, says: str) -> None:
+    """A hostile server answers a range request with 64 MiB more than asked: the client reads at most the
+    range (and one byte), keeps its memory bounded, retries, and names the URL and the numbers."""
+    url, state = faulty
+    with HTTPSource(url, fast_options(retries=1), manifest=MANIFEST, readahead=0) as source:
+        state.add_faults("/img", fault, fault)
+        tracemalloc.start()
+        try:
+            with pytest.raises(GaveUp) as info:
+                source.pread(CHUNK, 10)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 8 * CHUNK + (1 << 20), f"{peak} bytes allocated while reading a {CHUNK}-byte range"
+        assert str(info.value) == f"{url}: {says} (gave up after 2 attempts in a row)"
+        # the answers were cut short: the source goes on serving from an honest server
+        assert source.pread(CHUNK, 10) == DATA[CHUNK : CHUNK + 10]
+
+
+def test_oversized_answer_to_the_probe(faulty: tuple[str, FaultState]) -> None:
+    """The first request (one byte, to learn the size) is bounded the same way."""
+    url, state = faulty
+    state.add_faults("/img", Fault(chunked=True, extra_body=HUGE), Fault(chunked=True, extra_body=HUGE))
+    with pytest.raises(GaveUp) as info:
+        HTTPSource(url, fast_options(retries=1), manifest=MANIFEST)
+    assert str(info.value) == (
+        f"{url}: the server sent more than the 1 bytes asked for (gave up after 2 attempts in a row)"
+    )
 
 
 def test_file_changed_on_server_is_an_error(faulty: tuple[str, FaultState]) -> None:

@@ -13,6 +13,8 @@ import os
 import random
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
@@ -883,11 +885,53 @@ def test_backing_absolute_path_outside_the_directory(imgdir: Path, outside: Path
 def test_backing_dotdot_escape(imgdir: Path, outside: Path) -> None:
     top = _top(imgdir, "../outside/base.qcow2")
     open_fails(top, UnsafePath, "'../outside/base.qcow2'", "outside the image's directory")
-    # ".." that stays inside is fine
+    # ".." that ends next to the image is fine
     (imgdir / "layers").mkdir()
-    shutil.copyfile(outside / "base.qcow2", imgdir / "layers" / "base.qcow2")
-    inside = _top(imgdir, "layers/../layers/base.qcow2", name="inside.qcow2")
+    shutil.copyfile(outside / "base.qcow2", imgdir / "base.qcow2")
+    inside = _top(imgdir, "layers/../base.qcow2", name="inside.qcow2")
     assert reads_like_qemu(inside)[:1] == b"\x99"
+
+
+def test_backing_in_a_subdirectory_needs_allow_dir(imgdir: Path) -> None:
+    """An image in a home directory names .ssh/id_rsa as its raw backing file: not followed by default
+    (bootkit convert would print the key), only with --allow-dir or --backing."""
+    key = b"-----BEGIN OPENSSH PRIVATE KEY-----\nsecret\n"
+    (imgdir / ".ssh").mkdir()
+    (imgdir / ".ssh" / "id_rsa").write_bytes(key.ljust(64 * KiB, b"\0"))
+    shutil.copyfile(imgdir / ".ssh" / "id_rsa", imgdir / "decoy.raw")
+    top = create(imgdir / "top.qcow2", 64 * KiB, backing="decoy.raw", backing_fmt="raw")
+    tool("qemu-img", "rebase", "-u", "-b", ".ssh/id_rsa", "-F", "raw", top)
+    assert qemu_raw(top)[: len(key)] == key  # QEMU itself follows it
+    message = open_fails(top, UnsafePath)
+    assert message == (
+        f"{top}: backing file '.ssh/id_rsa' is in a subdirectory of the image's directory; only files right"
+        f" next to the image are followed: pass it explicitly (--backing) or allow its directory"
+        f" (--allow-dir {imgdir / '.ssh'})"
+    )
+    # the same through the command line: one line, exit status 2, nothing of the key on stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "bootkit", "convert", str(top), "-"], capture_output=True, timeout=120
+    )
+    assert (out.returncode, out.stdout, out.stderr.decode()) == (2, b"", f"error: {message}\n")
+    # an absolute name into the subdirectory is the same thing
+    tool("qemu-img", "rebase", "-u", "-b", str(imgdir / ".ssh" / "id_rsa"), "-F", "raw", top)
+    open_fails(top, UnsafePath, "in a subdirectory", "--allow-dir")
+    # what the caller allows or names is followed
+    with bootkit.qcow2.open(top, allow_dirs=(str(imgdir / ".ssh"),)) as image:
+        assert image.pread(0, len(key)) == key
+    with bootkit.qcow2.open(top, allow_dirs=(str(imgdir),)) as image:
+        assert image.pread(0, len(key)) == key
+    with bootkit.qcow2.open(top, backing=imgdir / ".ssh" / "id_rsa") as image:
+        assert image.pread(0, len(key)) == key
+
+
+def test_data_file_in_a_subdirectory_needs_allow_dir(imgdir: Path) -> None:
+    (imgdir / "data").mkdir()
+    img = create(imgdir / "df.qcow2", 1 * MiB, options=["data_file=data/disk.data"])
+    qemu_io(img, "write -P 0x5d 0 64k")
+    open_fails(img, UnsafePath, "data file 'data/disk.data' is in a subdirectory", "(--data-file)", "--allow-dir")
+    with bootkit.qcow2.open(img, allow_dirs=(str(imgdir / "data"),)) as image:
+        assert image.pread(0, 64 * KiB) == b"\x5d" * (64 * KiB)
 
 
 def test_backing_symlink_escape(imgdir: Path, outside: Path) -> None:

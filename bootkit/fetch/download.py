@@ -4,38 +4,36 @@ The bytes stream to ``DEST.part`` and are hashed as they arrive; only a verified
 Before the first byte, the announced size is compared with what fits: the free space of DEST's filesystem
 and, when that filesystem lives in RAM (tmpfs, ramfs), ``MemAvailable`` minus a reserve (dracut's
 ``rd.minmem``). Connection drops, timeouts and 5xx are retried with backoff and resumed with ``Range`` +
-``If-Range``, so a file that changed on the server restarts from zero instead of being spliced.
+``If-Range``, so a file that changed on the server restarts from zero instead of being spliced; a server that
+sends neither ETag nor Last-Modified gives nothing to put in ``If-Range``, so its downloads restart from zero.
 
 Runs inside the initramfs: standard library only, Python >= 3.9.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
-import posixpath
-import re
 import socket
 import threading
 import time
-import urllib.parse
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
-from bootkit.errors import BootkitError, FetchError
+from bootkit.errors import BootkitError
 from bootkit.fetch import client
+from bootkit.fetch.checksums import sidecar_checksum as sidecar_checksum  # re-exported: boot.main uses it
 from bootkit.fetch.errors import (
     ChecksumMismatch,
-    ChecksumMissing,
     NotEnoughSpace,
-    NotFound,
     RemoteChanged,
     SizeMismatch,
     TransientError,
 )
 from bootkit.fetch.options import FetchOptions
 from bootkit.fetch.progress import Progress, human_duration
+from bootkit.fetch.ranges import content_range, if_range_validator
+from bootkit.fetch.room import check_fits, local_error
 from bootkit.log import human_size, log
 
 #: bytes read from the network per block; each block is hashed and written while the next one is read
@@ -46,11 +44,6 @@ READ_SLICE = 256 << 10
 PIPELINE_DEPTH = 4
 #: restarts from zero (file changed on the server) before giving up
 MAX_RESTARTS = 3
-RAM_FILESYSTEMS = ("tmpfs", "ramfs")
-
-_CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)")
-_SUMS_LINE = re.compile(r"([0-9a-fA-F]{64})\s+\*?(.+)")
-_BSD_SUMS_LINE = re.compile(r"SHA256\s*\((.+)\)\s*=\s*([0-9a-fA-F]{64})")
 
 
 @dataclass(frozen=True)
@@ -61,129 +54,6 @@ class DownloadResult:
     size: int
     sha256: str
     url: str
-
-
-# -- where the file goes: does it fit? ------------------------------------------------------------------
-
-
-def filesystem_type(path: str) -> str:
-    """The type (``tmpfs``, ``ext4``, ...) of the filesystem holding ``path``, from /proc/self/mounts."""
-    path = os.path.realpath(path)
-    best, best_type = "", "unknown"
-    try:
-        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) < 3:
-                    continue
-                mount_point = fields[1].replace("\\040", " ")
-                inside = path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
-                if inside and len(mount_point) >= len(best):
-                    best, best_type = mount_point, fields[2]
-    except OSError:
-        pass
-    return best_type
-
-
-def mem_available() -> Optional[int]:
-    """``MemAvailable`` from /proc/meminfo in bytes (None if the kernel does not say)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def space_budget(directory: str, reserve: int) -> Tuple[int, str]:
-    """How many bytes may be written under ``directory``, and what limits it (for the error message)."""
-    fstype = filesystem_type(directory)
-    limits: List[Tuple[int, str]] = []
-    if fstype != "ramfs":  # ramfs reports no size: only RAM bounds it
-        st = os.statvfs(directory)
-        free = st.f_bavail * st.f_frsize
-        limits.append((free, f"{human_size(free)} free on {directory} ({fstype})"))
-    if fstype in RAM_FILESYSTEMS:
-        available = mem_available()
-        if available is not None:
-            limits.append(
-                (
-                    available - reserve,
-                    f"{human_size(max(available - reserve, 0))} of RAM available after keeping "
-                    f"{human_size(reserve)} in reserve (MemAvailable {human_size(available)})",
-                )
-            )
-    if not limits:
-        return 1 << 62, "no limit known"
-    return min(limits)
-
-
-def check_fits(url: str, size: int, dest: str, reserve: int) -> int:
-    """Raise NotEnoughSpace unless ``size`` bytes fit; returns the budget (also enforced while streaming)."""
-    budget, why = space_budget(os.path.dirname(os.path.abspath(dest)), reserve)
-    if size > budget:
-        raise NotEnoughSpace(
-            f"{url}: image is {human_size(size)} but only {why}; use lazy mode, more RAM, a smaller reserve"
-            " or a larger filesystem"
-        )
-    return budget
-
-
-# -- what the bytes must hash to ---------------------------------------------------------------------------
-
-
-def parse_sums(text: str, name: str) -> Optional[str]:
-    """The hash for ``name`` in a ``sha256sum``-style (GNU or BSD) listing; None if not listed."""
-    for line in text.splitlines():
-        line = line.strip()
-        m = _SUMS_LINE.fullmatch(line)
-        if m and posixpath.basename(m.group(2).strip()) == name:
-            return m.group(1).lower()
-        m = _BSD_SUMS_LINE.fullmatch(line)
-        if m and posixpath.basename(m.group(1).strip()) == name:
-            return m.group(2).lower()
-    return None
-
-
-def sidecar_checksum(url: str, options: FetchOptions) -> Tuple[str, str]:
-    """The expected SHA-256 from ``URL.sha256``, else from ``SHA256SUMS`` in the same directory.
-
-    Returns (hex digest, URL it came from).
-    """
-    parts = urllib.parse.urlsplit(url)
-    name = urllib.parse.unquote(posixpath.basename(parts.path))
-    sidecar = urllib.parse.urlunsplit(parts._replace(path=parts.path + ".sha256", fragment=""))
-    try:
-        text = client.get_small(sidecar, options).decode("utf-8", errors="replace")
-    except NotFound:
-        pass
-    else:
-        words = text.split()
-        digest = words[0].lower() if words else ""
-        if not re.fullmatch(r"[0-9a-f]{64}", digest):
-            digest = parse_sums(text, name) or ""
-        if not digest:
-            raise ChecksumMissing(f"{sidecar}: no SHA-256 in it")
-        return digest, sidecar
-    sums = urllib.parse.urljoin(urllib.parse.urlunsplit(parts._replace(query="", fragment="")), "SHA256SUMS")
-    try:
-        text = client.get_small(sums, options).decode("utf-8", errors="replace")
-    except NotFound as e:
-        raise ChecksumMissing(f"{url}: verify=sidecar but neither {sidecar} nor {sums} exists") from e
-    found = parse_sums(text, name)
-    if found is None:
-        raise ChecksumMissing(f"{sums}: no entry for {name}")
-    return found, sums
-
-
-def local_error(e: BaseException, url: str, what: str) -> BaseException:
-    """A failure of the local file (not the network): never retried; ENOSPC is NotEnoughSpace."""
-    if not isinstance(e, OSError):
-        return e
-    kind = NotEnoughSpace if e.errno in (errno.ENOSPC, errno.EDQUOT) else FetchError
-    return kind(f"{url}: {what}: {e.strerror}")
 
 
 # -- the hash-and-write stage ------------------------------------------------------------------------------
@@ -292,25 +162,6 @@ class _Sink:
 # -- the download ------------------------------------------------------------------------------------------
 
 
-def _validator(response: Any) -> Optional[str]:
-    """What ``If-Range`` can send: a strong ETag, else Last-Modified (None if the server gives neither)."""
-    etag: Optional[str] = response.getheader("ETag")
-    if etag and not etag.startswith("W/"):
-        return etag
-    modified: Optional[str] = response.getheader("Last-Modified")
-    return modified
-
-
-def _content_range(response: Any) -> Tuple[Optional[int], Optional[int]]:
-    """(first byte, total size) from a Content-Range header; None where the server says ``*`` or nothing."""
-    m = _CONTENT_RANGE.fullmatch((response.getheader("Content-Range") or "").strip())
-    if not m:
-        return None, None
-    first = int(m.group(1)) if m.group(1) is not None else None
-    total = int(m.group(3)) if m.group(3) != "*" else None
-    return first, total
-
-
 class _Download:
     """The state of one download: the .part file, what has been written, what the server announced."""
 
@@ -382,6 +233,9 @@ class _Download:
     def _attempt(self, sink: _Sink, retry: client.Retry) -> bool:
         """One request; True when the whole file is in. False: ask again at once (restart from zero)."""
         sink.flush()
+        if sink.written and not self.validator:
+            # without If-Range, a file replaced by one of the same size would be spliced: half of each version
+            self._restart(sink, "the server sends neither ETag nor Last-Modified, so it cannot resume safely", False)
         offset = sink.written
         headers = {}
         if offset:
@@ -405,7 +259,7 @@ class _Download:
             else:
                 client.check_status(response, opened.url)
                 if offset:
-                    if self.validator is not None and _validator(response) == self.validator:
+                    if self.validator is not None and if_range_validator(response) == self.validator:
                         self._restart(sink, "the server ignores Range requests", changed=False)
                     else:
                         self._restart(sink, "the file changed on the server")
@@ -425,7 +279,7 @@ class _Download:
         """A 200 answer: learn size and validator, check that the file fits."""
         length = response.getheader("Content-Length")
         self.size = int(length) if length and length.isdigit() else None
-        self.validator = _validator(response)
+        self.validator = if_range_validator(response)
         self.progress.total = self.size
         if self.size is not None:
             self.budget = check_fits(self.url, self.size, self.dest, self.options.reserve_bytes)
@@ -439,19 +293,19 @@ class _Download:
 
         Two versions are never spliced: the caller restarts from zero.
         """
-        first, total = _content_range(response)
+        first, total = content_range(response)
         if first != offset:
             raise TransientError(f"{self.url}: asked for bytes from {offset}, got Content-Range from {first}")
         if self.size is not None and total is not None and total != self.size:
             return f"the size changed from {self.size} to {total} bytes"
-        new_validator = _validator(response)
+        new_validator = if_range_validator(response)
         if self.validator and new_validator and new_validator != self.validator:
             return f"the validator changed from {self.validator} to {new_validator}"
         return None
 
     def _restart_after_416(self, response: Any, sink: _Sink) -> bool:
-        _, total = _content_range(response)
-        same = self.validator is not None and _validator(response) == self.validator
+        _, total = content_range(response)
+        same = self.validator is not None and if_range_validator(response) == self.validator
         if same and total is not None and self.size is not None and total < self.size:
             raise SizeMismatch(
                 f"{self.url}: server announced {self.size} bytes but the file has {total}"

@@ -21,15 +21,16 @@ import os
 import socket
 import threading
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from bootkit.errors import BootkitError, UsageError
 from bootkit.fetch import client
-from bootkit.fetch.download import _content_range, _validator, check_fits, local_error
-from bootkit.fetch.errors import ChunkError, HTTPStatusError, RemoteChanged, SizeMismatch, TransientError
+from bootkit.fetch.errors import ChunkError, SizeMismatch, TransientError
 from bootkit.fetch.manifest import DEFAULT_CHUNK_SIZE, Manifest
 from bootkit.fetch.options import FetchOptions
 from bootkit.fetch.progress import Progress, human_duration
+from bootkit.fetch.rangeclient import RangeClient
+from bootkit.fetch.room import check_fits, local_error
 from bootkit.log import human_size, log
 
 DEFAULT_CACHE_BYTES = 64 << 20
@@ -83,16 +84,13 @@ class HTTPSource:
         self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._cached_bytes = 0
         self._inflight: Dict[int, Future[bytes]] = {}
-        self._idle: List[http.client.HTTPConnection] = []
         self._last_chunk = -2
         self._closed = False
-        self._executor = ThreadPoolExecutor(max_workers=max(1, connections), thread_name_prefix="fetch-ahead")
-        # the server's addresses are looked up here, once: this source goes on reading after switch_root
-        self._pins = client.Pins()
-        self._size, self._url, self._validator = self._probe()
+        self._server = RangeClient(url, options)
+        self._size = self._server.size
         if manifest is not None and manifest.size != self._size:
             raise SizeMismatch(f"{url}: the server has {self._size} bytes, the manifest says {manifest.size}")
-        self._target = client.connect(client.parse_url(self._url), options)[1]
+        self._executor = ThreadPoolExecutor(max_workers=max(1, connections), thread_name_prefix="fetch-ahead")
         self._chunks = (self._size + self.chunk_size - 1) // self.chunk_size
         # background fill: which chunks are in the local file, and the file once complete
         self._have = bytearray(self._chunks)
@@ -147,14 +145,12 @@ class HTTPSource:
             if self._closed:
                 return
             self._closed = True
-            idle, self._idle = self._idle, []
+        self._server.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         with self._lock:  # read-ahead cancelled before it started: nobody else will answer its waiters
             pending = list(self._inflight.values())
         for future in pending:
             _settle(future, error=TransientError(f"{self.name}: source closed"))
-        for conn in idle:
-            conn.close()
         fill_conn = self._fill_conn
         if fill_conn is not None and fill_conn.sock is not None:
             try:
@@ -306,10 +302,13 @@ class HTTPSource:
         bad = 0
         while True:
             try:
-                data = self._request_range(offset, length)
+                data = self._server.get(offset, length)
             except Exception as e:  # classify decides what is retried
                 retry.failed(client.classify(e, self.name, self.options.timeout))
                 continue
+            with self._lock:
+                self.stats["requests"] += 1
+                self.stats["bytes"] += length
             if self.manifest is None or self.manifest.check(index, data):
                 return data
             bad += 1
@@ -319,106 +318,6 @@ class HTTPSource:
             if bad >= 2:
                 raise ChunkError(f"{what}, also when fetched again; not served")
             log.warning("fetch: %s; fetching it again", what)
-
-    def _request_range(self, offset: int, length: int) -> bytes:
-        """One range request on a keep-alive connection; a stale idle connection is replaced once, silently."""
-        conn, reused = self._get_conn()
-        try:
-            data = self._range_on(conn, offset, length)
-        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-            conn.close()
-            if not reused:
-                raise
-            conn = client.connect(self._url_parts(), self.options, self._pins)[0]
-            try:
-                data = self._range_on(conn, offset, length)
-            except BaseException:
-                conn.close()
-                raise
-        except BaseException:
-            conn.close()
-            raise
-        self._put_conn(conn)
-        return data
-
-    def _range_on(self, conn: http.client.HTTPConnection, offset: int, length: int) -> bytes:
-        headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
-        if self._validator:
-            headers["If-Range"] = self._validator
-        response = client.request(conn, self._target, headers)
-        self._check_range_response(response, offset)
-        data = response.read()
-        if len(data) != length:
-            raise TransientError(f"{self.name}: got {len(data)} bytes for a range of {length}")
-        if response.will_close:
-            conn.close()
-        with self._lock:
-            self.stats["requests"] += 1
-            self.stats["bytes"] += length
-        return data
-
-    def _check_range_response(self, response: http.client.HTTPResponse, offset: int) -> None:
-        if response.status in (200, 416):
-            response.close()
-            raise RemoteChanged(
-                f"{self.name}: the file changed on the server since it was opened"
-                f" (HTTP {response.status} to a range request)"
-            )
-        client.check_status(response, self.name, (206,))
-        first, total = _content_range(response)
-        if first != offset or total != self._size:
-            response.close()
-            raise RemoteChanged(
-                f"{self.name}: asked for bytes from {offset} of {self._size}, the server sent"
-                f" Content-Range {response.getheader('Content-Range')}"
-            )
-        validator = _validator(response)
-        if self._validator and validator and validator != self._validator:
-            response.close()
-            raise RemoteChanged(f"{self.name}: the file changed on the server (validator {validator})")
-
-    def _url_parts(self) -> client.Url:
-        return client.parse_url(self._url)
-
-    def _get_conn(self) -> Tuple[http.client.HTTPConnection, bool]:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop(), True
-        return client.connect(self._url_parts(), self.options, self._pins)[0], False
-
-    def _put_conn(self, conn: http.client.HTTPConnection) -> None:
-        if conn.sock is None:
-            return
-        with self._lock:
-            if not self._closed:
-                self._idle.append(conn)
-                return
-        conn.close()
-
-    def _probe(self) -> Tuple[int, str, Optional[str]]:
-        """Size, URL after redirects and validator, from a one-byte range request (also proves Range works)."""
-        retry = client.Retry(self.name, self.options)
-        while True:
-            try:
-                opened = client.open_url(self.name, self.options, {"Range": "bytes=0-0"}, pins=self._pins)
-                try:
-                    response = opened.response
-                    if response.status == 200:
-                        raise HTTPStatusError(
-                            f"{self.name}: the server ignores Range requests; lazy mode needs them (use ram mode)"
-                        )
-                    _, total = _content_range(response)
-                    if response.status == 416 and total == 0:
-                        return 0, opened.url, _validator(response)
-                    client.check_status(response, self.name, (206,))
-                    response.read()
-                    if total is None:
-                        raise HTTPStatusError(f"{self.name}: no size in the Content-Range of a range request")
-                    return total, opened.url, _validator(response)
-                finally:
-                    opened.conn.close()
-            except Exception as e:  # classify decides what is retried
-                retry.failed(client.classify(e, self.name, self.options.timeout))
 
     # -- background fill thread --
 
@@ -453,9 +352,7 @@ class HTTPSource:
                 self._local = True
                 self._cache.clear()
                 self._cached_bytes = 0
-                idle, self._idle = self._idle, []
-            for conn in idle:
-                conn.close()
+            self._server.drop_idle()
             log.info(
                 "fill: %s complete in %s: reads now come from %s (%s)",
                 human_size(self._size),
@@ -481,14 +378,10 @@ class HTTPSource:
     def _fill_stream(self, index: int, progress: Progress) -> int:
         """Stream from chunk ``index`` to the end into the local file; returns the next chunk to fetch."""
         offset = index * self.chunk_size
-        conn = client.connect(self._url_parts(), self.options, self._pins)[0]
+        conn = self._server.connect()
         self._fill_conn = conn
         try:
-            headers = {"Range": f"bytes={offset}-"}
-            if self._validator:
-                headers["If-Range"] = self._validator
-            response = client.request(conn, self._target, headers)
-            self._check_range_response(response, offset)
+            response = self._server.open_from(conn, offset)
             buf = bytearray(self.chunk_size)
             while index < self._chunks and not self._closed:
                 _, length = self._span(index)

@@ -4,7 +4,9 @@ Python's ``http.server`` has no ``Range`` support; this one has what bootkit's f
 byte ranges (``206``, ``416``, suffix ``bytes=-N`` and open ``bytes=N-`` ranges), ``HEAD``, a strong ``ETag``,
 ``Last-Modified``, ``If-Range``, ``If-None-Match``/``If-Modified-Since``, keep-alive, ``sendfile``, optional
 TLS, and no path escape out of the served directory (``..``, symlinks pointing outside). Multi-range
-requests get the whole file (``200``), as RFC 9110 allows. In production, use nginx or any web server.
+requests get the whole file (``200``), as RFC 9110 allows; a range number of more than 20 digits gets
+``416``. Connections are bounded in number, threads and time (``bootkit.host.httpconns``), so a slowloris
+client cannot exhaust the server. In production, use nginx or any web server.
 
 Host side (not in the initramfs), standard library only.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import http.server
+import io
 import os
 import posixpath
 import re
@@ -25,9 +28,19 @@ from collections.abc import Iterator
 from typing import Any
 
 from bootkit.errors import UsageError
+from bootkit.host.httpconns import Connections, close_socket
 from bootkit.log import log
 
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+#: seconds for a request head to arrive, for an idle keep-alive connection, and for each send of an answer
+DEFAULT_TIMEOUT = 30.0
+#: connections held at once (waiting for a request, queued, being answered)
+DEFAULT_MAX_CONNECTIONS = 256
+#: threads answering requests (a connection waiting for its request holds none)
+DEFAULT_WORKERS = 16
+#: digits of a byte position: 20 hold any 64-bit size (and int() of over 4300 digits raises ValueError)
+MAX_DIGITS = 20
+
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.ASCII)
 
 
 def parse_bind(bind: str) -> tuple[str, int]:
@@ -47,6 +60,8 @@ def parse_range(header: str, size: int) -> tuple[int, int] | str | None:
     m = _RANGE.fullmatch(header.strip())
     if not m or (not m.group(1) and not m.group(2)):
         return None  # malformed or multi-range: ignore the header
+    if len(m.group(1)) > MAX_DIGITS or len(m.group(2)) > MAX_DIGITS:
+        return "unsatisfiable"  # no file is that large
     if not m.group(1):  # suffix: the last N bytes
         n = int(m.group(2))
         if n == 0 or size == 0:
@@ -62,9 +77,28 @@ def parse_range(header: str, size: int) -> tuple[int, int] | str | None:
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
+    """Answers one request whose head the gate has read (``head``), or a TLS connection's requests."""
+
     protocol_version = "HTTP/1.1"
     server_version = "bootkit-serve-http"
     server: _Server
+
+    def __init__(self, request: Any, client_address: Any, server: _Server, head: bytes | None = None) -> None:
+        self._head = head
+        super().__init__(request, client_address, server)
+
+    def setup(self) -> None:
+        super().setup()
+        if self._head is not None:
+            self.rfile.close()
+            self.rfile = io.BytesIO(self._head)
+
+    def handle(self) -> None:
+        if self._head is None:
+            super().handle()  # TLS: the usual keep-alive loop, each read bounded by the socket's timeout
+            return
+        self.close_connection = True
+        self.handle_one_request()  # the gate waits for the next request
 
     def do_GET(self) -> None:
         self._serve(body=True)
@@ -99,6 +133,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _serve(self, body: bool) -> None:
+        if self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length", "0").strip() != "0":
+            self.close_connection = True  # a request body is never read: it must not pass for the next request
         path = self._resolve()
         if path is None:
             self._error(404)
@@ -155,7 +191,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if ims:
             try:
                 since = email.utils.parsedate_to_datetime(ims).timestamp()
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError, IndexError):
                 return False
             return int(mtime) <= since
         return False
@@ -169,26 +205,54 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return cond == etag if cond.startswith(('"', "W/")) else cond == modified
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
+class _Server(http.server.HTTPServer):
+    # the listen backlog: socketserver's 5 makes the kernel drop the SYNs of a burst (retried after 1 s)
+    request_queue_size = 128
 
-    def __init__(self, root: str, address: tuple[str, int], context: ssl.SSLContext | None) -> None:
+    def __init__(
+        self,
+        root: str,
+        address: tuple[str, int],
+        context: ssl.SSLContext | None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        workers: int = DEFAULT_WORKERS,
+    ) -> None:
         self.root = os.path.realpath(root)
         self.context = context
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
+        self.connections = Connections(
+            self._answer, workers=workers, max_connections=max_connections, timeout=timeout, tls=context is not None
+        )
 
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        # the TLS handshake runs in the request's own thread, so a slow client cannot stall accept()
-        if self.context is not None:
-            try:
-                request = self.context.wrap_socket(request, server_side=True)
-            except (OSError, ssl.SSLError) as e:
-                log.debug("serve-http: TLS handshake with %s failed: %s", client_address, e)
-                return
-        super().finish_request(request, client_address)
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # accept() only: the request is read at the gate and answered by a worker
+        self.connections.accept(request, client_address)
+
+    def _answer(self, sock: socket.socket, client_address: Any, head: bytes | None) -> bool:
+        """Answer one request (or, for TLS, the connection); True: wait for the next request."""
+        if head is not None:
+            return not _Handler(sock, client_address, self, head).close_connection
+        assert self.context is not None
+        try:
+            # the TLS handshake runs in a worker, bounded by the timeout, so a slow client cannot stall accept()
+            tls = self.context.wrap_socket(sock, server_side=True)
+        except (OSError, ssl.SSLError) as e:
+            log.debug("serve-http: TLS handshake with %s failed: %s", client_address, e)
+            close_socket(sock)
+            return False
+        try:
+            _Handler(tls, client_address, self)
+        finally:
+            close_socket(tls)
+        return False
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.connections.close()
 
 
 def _context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:
@@ -203,14 +267,38 @@ def _context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None
 
 
 def make_server(
-    root: str, bind: str = "127.0.0.1:0", *, certfile: str | None = None, keyfile: str | None = None
-) -> tuple[http.server.ThreadingHTTPServer, str]:
-    """A server for ``root`` (not yet serving) and its base URL, e.g. ``http://127.0.0.1:41234/``."""
+    root: str,
+    bind: str = "127.0.0.1:0",
+    *,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    workers: int = DEFAULT_WORKERS,
+) -> tuple[http.server.HTTPServer, str]:
+    """A server for ``root`` (not yet serving) and its base URL, e.g. ``http://127.0.0.1:41234/``.
+
+    ``timeout`` bounds the wait for a request head, an idle keep-alive connection and each send of an
+    answer; at most ``max_connections`` are held at once and ``workers`` threads answer requests.
+    """
     if not os.path.isdir(root):
         raise UsageError(f"{root}: not a directory")
+    if not timeout > 0:
+        raise UsageError(f"--timeout {timeout}: must be > 0")
+    if max_connections < 1:
+        raise UsageError(f"--max-connections {max_connections}: must be >= 1")
+    if workers < 1:
+        raise UsageError(f"workers={workers}: must be >= 1")
     host, port = parse_bind(bind)
     try:
-        server = _Server(root, (host, port), _context(certfile, keyfile))
+        server = _Server(
+            root,
+            (host, port),
+            _context(certfile, keyfile),
+            timeout=timeout,
+            max_connections=max_connections,
+            workers=workers,
+        )
     except OSError as e:
         raise UsageError(f"--bind {bind}: {e.strerror}") from e
     port = server.server_address[1]
@@ -221,10 +309,25 @@ def make_server(
 
 @contextlib.contextmanager
 def http_server(
-    root: str, bind: str = "127.0.0.1:0", *, certfile: str | None = None, keyfile: str | None = None
+    root: str,
+    bind: str = "127.0.0.1:0",
+    *,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    workers: int = DEFAULT_WORKERS,
 ) -> Iterator[str]:
-    """Serve ``root`` in a background thread; yields the base URL; stops on exit."""
-    server, url = make_server(root, bind, certfile=certfile, keyfile=keyfile)
+    """Serve ``root`` in a background thread; yields the base URL; stops on exit (see ``make_server``)."""
+    server, url = make_server(
+        root,
+        bind,
+        certfile=certfile,
+        keyfile=keyfile,
+        timeout=timeout,
+        max_connections=max_connections,
+        workers=workers,
+    )
     thread = threading.Thread(target=server.serve_forever, name="serve-http", daemon=True)
     thread.start()
     try:

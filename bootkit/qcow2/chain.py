@@ -1,8 +1,9 @@
 """Opening an image: header, snapshot selection, L1 table, external data file and the backing chain.
 
-Image-supplied paths (backing file names, external data file names) are followed only inside the image's own
-directory (or directories the caller allows), never to an arbitrary host file: a qcow2 header naming
-``/etc/shadow`` must not make bootkit serve it (CVE-class issue, see Launchpad bug 2059809). When the
+Image-supplied paths (backing file names, external data file names) are followed only to a file right next to
+the image (after symlinks), or into directory trees the caller allows, never to an arbitrary host file: a
+qcow2 header naming ``/etc/shadow`` must not make bootkit serve it (CVE-class issue, see Launchpad bug
+2059809), nor one naming ``.ssh/id_rsa`` when the image sits in a home directory. When the
 backing-format extension is present it is obeyed (qcow2 or raw); the format is guessed from the magic only
 when the image does not say. Chains are capped in depth and checked for loops.
 
@@ -63,7 +64,8 @@ def open(
     under the path rules; False ignores it (unallocated clusters read as zeros); a path or source given here
     is the top image's backing file, trusted because the caller named it. ``data_file`` likewise for an
     external data file. ``resolver`` opens every file an image names (for images that are not local files,
-    e.g. fetched over HTTP); ``allow_dirs`` adds directories where image-supplied local paths may point.
+    e.g. fetched over HTTP). Image-supplied local paths must name a file right next to the image; ``allow_dirs``
+    adds directory trees (subdirectories included) where they may point.
     """
     opener = _Opener(resolver, allow_dirs, max_chain_depth, l2_cache_bytes, cluster_cache_bytes)
     try:
@@ -205,11 +207,21 @@ class _Opener:
         base = os.path.dirname(os.path.abspath(referrer.name))
         candidate = name if os.path.isabs(name) else os.path.join(base, name)
         real = os.path.realpath(candidate)
-        allowed = (os.path.realpath(base), *self.allow_dirs)
-        if not any(real.startswith(d.rstrip(os.sep) + os.sep) for d in allowed):
+        real_base = os.path.realpath(base)
+        option = "--backing" if what == "backing file" else "--data-file"
+        if any(real.startswith(d.rstrip(os.sep) + os.sep) for d in self.allow_dirs):
+            pass  # the caller allowed this directory tree
+        elif real.startswith(real_base.rstrip(os.sep) + os.sep) and os.path.dirname(real) != real_base:
+            # an image in a home directory must not name .ssh/id_rsa (and make bootkit convert print it)
+            raise UnsafePath(
+                f"{referrer.name}: {what} {name!r} is in a subdirectory of the image's directory; only files"
+                f" right next to the image are followed: pass it explicitly ({option}) or allow its directory"
+                f" (--allow-dir {os.path.dirname(real)})"
+            )
+        elif os.path.dirname(real) != real_base:
             raise UnsafePath(
                 f"{referrer.name}: {what} {name!r} is outside the image's directory; pass it explicitly "
-                "(--backing/--data-file) or allow its directory (--allow-dir)"
+                f"({option}) or allow its directory (--allow-dir)"
             )
         return self._source(real)
 

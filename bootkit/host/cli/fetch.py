@@ -73,9 +73,28 @@ def register(sub: Any) -> None:
         " Prints the base URL on stdout.",
     )
     p.add_argument("directory", metavar="DIR")
-    p.add_argument("--bind", default="127.0.0.1:8080", metavar="HOST:PORT", help="default 127.0.0.1:8080; port 0: any")
+    p.add_argument(
+        "--bind",
+        default="127.0.0.1:8080",
+        metavar="HOST:PORT",
+        help="HOST:PORT, [IPV6]:PORT or PORT (default 127.0.0.1:8080; port 0: any free port)",
+    )
     p.add_argument("--cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--key", metavar="FILE", help="private key for --cert (if not in the same file)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds a client may take to send a request, or stay idle between requests (default 30)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=256,
+        metavar="N",
+        help="connections held at once; when full, the one waiting longest for its request is dropped (default 256)",
+    )
     p.set_defaults(handler=_serve_http)
 
 
@@ -118,7 +137,14 @@ def _serve_http(args: argparse.Namespace) -> int:
 
     if args.key and not args.cert:
         raise UsageError("--key needs --cert")
-    server, url = make_server(args.directory, args.bind, certfile=args.cert, keyfile=args.key)
+    server, url = make_server(
+        args.directory,
+        args.bind,
+        certfile=args.cert,
+        keyfile=args.key,
+        timeout=args.timeout,
+        max_connections=args.max_connections,
+    )
     log.info("serve-http: serving %s at %s (Ctrl-C stops)", args.directory, url)
     sys.stdout.write(url + "\n")
     sys.stdout.flush()

@@ -48,7 +48,8 @@ def _image_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="DIR",
-        help="also follow backing/data file names that point into DIR (default: only the image's directory)",
+        help="also follow backing/data file names that point into DIR or below it (default: only files right"
+        " next to the image)",
     )
 
 
