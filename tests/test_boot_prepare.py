@@ -1,6 +1,6 @@
 """The boot code's first half on the host: fetch and verify over HTTP, open the chain, choose the root.
 
-``bootkit.boot.main.prepare`` is exactly what the initramfs daemon runs before it attaches /dev/nbd0 (which
+``bootkit.boot.daemon.prepare`` is exactly what the initramfs daemon runs before it attaches /dev/nbd0 (which
 needs a kernel NBD driver, so the attach is left to tests/test_boot_qemu.py). Images are made by qemu-img,
 qemu-io and sfdisk and served by bootkit's HTTP server on 127.0.0.1.
 """
@@ -16,8 +16,9 @@ import pytest
 from boot_fixtures import DPS_ROOT_X86_64, ESP_TYPE, Part, make_disk, make_ext4, make_vfat, need
 
 from bootkit.boot.cmdline import BootConfig, parse_cmdline
-from bootkit.boot.main import Prepared, Stages, prepare
+from bootkit.boot.daemon import Prepared, prepare
 from bootkit.boot.partitions import RootNotFound
+from bootkit.boot.stages import Stages
 from bootkit.errors import ConfigError, FetchError, ImageError
 from bootkit.host.httpserve import http_server
 
