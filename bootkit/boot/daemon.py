@@ -49,6 +49,7 @@ def prepare(cfg: BootConfig, stages: Stages, image_dir: str = IMAGE_DIR) -> Prep
         raise
     try:
         chain = " <- ".join(posixpath.basename(s.name) for s in image.chain())
+        fetcher.check_pins(chain)
         snapshot = f", snapshot {cfg.snapshot}" if cfg.snapshot else ""
         stages.done(f"qcow2 {human_size(image.virtual_size)} virtual{snapshot}, chain: {chain}")
         stages.begin("root")
