@@ -342,3 +342,15 @@ def test_images_are_readable_by_root_only(images: Path, base_url: str, tmp_path:
     assert stat.S_IMODE((tmp_path / "images").stat().st_mode) == 0o700
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "images").iterdir()}
     assert modes == {"top.qcow2": 0o600, "base.qcow2": 0o600}
+
+
+def test_sidecar_over_https_warns_only_when_insecure(images: Path, tls_cert: tuple[Path, Path], tmp_path: Path,
+                                                     console: list[str]) -> None:  # fmt: skip
+    cert, key = tls_cert
+    with http_server(str(images), certfile=str(cert), keyfile=str(key)) as url:
+        base = f"root=qcow2:{url}base.qcow2 rd.qcow2.verify=sidecar"
+        run_prepare(config(f"{base} rd.qcow2.cacert={cert}"), tmp_path / "a").close()
+        assert warnings(console) == []
+        run_prepare(config(f"{base} rd.qcow2.insecure"), tmp_path / "b").close()
+    [line] = warnings(console)
+    assert re.match(SIDECAR_WARNING.format(channel=r"https with rd\.qcow2\.insecure"), line), line
