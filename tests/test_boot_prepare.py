@@ -303,9 +303,9 @@ def console() -> Iterator[list[str]]:
 
 
 SIDECAR_WARNING = (
-    r"^bootkit: \[ *\d+\.\d\d\] fetch: WARNING: hashes from the image's own server over {channel} catch "
-    r"corruption, not an attacker who can replace image and hash together: pin rd\.qcow2\.sha256 \(or use "
-    r"https with a verified certificate\)$"
+    r"^bootkit: \[ *\d+\.\d\d\] fetch: WARNING: hashes fetched over {channel} catch corruption, not an "
+    r"attacker who can replace image and hash together: pin rd\.qcow2\.{pin} on the command line, or use "
+    r"https with a verified certificate$"
 )
 
 
@@ -320,7 +320,8 @@ def test_sidecar_over_http_warns_once(images: Path, base_url: str, tmp_path: Pat
                         tmp_path)  # fmt: skip
     ready.close()
     [line] = warnings(console)
-    assert re.match(SIDECAR_WARNING.format(channel="http://"), line), line
+    pin = "manifest-sha256" if mode == "lazy" else "sha256"
+    assert re.match(SIDECAR_WARNING.format(channel="http://", pin=pin), line), line
 
 
 def test_pinned_over_http_does_not_warn(images: Path, base_url: str, tmp_path: Path, console: list[str]) -> None:
@@ -353,4 +354,4 @@ def test_sidecar_over_https_warns_only_when_insecure(images: Path, tls_cert: tup
         assert warnings(console) == []
         run_prepare(config(f"{base} rd.qcow2.insecure"), tmp_path / "b").close()
     [line] = warnings(console)
-    assert re.match(SIDECAR_WARNING.format(channel=r"https with rd\.qcow2\.insecure"), line), line
+    assert re.match(SIDECAR_WARNING.format(channel=r"https with rd\.qcow2\.insecure", pin="sha256"), line), line

@@ -66,7 +66,7 @@ _PINNABLE = re.compile(r"^[A-Za-z0-9._+-]+$")
 
 @dataclass(frozen=True)
 class Verification:
-    """How one file of the chain is checked, and for the console line, what that protects against."""
+    """How one file of the chain is checked: where its expected hash comes from."""
 
     #: pinned (a hash from the command line), sidecar (a hash from the image's server) or none
     how: str
@@ -198,7 +198,7 @@ class ImageFetcher:
         return Verification(how)
 
     def _warn_if_unauthenticated(self, url: str) -> None:
-        """One console line when a hash comes from the image's own server over an unauthenticated channel."""
+        """One console line per boot when a hash comes from the server over an unauthenticated channel."""
         if self._warned_unauthenticated:
             return
         if url.startswith("http://"):
@@ -208,9 +208,10 @@ class ImageFetcher:
         else:
             return
         self._warned_unauthenticated = True
+        pin = "rd.qcow2.manifest-sha256" if self.cfg.mode == "lazy" else "rd.qcow2.sha256"
         self.stages.warn(
-            f"hashes from the image's own server over {channel} catch corruption, not an attacker who can "
-            "replace image and hash together: pin rd.qcow2.sha256 (or use https with a verified certificate)"
+            f"hashes fetched over {channel} catch corruption, not an attacker who can replace image and hash "
+            f"together: pin {pin} on the command line, or use https with a verified certificate"
         )
 
     def _lazy(self, url: str, name: str, top: bool, check: Verification) -> ByteSource:
