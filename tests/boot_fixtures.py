@@ -117,6 +117,9 @@ BUSYBOX_INIT = textwrap.dedent(
             ;;
         esac
     done
+    if [ -d /run/bootkit/images ]; then
+        echo "BOOTKIT-TEST images-mode: $(stat -c %a /run/bootkit/images /run/bootkit/images/* | tr '\\n' ' ')"
+    fi
     if [ -e /run/bootkit/status.json ]; then
         echo "BOOTKIT-TEST status: $(tr -d '\\n' < /run/bootkit/status.json)"
     fi

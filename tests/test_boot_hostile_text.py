@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from bootkit.boot.cmdline import parse_cmdline
-from bootkit.boot.main import Stages, prepare
+from bootkit.boot.serve import prepare
+from bootkit.boot.stages import Stages
 from bootkit.errors import BootkitError
 from bootkit.log import MAX_SAFE_TEXT, safe_text
 

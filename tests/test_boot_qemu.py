@@ -53,6 +53,8 @@ def _check_booted(boot: Boot, root: RootImage, name: str) -> None:
         assert set(boot.lines("BOOTKIT-TEST server-oom:")) == {"-1000"}
         assert set(boot.lines("BOOTKIT-TEST server-root:")) == {"0 entries"}
         assert boot.lines("BOOTKIT-TEST readall:") == ["ok"]
+        # the downloaded image under /run is root's alone: the booted system's users cannot read it whole
+        assert boot.lines("BOOTKIT-TEST images-mode:") == ["700 600"]
         assert boot.lines("BOOTKIT-TEST remount-ro:") == ["ok"]
         assert boot.lines("BOOTKIT-TEST kernel:") == []
         assert boot.lines("BOOTKIT-TEST done") == [""]

@@ -1,11 +1,11 @@
 """Everything the boot code and the NBD server it leaves behind can ever import, imported up front.
 
 After switch_root the server's own root directory is empty: a lazy ``import`` there fails with
-``ModuleNotFoundError`` (measured, dracut-notes §7). So the boot code imports this whole list before it does
-anything, error and logging paths included; a ``bootkit serve-nbd|attach --daemon`` imports it before it
-locks its memory; and ``bootkit build-initrd`` imports the same list on the host to learn which files to put
-into the initramfs: one list, three uses. tests/test_nbd_daemon.py checks that it names every module of
-bootkit's initramfs side.
+``ModuleNotFoundError`` (measured; docs/initramfs.md, "After the root switch"). So the boot code imports this
+whole list before it does anything, error and logging paths included; a ``bootkit serve-nbd|attach --daemon``
+imports it before it locks its memory; and ``bootkit build-initrd`` imports the same list on the host to learn
+which files to put into the initramfs: one list, three uses. tests/test_nbd_daemon.py checks that it names
+every module of bootkit's initramfs side.
 
 Runs inside the initramfs: standard library only, Python >= 3.9.
 """
@@ -28,6 +28,10 @@ BOOTKIT_MODULES: Tuple[str, ...] = (
     "bootkit.boot.cmdline",
     "bootkit.boot.partitions",
     "bootkit.boot.status",
+    "bootkit.boot.stages",
+    "bootkit.boot.images",
+    "bootkit.boot.mount",
+    "bootkit.boot.serve",
     "bootkit.qcow2",
     "bootkit.qcow2.chain",
     "bootkit.qcow2.compress",
@@ -52,6 +56,10 @@ BOOTKIT_MODULES: Tuple[str, ...] = (
     "bootkit.fetch.manifest",
     "bootkit.fetch.options",
     "bootkit.fetch.progress",
+    "bootkit.fetch.room",
+    "bootkit.fetch.checksums",
+    "bootkit.fetch.ranges",
+    "bootkit.fetch.rangeclient",
     "bootkit.boot.main",
 )
 

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "bootkit.host.cli.fetch",
     "bootkit.host.cli.pxe",
     "bootkit.host.cli.initrd",
+    "bootkit.host.cli.status",
 )
 
 #: which module registers each subcommand: ``bootkit convert`` imports only the reader's CLI module, not the
@@ -41,7 +42,7 @@ COMMANDS = {
     "serve-http": "bootkit.host.cli.fetch",
     "pxe-config": "bootkit.host.cli.pxe",
     "build-initrd": "bootkit.host.cli.initrd",
-    "status": "bootkit.host.cli.initrd",
+    "status": "bootkit.host.cli.status",
 }
 
 Handler = Callable[[argparse.Namespace], int]

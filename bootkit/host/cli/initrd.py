@@ -1,9 +1,8 @@
-"""``bootkit build-initrd`` (host) and ``bootkit status`` (on a system booted by bootkit)."""
+"""``bootkit build-initrd``: an initramfs that boots ``root=qcow2:URL``."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +31,6 @@ def register(sub: Any) -> None:
                    help="extra argument passed to dracut (repeatable); write --dracut-arg=--flag for a flag")
     p.set_defaults(handler=_build_initrd, systemd=False)
 
-    s = sub.add_parser("status", help="show how the running system was booted (/run/bootkit/status.json)")
-    s.add_argument("--file", type=Path, default=None, metavar="PATH",
-                   help="status file (default: /run/bootkit/status.json)")
-    s.add_argument("--json", action="store_true", help="print the raw JSON")
-    s.set_defaults(handler=_status)
-
 
 def _build_initrd(args: argparse.Namespace) -> int:
     from bootkit.boot.cmdline import describe_contract
@@ -58,17 +51,4 @@ def _build_initrd(args: argparse.Namespace) -> int:
     )
     print(describe(result))
     print(describe_contract())
-    return 0
-
-
-def _status(args: argparse.Namespace) -> int:
-    from bootkit.boot.status import STATUS_FILE, format_status, read_status
-
-    data = read_status(args.file or Path(STATUS_FILE))
-    if args.json:
-        import json
-
-        print(json.dumps(data, indent=2, sort_keys=True))
-    else:
-        sys.stdout.write(format_status(data))
     return 0

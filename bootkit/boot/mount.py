@@ -1,0 +1,78 @@
+"""Mounting the root: the partition read-only, and unless ``rd.qcow2.overlay=none`` a tmpfs overlayfs over it.
+
+The parent process of the boot code does this once the daemon has attached the NBD device: it waits for the
+partition's device node, mounts the filesystem read-only under ``/run/bootkit/lower``, a tmpfs under
+``/run/bootkit/overlay`` for the writable layer, and the overlay at the new root. ``/run`` moves into the new
+root at switch_root, so both stay reachable from the booted system.
+
+Runs inside the initramfs: standard library only, Python >= 3.9.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import List, Optional, Sequence
+
+from bootkit.boot.cmdline import BootConfig
+from bootkit.boot.stages import BootFailed
+from bootkit.boot.status import RUN_DIR
+from bootkit.log import log
+from bootkit.run import run
+
+
+def _mount(args: Sequence[str]) -> None:
+    proc = run(["mount", *args], check=False, capture=True)
+    if proc.returncode != 0:
+        msg = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise BootFailed(f"mount {' '.join(args)}: {msg[-1] if msg else 'exit status %d' % proc.returncode}")
+
+
+def wait_for(path: str, timeout: float) -> None:
+    """Wait until ``path`` (the partition's device node) exists; BootFailed after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise BootFailed(f"{path} did not appear within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def _unmount(path: str) -> None:
+    """Best effort: the mount that failed is the cause to report, not a cleanup that could not finish."""
+    proc = run(["umount", path], check=False, capture=True)
+    if proc.returncode != 0:
+        msg = proc.stderr.decode(errors="replace").strip().splitlines()
+        log.warning("mount: could not unmount %s after the failure: %s", path, msg[-1] if msg else proc.returncode)
+
+
+def mount_root(cfg: BootConfig, device: str, fstype: Optional[str], newroot: str, run_dir: str = RUN_DIR) -> str:
+    """Mount ``device`` read-only and, unless ``rd.qcow2.overlay=none``, a tmpfs overlayfs at ``newroot``.
+
+    The lower filesystem and the tmpfs go under ``run_dir``. When a step fails, what was mounted before it
+    is unmounted again, in reverse order, so that dracut's failure path finds nothing of bootkit mounted.
+    """
+    fstype = cfg.rootfstype or fstype or "auto"
+    flags = ",".join(["ro", *([cfg.rootflags] if cfg.rootflags else [])])
+    os.makedirs(newroot, exist_ok=True)
+    if cfg.overlay.kind == "none":
+        _mount(["-t", fstype, "-o", flags, device, newroot])
+        return f"{device} ({fstype}) read-only at {newroot}"
+    lower, overlay = run_dir + "/lower", run_dir + "/overlay"
+    os.makedirs(lower, exist_ok=True)
+    os.makedirs(overlay, exist_ok=True)
+    size = f",size={cfg.overlay.size}" if cfg.overlay.size else ""
+    mounted: List[str] = []
+    try:
+        _mount(["-t", fstype, "-o", flags, device, lower])
+        mounted.append(lower)
+        _mount(["-t", "tmpfs", "-o", f"mode=0755{size}", "bootkit-overlay", overlay])
+        mounted.append(overlay)
+        os.makedirs(overlay + "/upper", exist_ok=True)
+        os.makedirs(overlay + "/work", exist_ok=True)
+        options = f"lowerdir={lower},upperdir={overlay}/upper,workdir={overlay}/work"
+        _mount(["-t", "overlay", "-o", ("rw," if cfg.rw else "ro,") + options, "overlay", newroot])
+    except BaseException:
+        for path in reversed(mounted):
+            _unmount(path)
+        raise
+    return f"{device} ({fstype}, read-only) under a tmpfs overlay{size.replace(',', ' ')} at {newroot}"

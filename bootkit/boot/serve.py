@@ -1,0 +1,141 @@
+"""The NBD server daemon's body: fetch, verify and open the image, choose the root, attach, serve.
+
+``bootkit.boot.main`` forks this process first (before any thread exists). It is a root storage daemon
+(systemd docs/ROOT_STORAGE_DAEMONS.md): hardened by ``bootkit.daemon.harden``, it prepares the image,
+attaches the kernel NBD device, reports the root's device node to the parent over a pipe and then serves for
+the rest of the system's life, keeping ``/run/bootkit/status.json`` current with its counters.
+
+Runs inside the initramfs: standard library only, Python >= 3.9.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from typing import Any, Dict, Optional
+
+from bootkit.boot.cmdline import BootConfig
+from bootkit.boot.images import IMAGE_DIR, ImageFetcher, grow_run
+from bootkit.boot.partitions import Partition, choose_root, read_disk
+from bootkit.boot.stages import Stages
+from bootkit.boot.status import StatusFile
+from bootkit.errors import BootkitError
+from bootkit.log import human_size, log
+
+
+class Prepared:
+    """A verified, opened image and the partition that holds the root."""
+
+    def __init__(self, image: Any, fetcher: ImageFetcher, root: Partition) -> None:
+        self.image, self.fetcher, self.root = image, fetcher, root
+
+    def close(self) -> None:
+        self.image.close()
+        self.fetcher.close()
+
+
+def prepare(cfg: BootConfig, stages: Stages, image_dir: str = IMAGE_DIR) -> Prepared:
+    """Fetch and verify the image (and its backing files), open the chain, choose the root partition."""
+    from bootkit import qcow2
+
+    fetcher = ImageFetcher(cfg, stages, image_dir)
+    try:
+        top = fetcher.top()
+        stages.begin("open")
+        image = qcow2.open(top, snapshot=cfg.snapshot, resolver=fetcher.backing)
+    except BaseException:
+        fetcher.close()
+        raise
+    try:
+        chain = " <- ".join(posixpath.basename(s.name) for s in image.chain())
+        fetcher.check_pins(chain)
+        snapshot = f", snapshot {cfg.snapshot}" if cfg.snapshot else ""
+        stages.done(f"qcow2 {human_size(image.virtual_size)} virtual{snapshot}, chain: {chain}")
+        stages.begin("root")
+        root = choose_root(read_disk(image, image.virtual_size), cfg.root)
+        how = f"rd.qcow2.root={cfg.root}" if cfg.root.kind != "auto" else "auto"
+        stages.done(f"{root.describe()} ({how})")
+    except BaseException:
+        image.close()
+        fetcher.close()
+        raise
+    return Prepared(image, fetcher, root)
+
+
+def run_daemon(cfg: BootConfig, stages: Stages, report: Any) -> int:
+    """The forked daemon: prepare the device, report it, then serve until the kernel disconnects."""
+    from bootkit import daemon
+    from bootkit.nbd import kernel
+
+    status = StatusFile()
+    try:
+        daemon.harden()
+        if cfg.mode == "ram":
+            grow_run(cfg)
+        ready = prepare(cfg, stages)
+        image, fetcher, root = ready.image, ready.fetcher, ready.root
+        stages.begin("attach")
+        attachment = kernel.attach(image, connections=1)
+        device = attachment.device if root.number == 0 else f"{attachment.device}p{root.number}"
+        stages.done(f"{attachment.device} serving the image, root on {device}")
+        devstats: Optional[DeviceStats] = None
+        try:
+            devstats = DeviceStats(attachment.device)
+        except OSError as e:
+            log.warning("status: no I/O counters for %s: %s", attachment.device, e.strerror)
+    except BootkitError as e:
+        report.send(1, stages.failed(str(e)))
+        return 1
+    except Exception as e:  # the boot must end with one clear line, whatever happened
+        report.send(1, stages.failed(f"{type(e).__name__}: {e}"))
+        return 1
+    status.update(
+        url=cfg.url,
+        sha256={url: digest for url, digest in fetcher.verified.items()},
+        verify=cfg.verify,
+        mode=cfg.mode,
+        snapshot=cfg.snapshot,
+        device=attachment.device,
+        root=device,
+        root_fstype=cfg.rootfstype or (root.fs.type if root.fs else None),
+        overlay=str(cfg.overlay),
+        server_pid=os.getpid(),
+        timeline=stages.timeline,
+        counters=counters(image, fetcher, devstats),
+    )
+    status.refresh_every(10.0, lambda: counters(image, fetcher, devstats))
+    report.send(0, json.dumps({"device": device, "fstype": root.fs.type if root.fs else None}))
+    attachment.wait()
+    return 0
+
+
+#: Documentation/block/stat.rst: reads completed, reads merged, sectors read, ms reading, ..., in flight
+_BLOCK_STAT_FIELDS = (("nbd_reads", 0), ("nbd_read_sectors", 2), ("nbd_read_ms", 3), ("nbd_in_flight", 8))
+
+
+class DeviceStats:
+    """The kernel's I/O counters of the NBD device (``/sys/block/nbdN/stat``), read through an fd opened
+    before the root switch: sysfs regenerates the file on every read at offset 0, and the path is
+    unreachable from the daemon afterwards."""
+
+    def __init__(self, device: str) -> None:
+        self.fd = os.open(f"/sys/block/{posixpath.basename(device)}/stat", os.O_RDONLY | os.O_CLOEXEC)
+
+    def read(self) -> Dict[str, int]:
+        values = os.pread(self.fd, 4096, 0).split()
+        return {k: int(values[i]) for k, i in _BLOCK_STAT_FIELDS if i < len(values)}
+
+
+def counters(image: Any, fetcher: ImageFetcher, device: Optional[DeviceStats] = None) -> Dict[str, Any]:
+    """Cache counters of the reader, request counters of the device, HTTP counters in lazy mode."""
+    result: Dict[str, Any] = {}
+    if hasattr(image, "cache_stats"):
+        result.update(image.cache_stats())
+    if device is not None:
+        result.update(device.read())
+    for source in fetcher.sources:
+        stats = getattr(source, "stats", None)
+        if stats:
+            result.update({f"http_{k}": v for k, v in dict(stats).items()})
+    return result
