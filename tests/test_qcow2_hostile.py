@@ -1,4 +1,4 @@
-"""Hostile images: every case of the reference's list (../shared/reference/qcow2.md §2 and "Also to add").
+"""Hostile images: every case listed in docs/qcow2.md, "Hostile images".
 
 Each case patches one field of a real image made by qemu-img/qemu-io (offsets from QCowHeader, the L1/L2
 tables and the compressed descriptor), then asserts the exact exception class and the words of its message

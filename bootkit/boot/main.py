@@ -27,7 +27,8 @@ Runs inside the initramfs: standard library only, Python >= 3.9.
 
 from __future__ import annotations
 
-# Import everything first: after switch_root the daemon cannot import anything (dracut-notes §7).
+# Import everything first: after switch_root the daemon cannot import anything
+# (docs/initramfs.md, "After the root switch").
 from bootkit.boot.preload import preload
 
 preload(strict=False)
@@ -71,7 +72,7 @@ def boot(cfg: BootConfig, newroot: str, unit: Optional[str]) -> int:
         what = mount_root(cfg, info["device"], info.get("fstype"), newroot)
         if unit and os.path.isdir("/run/systemd/system"):
             # the real root's systemd must know the unit, or it stops it at the default-target isolate
-            # and the server with it (dracut-notes §7)
+            # and the server with it (docs/initramfs.md, "Root storage daemon")
             shutil.copy(unit, "/run/systemd/system/")
         stages.done(what)
     except BootkitError as e:

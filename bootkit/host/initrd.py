@@ -2,7 +2,7 @@
 
 dracut builds it with bootkit's module (``dracut-module/90bootkit``, package data of the installed
 bootkit: :mod:`bootkit.host.pkgdata`), without copying anything into the system's dracut directory and
-isolated from the host's dracut configuration (../shared/reference/dracut-notes.md §3, §10):
+isolated from the host's dracut configuration (docs/initramfs.md):
 
 * ``dracutbasedir`` points at a temporary symlink farm of ``/usr/lib/dracut`` whose ``modules.d`` also holds
   a copy of our module, and, when the NIC drivers are trimmed, our own ``90kernel-network-modules`` shadowing the
@@ -127,7 +127,7 @@ def resolve_kernel(kver: str | None, kmoddir: Path | None) -> tuple[str, Path, P
         kmoddir = kmoddir.resolve()
         kver = kver or kmoddir.name
         if kmoddir.name != kver or kmoddir.parent.name != "modules" or kmoddir.parent.parent.name != "lib":
-            # dracut itself refuses it (dracut-notes §2); say so before it does, with the reason
+            # dracut itself refuses it (docs/initramfs.md, "A kernel without installing it"): say so first
             raise UsageError(f"--kmoddir {kmoddir}: must be a directory named .../lib/modules/{kver}")
         vmlinuz: Path | None = kmoddir.parent.parent.parent / "vmlinuz"
     elif kver is not None and (Path("/lib/modules") / kver / "kernel").is_dir():
@@ -227,7 +227,7 @@ def _stage_python(stage: Path) -> list[str]:
 
 
 def _dracutbase(work: Path, drivers: tuple[str, ...] | None) -> Path:
-    """The symlink farm dracut uses as ``dracutbasedir`` (dracut-notes §3)."""
+    """The symlink farm dracut uses as ``dracutbasedir`` (docs/initramfs.md)."""
     base = work / "dracutbase"
     mods = base / "modules.d"
     mods.mkdir(parents=True)

@@ -3,7 +3,7 @@
 ``apt-get download`` fetches the current bookworm ``linux-image-6.1.*-amd64-unsigned`` package into a cache
 directory, ``dpkg-deb -x`` unpacks it, and ``depmod -b`` writes the ``modules.dep*`` files the package does
 not ship. The result is a tree dracut accepts as ``--kmoddir``: it checks that the directory is
-``…/lib/modules/<kver>`` (see ../shared/reference/dracut-notes.md §2).
+``…/lib/modules/<kver>`` (docs/initramfs.md, "A kernel without installing it").
 
 Cache layout (under :func:`cache_dir`)::
 

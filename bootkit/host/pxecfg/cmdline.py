@@ -41,7 +41,7 @@ def kernel_args(
     """The kernel arguments of ``entry`` as ``machine`` boots it, one string per argument.
 
     ``initrd_name`` adds ``initrd=NAME`` first: iPXE on UEFI hands initrds to the kernel's EFI stub by that
-    name (see ../shared/reference/netboot.md §6); GRUB passes initrds itself and leaves it out. ``loader``
+    name (docs/pxe.md, "iPXE facts"); GRUB passes initrds itself and leaves it out. ``loader``
     renders values the boot loader fills in (none yet: the network part is ``ip=dhcp``).
     """
     args: list[str] = []

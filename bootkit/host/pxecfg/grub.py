@@ -1,4 +1,4 @@
-"""GRUB's network-boot tree, built with ``grub-mknetdir`` (../shared/reference/dracut-notes.md §9).
+"""GRUB's network-boot tree, built with ``grub-mknetdir`` (docs/pxe.md).
 
 For each firmware whose GRUB platform files are installed (Debian ``grub-pc-bin`` for BIOS,
 ``grub-efi-amd64-bin`` for UEFI), ``grub-mknetdir`` writes ``boot/grub/<platform>/`` into the TFTP root:

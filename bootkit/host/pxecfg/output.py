@@ -1,6 +1,6 @@
 """Write the output directory of ``pxe-config``: rendered files, GRUB's netboot tree, iPXE binaries.
 
-Layout (also in the README)::
+Layout (also in docs/pxe.md, "Output directory")::
 
     OUT/dnsmasq.conf                            when the description has a [dhcp] table
     OUT/tftp/                                   the TFTP root (dnsmasq's tftp-root, QEMU's tftp=)

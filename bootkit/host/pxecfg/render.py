@@ -6,7 +6,7 @@ missing value fails the render instead of printing ''. They are package data: th
 ``bootkit/host/pxecfg/templates/``, GRUB's in the repository's ``grub/`` folder, which the package holds
 as ``bootkit/_data/grub`` (:mod:`bootkit.host.pkgdata`).
 
-What runs where (see the README section "PXE configuration"):
+What runs where (docs/pxe.md, "The boot chain"):
 
 * iPXE runs one script for every machine: DHCP (retried), then a jump to the machine's own menu by MAC
   address, else the default menu. The same script works chain-loaded from BIOS (``undionly.kpxe``) and
