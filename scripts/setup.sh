@@ -21,6 +21,8 @@ apt_packages=(
     xfsprogs
     # servers and tools the tests drive
     nginx-light curl openssl shellcheck python3-venv
+    # pipx: the wheel test installs bootkit the way users install Python tools
+    pipx
 )
 
 missing=()

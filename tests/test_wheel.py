@@ -245,3 +245,27 @@ def test_pxe_config_from_the_wheel(installed: Installed) -> None:
     # the iPXE script, dnsmasq.conf and grub.cfg (from grub/grub.cfg.j2) with its per-machine files
     assert "tftp/boot/grub/grub.cfg" in produced and "tftp/boot.ipxe" in produced
     assert produced == expected
+
+
+def test_pipx_install_runs_every_command(wheel: Path, tmp_path: Path) -> None:
+    """``pipx install`` of the wheel, as users install Python tools: each command's --help, and pxe-config with
+    every default as shipped (GRUB images and iPXE builds included) from a directory outside the checkout."""
+    require_tools("pipx")
+    home, bin_dir, work = tmp_path / "pipx", tmp_path / "bin", tmp_path / "work"
+    work.mkdir()
+    env = clean_env(PIPX_HOME=str(home), PIPX_BIN_DIR=str(bin_dir), PIPX_MAN_DIR=str(tmp_path / "man"))
+    proc = subprocess.run(["pipx", "install", "--pip-args=-q", str(wheel)], capture_output=True, text=True,
+                          env=env, cwd=work, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    bootkit = str(bin_dir / "bootkit")
+    for command in COMMANDS:
+        help_proc = subprocess.run([bootkit, command, "--help"], capture_output=True, text=True, env=env, cwd=work,
+                                   timeout=60)  # fmt: skip
+        assert help_proc.returncode == 0 and f"usage: bootkit {command}" in help_proc.stdout, help_proc.stderr
+    shutil.copy(GOLDEN / "representative.toml", work)
+    proc = subprocess.run([bootkit, "pxe-config", "representative.toml", "--out", "pxe"], capture_output=True,
+                          text=True, env=env, cwd=work, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    produced = {p.relative_to(work / "pxe").as_posix() for p in (work / "pxe").rglob("*") if p.is_file()}
+    assert {"tftp/boot.ipxe", "tftp/boot/grub/grub.cfg", "dnsmasq.conf"} <= produced
+    assert any(name.endswith("core.efi") for name in produced) and any(name.endswith(".kpxe") for name in produced)
