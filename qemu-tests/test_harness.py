@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from bkharness import images
 from bkharness.fixtures import BootDir
-from bkharness.guest import GUEST_KERNEL_ARGS, ConsoleLine, GuestError, qemu_direct, qemu_pxe
+from bkharness.guest import GUEST_KERNEL_ARGS, ConsoleLine, Firmware, GuestError, qemu_command, qemu_direct, qemu_pxe
 from bkharness.images import KNOWN_FILE, ROOT_TYPE_X86_64, RootImage, qcow2_image
 from bkharness.initramfs import LOCAL_DISK_INIT, SMOKE_INIT, tiny_initramfs
 from bkharness.netboot import publish
@@ -178,3 +178,25 @@ def test_missing_pieces_are_named() -> None:
     require_command("serve-http")  # exists: no exception
     with pytest.raises(MissingPiece, match="'bootkit no-such-command' does not exist yet"):
         require_command("no-such-command")
+
+
+def test_qemu_command_defaults_and_network_options(tmp_path: Path) -> None:
+    """The options tests/ boots with (another -netdev, a MAC, UEFI's own PXE) change only their own parts."""
+    tftp = tmp_path / "tftp"
+    assert qemu_command(tftp_dir=tftp, bootfile="boot.ipxe")[-6:] == [
+        "-netdev", f"user,id=n0,tftp={tftp},bootfile=boot.ipxe",
+        "-device", "virtio-net-pci,netdev=n0,bootindex=1",
+        "-boot", "n",
+    ]  # fmt: skip
+    vars_file = tmp_path / "vars.fd"
+    socket = "stream,id=n0,server=off,addr.type=unix,addr.path=/tmp/s"
+    cmd = qemu_command(firmware=Firmware.uefi, vars_file=vars_file, netdev=socket, mac="52:54:00:65:43:21",
+                       firmware_pxe=True)  # fmt: skip
+    assert cmd[-6:] == [
+        "-netdev", socket,
+        "-device", "virtio-net-pci,netdev=n0,bootindex=1,romfile=,mac=52:54:00:65:43:21",
+        "-boot", "n",
+    ]  # fmt: skip
+    assert cmd == qemu_command(firmware=Firmware.uefi, vars_file=vars_file)[:-4] + cmd[-6:]
+    with pytest.raises(ValueError, match="only OVMF has a PXE client of its own"):
+        qemu_command(netdev=socket, firmware_pxe=True)

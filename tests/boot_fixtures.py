@@ -13,15 +13,15 @@ import os
 import shutil
 import subprocess
 import textwrap
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from bkharness.guest import GUEST_KERNEL_ARGS, GuestError, qemu_direct
 
 from bootkit.host.initrd import InitrdOptions, InitrdResult, build_initrd
-from bootkit.host.kernelpkg import Kernel, ensure_kernel
+from bootkit.host.kernelpkg import Kernel
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "artifacts"
@@ -189,49 +189,37 @@ def make_root_image(work: Path, *, table: str = "gpt") -> RootImage:
 # -- QEMU -----------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class Boot:
-    log: Path
-    returncode: int
-    elapsed: float
+    """A finished boot: its serial console (text, and the log file the harness wrote) and QEMU's exit status."""
 
-    @property
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
+    log: Path
+    returncode: int  # -1: killed after the timeout
+    elapsed: float
+    text: str
 
     def lines(self, prefix: str) -> list[str]:
         return [line.split(prefix, 1)[1].strip() for line in self.text.splitlines() if prefix in line]
 
 
+#: on the kernel line of every boot test: a failed boot powers off instead of waiting in a shell
+BOOT_TEST_ARGS = (*GUEST_KERNEL_ARGS, "rd.shell=0", "rd.emergency=poweroff")
+
+
 def qemu_boot(kernel: Kernel, initrd: Path, append: str, log: Path, *, timeout: float = 420) -> Boot:
-    """Boot ``kernel`` + ``initrd`` under TCG with user networking; returns when the guest powers off."""
+    """Boot ``kernel`` + ``initrd`` with the harness (TCG, user networking); returns when the guest powers off.
+
+    The serial console is logged to ``log``, which must be named ``NAME.serial.log`` (the harness's naming).
+    """
     need("qemu-system-x86_64")
-    cmd = [
-        "qemu-system-x86_64",
-        "-accel", "tcg",
-        "-m", "1024",
-        "-nodefaults",
-        "-display", "none",
-        "-serial", f"file:{log}",
-        "-no-reboot",
-        "-kernel", str(kernel.vmlinuz),
-        "-initrd", str(initrd),
-        "-append", f"console=ttyS0 panic=-1 rd.shell=0 rd.emergency=poweroff {append}",
-        "-netdev", "user,id=n0",
-        "-device", "virtio-net-pci,netdev=n0",
-    ]  # fmt: skip
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        _out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        return Boot(log, -1, time.monotonic() - start)
-    if proc.returncode != 0:
-        with open(log, "a") as f:
-            f.write(f"\n[qemu exited {proc.returncode}: {err.decode(errors='replace').strip()}]\n")
-    return Boot(log, proc.returncode, time.monotonic() - start)
+    name = log.name.removesuffix(".serial.log")
+    args = " ".join((*BOOT_TEST_ARGS, append))
+    with qemu_direct(kernel.vmlinuz, initrd, args, log_dir=log.parent, name=name, boot_timeout=timeout) as vm:
+        try:
+            returncode = vm.wait_exit(timeout + 60)  # the harness kills it at the timeout
+        except GuestError:  # the harness killed it after the timeout
+            returncode = -1
+        return Boot(vm.log_path, returncode, vm.elapsed, vm.output)
 
 
 def keep_artifact(path: Path, name: str) -> Path:
@@ -254,9 +242,9 @@ def serve(directory: Path) -> Iterator[int]:
 
 
 @pytest.fixture(scope="session")
-def debian_kernel() -> Kernel:
-    need("apt-get", "dpkg-deb", "depmod")
-    return ensure_kernel()
+def debian_kernel(kernel: Kernel) -> Kernel:
+    """The QEMU harness's kernel (bkharness.fixtures ``kernel``: bootkit.host.kernelpkg's cache), by this name."""
+    return kernel
 
 
 def _build(factory: pytest.TempPathFactory, kernel: Kernel, name: str, **kw: object) -> InitrdResult:

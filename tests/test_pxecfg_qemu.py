@@ -18,22 +18,31 @@ it, gets iPXE or GRUB by client architecture, iPXE comes back with its user clas
 
 from __future__ import annotations
 
-import contextlib
 import re
 import shutil
 import subprocess
 import tempfile
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from bkharness.guest import (
+    GUEST_KERNEL_ARGS,
+    IPXE_EFI_ROM,
+    OVMF_CODE,
+    OVMF_VARS,
+    Firmware,
+    Guest,
+    GuestError,
+    qemu_direct,
+    qemu_pxe,
+    qemu_pxe_netdev,
+)
+from bkharness.netboot import bootfile
 from pxecfg_fixtures import logged_http_server, run_cli
 from testtools import require_tools
 
-from bootkit.errors import BootkitError
-from bootkit.host.kernelpkg import Kernel, ensure_kernel
+from bootkit.host.kernelpkg import Kernel
 from bootkit.host.pxecfg.cmdline import kernel_cmdline
 from bootkit.host.pxecfg.load import load_file
 
@@ -42,10 +51,9 @@ pytestmark = pytest.mark.qemu
 #: generous: the machine is slow and shared; a boot to the kernel takes 15-25 s under TCG here
 TIMEOUT = 120.0
 
-OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
-OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
-#: iPXE for virtio-net (package ipxe-qemu); QEMU's default ROM for the NIC, with a BIOS and an EFI image in one
-IPXE_ROM = Path("/usr/lib/ipxe/qemu/efi-virtio.rom")
+#: less than the harness's default, as these tests always had: enough to reach the kernel, and two guests
+#: run at once in the dnsmasq tests
+MEMORY_MIB = 512
 
 #: the machine with overrides in the description, and one without
 KNOWN_MAC = "52:54:00:12:34:56"
@@ -86,106 +94,53 @@ args = ["bootkit.test=per-mac"]
 """
 
 
-@pytest.fixture(scope="module")
-def kernel() -> Kernel:
-    require_tools("qemu-system-x86_64", "apt-get", "dpkg-deb", "depmod")
-    try:
-        return ensure_kernel()
-    except BootkitError as e:
-        pytest.skip(f"no Debian kernel to boot: {e}")
-
-
-@dataclass
-class Vm:
-    proc: subprocess.Popen[bytes]
-    serial: Path
-
-    def text(self) -> str:
-        return self.serial.read_text(errors="replace") if self.serial.exists() else ""
-
-    def wait_for(self, marker: str, timeout: float) -> bool:
-        """Wait until ``marker`` is on the serial console; False on timeout or if QEMU exits first."""
-        deadline = time.monotonic() + timeout
-        while marker not in self.text():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                return marker in self.text()
-            time.sleep(0.5)  # the serial log is a file: nothing to block on
-        return True
-
-    def line(self, prefix: str) -> str:
-        for line in self.text().splitlines():
-            if prefix in line:
-                return line.split(prefix, 1)[1].strip()
-        raise AssertionError(f"no {prefix!r} line on the serial console:\n{self.text()[-3000:]}")
-
-
-@contextlib.contextmanager
-def qemu_netboot(netdev: str, *, uefi: bool, mac: str, work: Path, firmware_pxe: bool = False) -> Iterator[Vm]:
-    """Boot QEMU from the network ``netdev`` (its id must be n0); killed on exit.
-
-    ``firmware_pxe`` (UEFI only): no iPXE ROM on the NIC, OVMF's own PXE client boots.
-    """
+def require_firmware(firmware: Firmware) -> None:
+    """Skip, naming the package, when the firmware files a guest boots with are not installed."""
     require_tools("qemu-system-x86_64")
-    serial = work / "client.log"
-    nic = f"virtio-net-pci,netdev=n0,mac={mac}"
-    firmware: list[str] = []
-    if not IPXE_ROM.exists():
-        pytest.skip(f"{IPXE_ROM} missing (package ipxe-qemu)")
-    if uefi:
+    if not IPXE_EFI_ROM.exists():
+        pytest.skip(f"{IPXE_EFI_ROM} missing (package ipxe-qemu)")
+    if firmware is Firmware.uefi:
         for path in (OVMF_CODE, OVMF_VARS):
             if not path.exists():
                 pytest.skip(f"{path} missing (packages ovmf, ipxe-qemu)")
-        variables = work / "OVMF_VARS.fd"
-        shutil.copyfile(OVMF_VARS, variables)
-        firmware = [
-            "-machine", "q35",
-            "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
-            "-drive", f"if=pflash,format=raw,file={variables}",
-        ]  # fmt: skip
-        nic += ",romfile=" if firmware_pxe else f",romfile={IPXE_ROM}"
-    cmd = [
-        "qemu-system-x86_64",
-        "-accel", "tcg",
-        "-nodefaults",
-        "-display", "none",
-        "-m", "512",
-        *firmware,
-        "-serial", f"file:{serial}",
-        "-boot", "n",
-        "-netdev", netdev,
-        "-device", nic,
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_for(vm: Guest, marker: str, timeout: float) -> bool:
+    """Wait until ``marker`` is on the serial console; False on timeout or if QEMU exits first."""
     try:
-        yield Vm(proc, serial)
-    finally:
-        proc.kill()
-        _, err = proc.communicate(timeout=30)
-        if proc.returncode not in (0, -9):
-            print(f"qemu exited {proc.returncode}: {err.decode(errors='replace')}")
+        vm.expect(re.escape(marker), timeout)
+    except GuestError:
+        return False
+    return True
+
+
+def console_line(vm: Guest, prefix: str) -> str:
+    """The rest of the first console line containing ``prefix``."""
+    for line in vm.output.splitlines():
+        if prefix in line:
+            return line.split(prefix, 1)[1].strip()
+    raise AssertionError(f"no {prefix!r} line on the serial console:\n{vm.output[-3000:]}")
 
 
 @dataclass(frozen=True)
 class Case:
     bootloader: str  # "ipxe" or "grub"
-    uefi: bool
+    firmware: Firmware
     mac: str
     #: UEFI firmware's own PXE client instead of iPXE's ROM (what dnsmasq's loader "grub" serves UEFI with)
     firmware_pxe: bool = False
 
     @property
     def bootfile(self) -> str:
-        if self.bootloader == "ipxe":
-            return "boot.ipxe"
-        return "boot/grub/x86_64-efi/core.efi" if self.uefi else "boot/grub/i386-pc/core.0"
+        return bootfile(self.firmware, self.bootloader)
 
 
 CASES = [
-    pytest.param(Case("ipxe", uefi=False, mac=OTHER_MAC), id="bios-ipxe-menu"),
-    pytest.param(Case("grub", uefi=False, mac=KNOWN_MAC), id="bios-grub-per-mac"),
-    pytest.param(Case("ipxe", uefi=True, mac=KNOWN_MAC), id="uefi-ipxe-per-mac"),
-    pytest.param(Case("grub", uefi=True, mac=OTHER_MAC), id="uefi-grub-menu"),
-    pytest.param(Case("grub", uefi=True, mac=KNOWN_MAC, firmware_pxe=True), id="uefi-firmware-pxe-grub-per-mac"),
+    pytest.param(Case("ipxe", Firmware.bios, mac=OTHER_MAC), id="bios-ipxe-menu"),
+    pytest.param(Case("grub", Firmware.bios, mac=KNOWN_MAC), id="bios-grub-per-mac"),
+    pytest.param(Case("ipxe", Firmware.uefi, mac=KNOWN_MAC), id="uefi-ipxe-per-mac"),
+    pytest.param(Case("grub", Firmware.uefi, mac=OTHER_MAC), id="uefi-grub-menu"),
+    pytest.param(Case("grub", Firmware.uefi, mac=KNOWN_MAC, firmware_pxe=True), id="uefi-firmware-pxe-grub-per-mac"),
 ]
 
 
@@ -193,6 +148,7 @@ CASES = [
 def test_netboot_fetches_kernel_and_initrd_with_the_generated_command_line(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, kernel: Kernel, case: Case
 ) -> None:
+    require_firmware(case.firmware)
     if case.bootloader == "grub":
         require_tools("grub-mknetdir")
     www = tmp_path / "www"
@@ -211,14 +167,14 @@ def test_netboot_fetches_kernel_and_initrd_with_the_generated_command_line(
         entry = config.entry("node" if machine else "menu")
         wanted = [f"/{entry.name}/vmlinuz", f"/{entry.name}/initrd.img"]
 
-        netdev = f"user,id=n0,tftp={out / 'tftp'},bootfile={case.bootfile}"
-        with qemu_netboot(netdev, uefi=case.uefi, mac=case.mac, work=tmp_path, firmware_pxe=case.firmware_pxe) as vm:
+        with qemu_pxe(out / "tftp", case.bootfile, log_dir=tmp_path, firmware=case.firmware, mac=case.mac,
+                      firmware_pxe=case.firmware_pxe, memory_mib=MEMORY_MIB, name="client") as vm:  # fmt: skip
             fetched = server.wait_for(lambda: len(server.paths()) >= 2, TIMEOUT)
-            assert fetched, f"HTTP requests: {server.requests}; console:\n{vm.text()[-3000:]}"
+            assert fetched, f"HTTP requests: {server.requests}; console:\n{vm.output[-3000:]}"
             # the kernel prints its command line first thing, and "Trying to unpack rootfs image as
             # initramfs" only when the bootloader handed it an initrd (iPXE on UEFI: through initrd=NAME)
-            assert vm.wait_for("Trying to unpack rootfs image as initramfs", TIMEOUT), vm.text()[-3000:]
-            booted_cmdline = vm.line("Command line: ")
+            assert wait_for(vm, "Trying to unpack rootfs image as initramfs", TIMEOUT), vm.output[-3000:]
+            booted_cmdline = console_line(vm, "Command line: ")
 
     assert server.paths() == wanted
     if case.bootloader == "ipxe":
@@ -355,36 +311,11 @@ def server_initramfs(kernel: Kernel, out: Path, work: Path, *, existing_dhcp: bo
     return archive
 
 
-@contextlib.contextmanager
-def pxe_server_vm(kernel: Kernel, initramfs: Path, socket: Path, work: Path) -> Iterator[Vm]:
-    """The server guest, listening on ``socket`` for the client's network; killed on exit."""
-    serial = work / "server.log"
-    cmd = [
-        "qemu-system-x86_64",
-        "-accel", "tcg",
-        "-nodefaults",
-        "-display", "none",
-        "-m", "512",
-        "-kernel", str(kernel.vmlinuz),
-        "-initrd", str(initramfs),
-        "-append", "console=ttyS0 panic=-1 quiet",
-        "-serial", f"file:{serial}",
-        "-netdev", f"stream,id=n0,server=on,addr.type=unix,addr.path={socket}",
-        "-device", "virtio-net-pci,netdev=n0",
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        yield Vm(proc, serial)
-    finally:
-        proc.kill()
-        proc.communicate(timeout=30)
-
-
 @dataclass(frozen=True)
 class Chain:
     dhcp_mode: str
     loader: str
-    uefi: bool
+    firmware: Firmware
     firmware_pxe: bool
     #: files the server's TFTP must have sent, in this order (GRUB's modules come in between)
     tftp_files: tuple[str, ...]
@@ -393,11 +324,11 @@ class Chain:
 CHAINS = [
     # OVMF's PXE (client architecture 7) gets ipxe.efi; iPXE (user class iPXE) then gets boot.ipxe
     # (proxy DHCP next to udhcpd, the default configuration)
-    pytest.param(Chain("proxy", "ipxe", uefi=True, firmware_pxe=True, tftp_files=("ipxe.efi", "boot.ipxe")),
+    pytest.param(Chain("proxy", "ipxe", Firmware.uefi, firmware_pxe=True, tftp_files=("ipxe.efi", "boot.ipxe")),
                  id="proxy-uefi-firmware-ipxe.efi-boot.ipxe"),
     # loader grub: OVMF's PXE gets GRUB's core.efi, which reads grub.cfg from the same TFTP server
     # (full DHCP)
-    pytest.param(Chain("full", "grub", uefi=True, firmware_pxe=True,
+    pytest.param(Chain("full", "grub", Firmware.uefi, firmware_pxe=True,
                        tftp_files=("boot/grub/x86_64-efi/core.efi", "boot/grub/grub.cfg")),
                  id="full-uefi-firmware-grub-core.efi"),
 ]  # fmt: skip
@@ -407,6 +338,7 @@ CHAINS = [
 def test_generated_dnsmasq_serves_the_boot_chain(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, kernel: Kernel, chain: Chain
 ) -> None:
+    require_firmware(chain.firmware)
     toml = tmp_path / "pxe.toml"
     dhcp = PROXY_DHCP if chain.dhcp_mode == "proxy" else FULL_DHCP
     toml.write_text(CHAIN_DESCRIPTION.format(server_ip=SERVER_IP, loader=chain.loader, dhcp=dhcp))
@@ -420,17 +352,20 @@ def test_generated_dnsmasq_serves_the_boot_chain(
     # unix socket paths are limited to 108 bytes: keep it short
     with tempfile.TemporaryDirectory(prefix="bk-net-") as sockdir:
         socket = Path(sockdir) / "net"
-        with pxe_server_vm(kernel, initramfs, socket, tmp_path) as server:
-            ready = server.wait_for("TFTP root is /srv/tftp", TIMEOUT)
-            assert ready, server.text()[-3000:]
+        # the server guest listens on the socket for the client's network
+        listen = f"stream,id=n0,server=on,addr.type=unix,addr.path={socket}"
+        append = " ".join((*GUEST_KERNEL_ARGS, "quiet"))
+        with qemu_direct(kernel.vmlinuz, initramfs, append, netdev=listen, memory_mib=MEMORY_MIB,
+                         log_dir=tmp_path, name="server") as server:  # fmt: skip
+            ready = wait_for(server, "TFTP root is /srv/tftp", TIMEOUT)
+            assert ready, server.output[-3000:]
             netdev = f"stream,id=n0,server=off,addr.type=unix,addr.path={socket}"
-            with qemu_netboot(
-                netdev, uefi=chain.uefi, mac=KNOWN_MAC, work=tmp_path, firmware_pxe=chain.firmware_pxe
-            ) as vm:
-                unpacked = vm.wait_for("Trying to unpack rootfs image as initramfs", TIMEOUT)
-                assert unpacked, f"client:\n{vm.text()[-2000:]}\nserver:\n{server.text()[-3000:]}"
-                booted_cmdline = vm.line("Command line: ")
-            server_log = server.text()
+            with qemu_pxe_netdev(netdev, firmware=chain.firmware, mac=KNOWN_MAC, firmware_pxe=chain.firmware_pxe,
+                                 memory_mib=MEMORY_MIB, log_dir=tmp_path, name="client") as vm:  # fmt: skip
+                unpacked = wait_for(vm, "Trying to unpack rootfs image as initramfs", TIMEOUT)
+                assert unpacked, f"client:\n{vm.output[-2000:]}\nserver:\n{server.output[-3000:]}"
+                booted_cmdline = console_line(vm, "Command line: ")
+            server_log = server.output
 
     sent = re.findall(r"dnsmasq-tftp\[\d+\]: sent /srv/tftp/(\S+) to ", server_log)
     assert [f for f in dict.fromkeys(sent) if f in chain.tftp_files] == list(chain.tftp_files), sent

@@ -51,10 +51,15 @@ class Firmware(enum.StrEnum):
         # OVMF's 4M build with pflash as measured (dracut-notes §9) runs on q35; SeaBIOS on the default pc
         return "q35" if self is Firmware.uefi else "pc"
 
-    def nic_options(self) -> str:
+    def nic_options(self, *, firmware_pxe: bool = False) -> str:
         # BIOS: QEMU loads pxe-virtio.rom (iPXE) by itself. UEFI: OVMF's own PXE would be used unless the EFI
-        # iPXE ROM is named; the issue wants QEMU's iPXE on both.
-        return f",romfile={IPXE_EFI_ROM}" if self is Firmware.uefi else ""
+        # iPXE ROM is named; the issue wants QEMU's iPXE on both. ``firmware_pxe`` (UEFI): an empty romfile,
+        # so OVMF's own PXE client boots (what dnsmasq's GRUB loader serves UEFI machines with)
+        if self is Firmware.uefi:
+            return ",romfile=" if firmware_pxe else f",romfile={IPXE_EFI_ROM}"
+        if firmware_pxe:
+            raise ValueError("only OVMF has a PXE client of its own: SeaBIOS netboots virtio-net through iPXE")
+        return ""
 
 
 class GuestError(AssertionError):
@@ -249,8 +254,16 @@ def qemu_command(
     append: str | None = None,
     disks: Sequence[Path] = (),
     vars_file: Path | None = None,
+    netdev: str | None = None,
+    mac: str | None = None,
+    firmware_pxe: bool = False,
 ) -> list[str]:
-    """The QEMU command line for one test guest (written as data: one option and its value per line)."""
+    """The QEMU command line for one test guest (written as data: one option and its value per line).
+
+    ``netdev`` replaces QEMU's user network (``tftp_dir``/``bootfile``) with another ``-netdev`` value whose
+    id is ``n0``, e.g. a socket to a second guest; ``mac`` sets the NIC's address; ``firmware_pxe`` see
+    :meth:`Firmware.nic_options`.
+    """
     cmd = [
         "qemu-system-x86_64",
         "-accel", "tcg",
@@ -270,14 +283,17 @@ def qemu_command(
             "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
             "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}",
         ]  # fmt: skip
-    netdev = "user,id=n0"
-    if tftp_dir is not None:
-        netdev += f",tftp={tftp_dir}"
+    network = netdev or "user,id=n0"
+    if netdev is None and tftp_dir is not None:
+        network += f",tftp={tftp_dir}"
         if bootfile is not None:
-            netdev += f",bootfile={bootfile}"
+            network += f",bootfile={bootfile}"
+    nic = f"virtio-net-pci,netdev=n0,bootindex=1{firmware.nic_options(firmware_pxe=firmware_pxe)}"
+    if mac is not None:
+        nic += f",mac={mac}"
     cmd += [
-        "-netdev", netdev,
-        "-device", f"virtio-net-pci,netdev=n0,bootindex=1{firmware.nic_options()}",
+        "-netdev", network,
+        "-device", nic,
     ]  # fmt: skip
     for i, disk in enumerate(disks):
         fmt = "qcow2" if disk.suffix == ".qcow2" else "raw"
@@ -291,7 +307,7 @@ def qemu_command(
             cmd += ["-initrd", str(initrd)]
         if append is not None:
             cmd += ["-append", append]
-    elif tftp_dir is not None:
+    elif tftp_dir is not None or netdev is not None:
         cmd += ["-boot", "n"]
     return cmd
 
@@ -308,6 +324,16 @@ def _guest(cmd: list[str], name: str, log_dir: Path, boot_timeout: float,
         guest.close()
 
 
+def _vars_file(firmware: Firmware, log_dir: Path, name: str) -> Path | None:
+    """A UEFI guest's own writable copy of the OVMF variable store (next to its log); None for BIOS."""
+    if firmware is not Firmware.uefi:
+        return None
+    vars_file = log_dir / f"{name}.OVMF_VARS.fd"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(OVMF_VARS, vars_file)
+    return vars_file
+
+
 @contextmanager
 def qemu_pxe(
     tftp_dir: Path,
@@ -319,15 +345,13 @@ def qemu_pxe(
     name: str = "guest",
     boot_timeout: float = 600.0,
     on_line: LineHandler | None = None,
+    mac: str | None = None,
+    firmware_pxe: bool = False,
 ) -> Iterator[Guest]:
     """Boot a guest from the network: firmware PXE -> QEMU's DHCP/TFTP hands out ``bootfile`` from ``tftp_dir``."""
-    vars_file = None
-    if firmware is Firmware.uefi:
-        vars_file = log_dir / f"{name}.OVMF_VARS.fd"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(OVMF_VARS, vars_file)
+    vars_file = _vars_file(firmware, log_dir, name)
     cmd = qemu_command(firmware=firmware, memory_mib=memory_mib, tftp_dir=tftp_dir, bootfile=bootfile,
-                       vars_file=vars_file)
+                       vars_file=vars_file, mac=mac, firmware_pxe=firmware_pxe)
     with _guest(cmd, name, log_dir, boot_timeout, on_line) as guest:
         yield guest
 
@@ -344,8 +368,35 @@ def qemu_direct(
     name: str = "guest",
     boot_timeout: float = 600.0,
     on_line: LineHandler | None = None,
+    netdev: str | None = None,
 ) -> Iterator[Guest]:
-    """Boot a kernel directly (``-kernel``/``-initrd``), with the network and optional local virtio disks."""
-    cmd = qemu_command(memory_mib=memory_mib, kernel=kernel, initrd=initrd, append=append, disks=disks)
+    """Boot a kernel directly (``-kernel``/``-initrd``), with the network and optional local virtio disks.
+
+    ``netdev`` replaces QEMU's user network (see :func:`qemu_command`).
+    """
+    cmd = qemu_command(memory_mib=memory_mib, kernel=kernel, initrd=initrd, append=append, disks=disks,
+                       netdev=netdev)
+    with _guest(cmd, name, log_dir, boot_timeout, on_line) as guest:
+        yield guest
+
+
+@contextmanager
+def qemu_pxe_netdev(
+    netdev: str,
+    *,
+    log_dir: Path,
+    firmware: Firmware = Firmware.bios,
+    memory_mib: int = 1024,
+    name: str = "guest",
+    boot_timeout: float = 600.0,
+    on_line: LineHandler | None = None,
+    mac: str | None = None,
+    firmware_pxe: bool = False,
+) -> Iterator[Guest]:
+    """Boot a guest from the network ``netdev`` (a ``-netdev`` value with id ``n0``, e.g. a socket to a second
+    guest that runs the DHCP/TFTP server) instead of QEMU's user network."""
+    vars_file = _vars_file(firmware, log_dir, name)
+    cmd = qemu_command(firmware=firmware, memory_mib=memory_mib, netdev=netdev, vars_file=vars_file, mac=mac,
+                       firmware_pxe=firmware_pxe)
     with _guest(cmd, name, log_dir, boot_timeout, on_line) as guest:
         yield guest
