@@ -90,7 +90,7 @@ def test_systemd_initramfs_boots_busybox_root(
                  f"rd.qcow2.sha256={busybox_root.sha256}")  # fmt: skip
     _check_booted(boot, busybox_root, "boot-systemd")
     try:
-        # the unit was copied where the real root's systemd finds it (dracut-notes §7)
+        # the unit was copied where the real root's systemd finds it (docs/initramfs.md, "Root storage daemon")
         assert "bootkit-root.service" in " ".join(boot.lines("BOOTKIT-TEST units:"))
     except AssertionError:
         raise AssertionError(f"serial log kept in {keep_artifact(boot.log, 'boot-systemd.serial.log')}") from None

@@ -5,7 +5,8 @@ splits it into lines, stamps each with the seconds since QEMU was started (host 
 file and wakes whoever waits in :meth:`Guest.expect`. Every boot has an overall timeout after which QEMU is
 killed; QEMU is always killed by PID when the context manager exits.
 
-Rules for every guest on this machine (../shared/reference/dracut-notes.md): ``-accel tcg`` always (the
+Rules for every guest on this machine (docs/testing.md, "QEMU guests on the build machine"): ``-accel tcg``
+always (the
 /dev/kvm here does not run ordinary guests), ``-no-reboot`` so a panic or a reboot ends the run,
 ``-nodefaults -display none``. PXE goes through QEMU's user networking: its built-in DHCP hands out
 ``bootfile``, its TFTP server serves ``tftp_dir``, and the guest reaches the host's loopback as 10.0.2.2.
@@ -48,7 +49,7 @@ class Firmware(enum.StrEnum):
     uefi = "uefi"
 
     def machine(self) -> str:
-        # OVMF's 4M build with pflash as measured (dracut-notes §9) runs on q35; SeaBIOS on the default pc
+        # OVMF 4M with pflash runs on q35 (docs/pxe.md, "Firmware under QEMU"); SeaBIOS on the default pc
         return "q35" if self is Firmware.uefi else "pc"
 
     def nic_options(self, *, firmware_pxe: bool = False) -> str:
