@@ -6,8 +6,7 @@ file and wakes whoever waits in :meth:`Guest.expect`. Every boot has an overall 
 killed; QEMU is always killed by PID when the context manager exits.
 
 Rules for every guest on this machine (docs/testing.md, "QEMU guests on the build machine"): ``-accel tcg``
-always (the
-/dev/kvm here does not run ordinary guests), ``-no-reboot`` so a panic or a reboot ends the run,
+always (the /dev/kvm here does not run ordinary guests), ``-no-reboot`` so a panic or a reboot ends the run,
 ``-nodefaults -display none``. PXE goes through QEMU's user networking: its built-in DHCP hands out
 ``bootfile``, its TFTP server serves ``tftp_dir``, and the guest reaches the host's loopback as 10.0.2.2.
 """
