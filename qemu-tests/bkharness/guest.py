@@ -31,14 +31,27 @@ from bootkit.run import spawn
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
-#: iPXE for virtio-net as an EFI option ROM; the BIOS one (pxe-virtio.rom) is QEMU's default for the NIC
-IPXE_EFI_ROM = Path("/usr/lib/ipxe/qemu/efi-virtio.rom")
+#: QEMU's iPXE option ROMs (ipxe-qemu): efi-<nic>.rom for UEFI; the BIOS ones are QEMU's defaults for each NIC
+IPXE_ROM_DIR = Path("/usr/lib/ipxe/qemu")
 
 #: the host as seen from the guest on QEMU's user network
 HOST_FROM_GUEST = "10.0.2.2"
 
 #: kernel arguments every test guest gets: serial console, and a panic ends the run (-no-reboot) at once
 GUEST_KERNEL_ARGS = ("console=ttyS0,115200", "panic=-1")
+
+
+class Nic(enum.StrEnum):
+    """The guest's network card, as QEMU's ``-device`` names it: what the client's initramfs must drive."""
+
+    virtio = "virtio-net-pci"
+    e1000 = "e1000"
+    e1000e = "e1000e"
+    vmxnet3 = "vmxnet3"
+
+    def rom_name(self) -> str:
+        """The NIC's name in QEMU's iPXE ROM files (efi-virtio.rom, efi-e1000e.rom, ...)."""
+        return "virtio" if self is Nic.virtio else self.value
 
 
 class Firmware(enum.StrEnum):
@@ -51,10 +64,10 @@ class Firmware(enum.StrEnum):
         # OVMF's 4M build with pflash as measured (dracut-notes §9) runs on q35; SeaBIOS on the default pc
         return "q35" if self is Firmware.uefi else "pc"
 
-    def nic_options(self) -> str:
-        # BIOS: QEMU loads pxe-virtio.rom (iPXE) by itself. UEFI: OVMF's own PXE would be used unless the EFI
-        # iPXE ROM is named; the issue wants QEMU's iPXE on both.
-        return f",romfile={IPXE_EFI_ROM}" if self is Firmware.uefi else ""
+    def nic_options(self, nic: Nic = Nic.virtio) -> str:
+        # BIOS: QEMU loads the NIC's iPXE ROM (pxe-virtio.rom, ...) by itself. UEFI: OVMF's own PXE would be
+        # used unless the EFI iPXE ROM is named; the issue wants QEMU's iPXE on both.
+        return f",romfile={IPXE_ROM_DIR}/efi-{nic.rom_name()}.rom" if self is Firmware.uefi else ""
 
 
 class GuestError(AssertionError):
@@ -249,6 +262,7 @@ def qemu_command(
     append: str | None = None,
     disks: Sequence[Path] = (),
     vars_file: Path | None = None,
+    nic: Nic = Nic.virtio,
 ) -> list[str]:
     """The QEMU command line for one test guest (written as data: one option and its value per line)."""
     cmd = [
@@ -277,7 +291,7 @@ def qemu_command(
             netdev += f",bootfile={bootfile}"
     cmd += [
         "-netdev", netdev,
-        "-device", f"virtio-net-pci,netdev=n0,bootindex=1{firmware.nic_options()}",
+        "-device", f"{nic},netdev=n0,bootindex=1{firmware.nic_options(nic)}",
     ]  # fmt: skip
     for i, disk in enumerate(disks):
         fmt = "qcow2" if disk.suffix == ".qcow2" else "raw"
@@ -319,6 +333,7 @@ def qemu_pxe(
     name: str = "guest",
     boot_timeout: float = 600.0,
     on_line: LineHandler | None = None,
+    nic: Nic = Nic.virtio,
 ) -> Iterator[Guest]:
     """Boot a guest from the network: firmware PXE -> QEMU's DHCP/TFTP hands out ``bootfile`` from ``tftp_dir``."""
     vars_file = None
@@ -327,7 +342,7 @@ def qemu_pxe(
         log_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(OVMF_VARS, vars_file)
     cmd = qemu_command(firmware=firmware, memory_mib=memory_mib, tftp_dir=tftp_dir, bootfile=bootfile,
-                       vars_file=vars_file)
+                       vars_file=vars_file, nic=nic)
     with _guest(cmd, name, log_dir, boot_timeout, on_line) as guest:
         yield guest
 
@@ -344,8 +359,9 @@ def qemu_direct(
     name: str = "guest",
     boot_timeout: float = 600.0,
     on_line: LineHandler | None = None,
+    nic: Nic = Nic.virtio,
 ) -> Iterator[Guest]:
     """Boot a kernel directly (``-kernel``/``-initrd``), with the network and optional local virtio disks."""
-    cmd = qemu_command(memory_mib=memory_mib, kernel=kernel, initrd=initrd, append=append, disks=disks)
+    cmd = qemu_command(memory_mib=memory_mib, kernel=kernel, initrd=initrd, append=append, disks=disks, nic=nic)
     with _guest(cmd, name, log_dir, boot_timeout, on_line) as guest:
         yield guest
