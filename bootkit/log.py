@@ -6,9 +6,37 @@ Runs inside the initramfs: standard library only, Python >= 3.9.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 log = logging.getLogger("bootkit")
+
+#: what a console line or a file that shell code reads may carry: printable ASCII without the characters a
+#: shell gives meaning to inside or around double quotes
+_UNSAFE = re.compile(r"[^\x20-\x7e]|[\"'$`\\]")
+_NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")
+#: a console line is at most this long once sanitised (a URL or a reason phrase can be any length)
+MAX_SAFE_TEXT = 400
+
+
+def safe_text(text: str, limit: int = MAX_SAFE_TEXT) -> str:
+    """``text`` made harmless for a console line or a file that the dracut scripts read.
+
+    Text from the network or an image (an HTTP reason phrase, a redirect target, a backing file name) ends up
+    in failure causes. Dracut's ``die`` writes its message into a hook file that is sourced later, so anything
+    stored for shell must not carry quotes, ``$``, backquotes or backslashes; control characters would drive
+    the console. Each such character becomes ``?``, and the text is cut to ``limit`` characters.
+    """
+    text = _UNSAFE.sub("?", text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class ConsoleFormatter(logging.Formatter):
+    """Formats records as usual, then replaces every non-printable character: log lines that quote a server's
+    words (URLs, headers) cannot move the cursor or recolour the console."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _NOT_PRINTABLE.sub("?", super().format(record))
 
 
 def setup(verbose: int = 0, *, stream: object = None) -> None:

@@ -30,7 +30,6 @@ preload(strict=False)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import logging  # noqa: E402
 import os  # noqa: E402
 import posixpath  # noqa: E402
 import shutil  # noqa: E402
@@ -44,7 +43,7 @@ from bootkit.boot.cmdline import BootConfig, parse_cmdline  # noqa: E402
 from bootkit.boot.partitions import Partition, choose_root, read_disk  # noqa: E402
 from bootkit.boot.status import RUN_DIR, StatusFile  # noqa: E402
 from bootkit.errors import BootkitError, ConfigError, ImageError  # noqa: E402
-from bootkit.log import human_size, log  # noqa: E402
+from bootkit.log import ConsoleFormatter, human_size, log, safe_text  # noqa: E402
 from bootkit.source import ByteSource, FileSource  # noqa: E402
 
 IMAGE_DIR = RUN_DIR + "/images"
@@ -77,7 +76,8 @@ class Stages:
         log.info("[%8.2f] %s: %s (%.2f s)", now, self.stage, what, now - self.started)
 
     def failed(self, cause: str) -> str:
-        line = f"FAILED at {self.stage}: {cause}"
+        """Print and return the one failure line; the cause may quote the network, so it is made safe here."""
+        line = safe_text(f"FAILED at {self.stage}: {cause}")
         log.error("[%8.2f] %s", time.monotonic(), line)
         return line
 
@@ -391,10 +391,11 @@ def boot(cfg: BootConfig, newroot: str, unit: Optional[str]) -> int:
 
 
 def _fail(line: str) -> int:
+    """Leave the failure line for the dracut scripts and ``bootkit status``: safe text only (see safe_text)."""
     try:
         os.makedirs(RUN_DIR, exist_ok=True)
-        with open(FAILED_FILE, "w", encoding="utf-8") as f:
-            f.write(line + "\n")
+        with open(FAILED_FILE, "w", encoding="ascii") as f:
+            f.write(safe_text(line) + "\n")
     except OSError:
         pass
     return 1
@@ -405,7 +406,7 @@ def _setup_logging(debug: bool) -> None:
 
     setup(1 if debug else 0)
     for handler in log.handlers:
-        handler.setFormatter(logging.Formatter("bootkit: %(message)s"))
+        handler.setFormatter(ConsoleFormatter("bootkit: %(message)s"))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -422,7 +423,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = parse_cmdline(text)
     except ConfigError as e:
-        sys.stderr.write(f"error: {e}\n")
+        # parse-qcow2.sh hands this line to dracut's die: safe text only
+        sys.stderr.write(f"error: {safe_text(str(e))}\n")
         if not args.check_cmdline:
             _fail(f"bad kernel command line: {e}")
         return 2

@@ -11,9 +11,13 @@ case "$root" in
     *) return 0 ;;
 esac
 
-# every rd.qcow2.* option is checked now, before the network comes up: a typo fails the boot at once
+# every rd.qcow2.* option is checked now, before the network comes up: a typo fails the boot at once.
+# dracut's die writes its message into a hook file that is sourced later, and the message quotes the command
+# line (which DHCP-fed boot loader variables may have filled): the boot code prints safe text only, and tr
+# keeps it that way here: printable ASCII except " $ ' \ ` (octal 133 and 135 are [ and ]).
 if ! _bootkit_out=$(/usr/bin/python3 -s -E /usr/lib/bootkit/bootkit-boot --check-cmdline 2>&1); then
-    die "bootkit: ${_bootkit_out#error: }"
+    _bootkit_out=$(printf '%s' "${_bootkit_out#error: }" | tr -c ' !#%&(-\133\135-_a-~' '?')
+    die "bootkit: $_bootkit_out"
 fi
 # with rd.qcow2.debug the check reports the interpreter and the parsed configuration
 [ -n "$_bootkit_out" ] && info "$_bootkit_out"
