@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import string
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bootkit.boot.cmdline import (
+    DHCP_NETWORK,
     KNOWN_OPTIONS,
+    Arg,
     BootConfig,
+    Loader,
+    LoaderVar,
+    Mode,
     Overlay,
+    OverlayKind,
     RootSpec,
+    Verify,
+    contract_info,
+    join_args,
     parse_cmdline,
     split_cmdline,
 )
@@ -27,8 +41,9 @@ def parse(extra: str = "", root: str = f"root=qcow2:{URL}") -> BootConfig:
 
 def test_defaults() -> None:
     cfg = parse()
-    assert cfg == BootConfig(url=URL)
-    assert (cfg.verify, cfg.mode, cfg.root, cfg.overlay) == ("sidecar", "ram", RootSpec("auto"), Overlay("tmpfs"))
+    # ip= and rd.neednet= are dracut's: kept as written, for the contract's round trip
+    assert cfg == BootConfig(url=URL, network=DHCP_NETWORK)
+    assert (cfg.verify, cfg.mode, cfg.root, cfg.overlay) == ("sidecar", "ram", RootSpec("auto"), Overlay())
     assert (cfg.retries, cfg.timeout, cfg.minmem_mib) == (3, 30.0, 128)
     assert (cfg.insecure, cfg.debug, cfg.rw) == (False, False, False)
 
@@ -51,7 +66,7 @@ def test_every_option() -> None:
     assert cfg.sha256 == H2.lower()
     assert cfg.verify == "pinned"
     assert cfg.root == RootSpec("partuuid", "abc-1")
-    assert cfg.overlay == Overlay("tmpfs", "512m")
+    assert cfg.overlay == Overlay(OverlayKind.tmpfs, "512m")
     assert cfg.snapshot == "golden"
     assert (cfg.retries, cfg.timeout, cfg.minmem_mib) == (7, 2.5, 300)
     assert cfg.cacert == "/etc/ssl/lab.pem"
@@ -83,8 +98,8 @@ def test_root_selection(value: str, spec: RootSpec) -> None:
 
 @pytest.mark.parametrize(
     ("value", "overlay"),
-    [("tmpfs", Overlay("tmpfs")), ("none", Overlay("none")), ("tmpfs:size=25%", Overlay("tmpfs", "25%")),
-     ("tmpfs:size=2G", Overlay("tmpfs", "2G")), ("tmpfs:size=1048576", Overlay("tmpfs", "1048576"))],
+    [("tmpfs", Overlay()), ("none", Overlay(OverlayKind.none)), ("tmpfs:size=25%", Overlay(size="25%")),
+     ("tmpfs:size=2G", Overlay(size="2G")), ("tmpfs:size=1048576", Overlay(size="1048576"))],
 )  # fmt: skip
 def test_overlay(value: str, overlay: Overlay) -> None:
     assert parse(f"rd.qcow2.overlay={value}").overlay == overlay
@@ -119,10 +134,13 @@ def test_https_url() -> None:
         ("rd.qcow2.mode=lazy rd.qcow2.manifest=ftp://x/y", "rd.qcow2.manifest=ftp://x/y: expected an http"),
         ("rd.qcow2.root=0", "rd.qcow2.root=0: expected a partition number, LABEL=, UUID= or PARTUUID="),
         ("rd.qcow2.root=sda2", "rd.qcow2.root=sda2: expected a partition number"),
+        ("rd.qcow2.root=\u00b2", "expected a partition number"),  # str.isdigit() says yes, int() raised
+        ("rd.qcow2.overlay=tmpfs:size=\u0661\u0662m", "expected tmpfs"),
         ("rd.qcow2.root=LABEL=", "rd.qcow2.root=LABEL=: expected"),
         ("rd.qcow2.overlay=disk", "rd.qcow2.overlay=disk: expected tmpfs, tmpfs:size="),
         ("rd.qcow2.overlay=tmpfs:size=lots", "rd.qcow2.overlay=tmpfs:size=lots: expected"),
         ("rd.qcow2.overlay=tmpfs:size=0", "expected tmpfs"),
+        ("rd.qcow2.overlay=tmpfs:size=00k", "expected tmpfs"),
         ("rd.qcow2.retries=-1", "rd.qcow2.retries=-1: must be at least 0"),
         ("rd.qcow2.retries=many", "rd.qcow2.retries=many: expected a whole number"),
         ("rd.qcow2.timeout=0", "rd.qcow2.timeout=0: must be a positive number of seconds"),
@@ -153,7 +171,9 @@ def test_unknown_options_are_reported_not_ignored() -> None:
     with pytest.raises(ConfigError) as e:
         parse(f"rd.qcow2.sha265={H1} rd.qcow2.Mode=ram")
     msg = str(e.value)
-    assert msg.startswith("unknown options rd.qcow2.sha265, rd.qcow2.Mode ")
+    assert msg.startswith(
+        "unknown options rd.qcow2.sha265 (did you mean rd.qcow2.sha256?), rd.qcow2.Mode (did you mean rd.qcow2.mode?) "
+    )
     for known in KNOWN_OPTIONS:
         assert known in msg
     # even when root= is not ours: a typo must not go unnoticed
@@ -170,3 +190,182 @@ def test_config_is_frozen() -> None:
     cfg = parse()
     with pytest.raises(AttributeError):
         cfg.url = "http://elsewhere/x"  # type: ignore[misc]
+
+
+# -- near misses (issue 12 §3): options that look like ours are never ignored -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("word", "nearest"),
+    [
+        (f"rd.qcow2sha256={H1}", "rd.qcow2.sha256"),
+        (f"rd.qcow.sha256={H1}", "rd.qcow2.sha256"),
+        ("rd.qcow2-mode=lazy", "rd.qcow2.mode"),
+        ("rd.qcow2.manifest_sha256=x", "rd.qcow2.manifest-sha256"),
+        ("RD.QCOW2.debug", "rd.qcow2.debug"),
+    ],
+)
+def test_near_miss_options_are_rejected_with_the_nearest_name(word: str, nearest: str) -> None:
+    key = word.partition("=")[0]
+    with pytest.raises(ConfigError) as e:
+        parse(word)
+    assert str(e.value).startswith(f"unknown option {key} (did you mean {nearest}?) (known: ")
+    # also when root= is not ours: the sidecar fallback must not hide the typo on the next boot either
+    with pytest.raises(ConfigError, match=r"^unknown option "):
+        parse_cmdline(f"root=/dev/sda1 {word}")
+
+
+def test_an_unrelated_option_gets_no_suggestion() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse("rd.qcowzzzzzzzzzzzzzzz=1")
+    assert str(e.value).startswith("unknown option rd.qcowzzzzzzzzzzzzzzz (known: ")
+
+
+def test_other_rd_options_are_not_ours() -> None:
+    assert parse("rd.debug rd.luks=0 rd.qcox2.sha256=1 qcow2.sha256=1").url == URL
+
+
+# -- the contract: parse(to_args(c)) == c -------------------------------------------------------------------
+
+# What a kernel command line can carry: printable, no quotes or backslashes (join_args refuses those)
+_TEXT = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, blacklist_characters="\"'\\"), min_size=1)
+_SPACED = st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0x7E, blacklist_characters="\"'\\"), min_size=1
+).filter(lambda s: s.strip() == s)
+_HEX = st.text("0123456789abcdef", min_size=64, max_size=64)
+_URLS = st.builds(
+    lambda scheme, host, path: f"{scheme}://{host}/{path}",
+    st.sampled_from(["http", "https"]),
+    st.text(string.ascii_lowercase + string.digits + ".:-", min_size=1, max_size=20),
+    st.text(string.ascii_letters + string.digits + "/._-%?=&", max_size=30).map(lambda p: p + "x"),
+)
+_ROOTS = st.one_of(
+    st.just(RootSpec()),
+    st.integers(1, 128).map(lambda n: RootSpec("number", str(n))),
+    _SPACED.map(lambda label: RootSpec("label", label)),
+    st.tuples(st.sampled_from(["uuid", "partuuid"]), _TEXT.map(str.lower)).map(lambda kv: RootSpec(*kv)),
+)
+_SIZES = st.one_of(
+    st.none(),
+    st.tuples(st.integers(1, 1 << 40), st.sampled_from(["", "k", "M", "g"])).map(lambda t: f"{t[0]}{t[1]}"),
+    st.integers(1, 100).map(lambda p: f"{p}%"),
+)
+_OVERLAYS = st.one_of(st.just(Overlay(OverlayKind.none)), _SIZES.map(lambda size: Overlay(OverlayKind.tmpfs, size)))
+_NETWORK = st.lists(
+    st.one_of(
+        st.just(Arg.of("ip=dhcp")),
+        st.just(Arg.of("rd.neednet=1")),
+        st.just(Arg.of("ip=", LoaderVar.ip, "::", LoaderVar.gateway, ":", LoaderVar.netmask)),
+        st.just(Arg.of("ip=", LoaderVar.ip, ":::255.255.255.0")),
+    ),
+    max_size=3,
+).map(tuple)
+
+
+@st.composite
+def boot_configs(draw: st.DrawFn) -> BootConfig:
+    """Every valid configuration: the hashes and modes are drawn together, as the contract ties them."""
+    mode = draw(st.sampled_from(Mode))
+    sha256 = manifest = manifest_sha256 = None
+    if mode is Mode.ram:
+        verify = draw(st.sampled_from(Verify))
+        if verify is Verify.pinned:
+            sha256 = draw(_HEX)
+    else:
+        verify = draw(st.sampled_from(Verify))
+        manifest = draw(st.none() | _URLS)
+        if verify is Verify.pinned:
+            manifest_sha256 = draw(_HEX)
+            sha256 = draw(st.none() | _HEX)
+    return BootConfig(
+        url=draw(_URLS),
+        sha256=sha256,
+        verify=verify,
+        mode=mode,
+        root=draw(_ROOTS),
+        overlay=draw(_OVERLAYS),
+        manifest=manifest,
+        manifest_sha256=manifest_sha256,
+        snapshot=draw(st.none() | _SPACED),
+        retries=draw(st.integers(0, 1000)),
+        timeout=draw(st.floats(min_value=1e-3, max_value=1e6)),
+        minmem_mib=draw(st.integers(0, 1 << 20)),
+        cacert=draw(st.none() | _TEXT.map(lambda p: "/" + p)),
+        insecure=draw(st.booleans()),
+        debug=draw(st.booleans()),
+        backing_sha256=draw(st.dictionaries(st.text(string.ascii_letters + string.digits + "._+-", min_size=1), _HEX)),
+        rootfstype=draw(st.none() | _TEXT),
+        rootflags=draw(st.none() | _TEXT),
+        rw=draw(st.booleans()),
+        network=draw(_NETWORK),
+    )
+
+
+def _loader_fills_in(line: str, loader: Loader, values: dict[LoaderVar, str]) -> str:
+    """What the boot loader does at boot: replace its variables by the lease's values."""
+    for var, value in values.items():
+        try:
+            line = line.replace(var.render(loader), value)
+        except ConfigError:
+            pass
+    return line
+
+
+_LEASE = {LoaderVar.ip: "192.0.2.7", LoaderVar.gateway: "192.0.2.1", LoaderVar.netmask: "255.255.255.0",
+          LoaderVar.mac: "52:54:00:12:34:56"}  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(boot_configs())
+def test_round_trip(cfg: BootConfig) -> None:
+    literal = cfg.substitute(_LEASE)
+    assert BootConfig.parse(join_args(literal.to_args())) == literal
+    # with the network filled in by a boot loader: rendered in its syntax, substituted at boot, parsed back
+    line = join_args(cfg.to_args(Loader.ipxe))
+    assert BootConfig.parse(_loader_fills_in(line, Loader.ipxe, _LEASE)) == literal
+
+
+def test_round_trip_would_catch_a_dropped_option() -> None:
+    cfg = BootConfig(url=URL, snapshot="golden", retries=9)
+    args = cfg.to_args()
+    assert BootConfig.parse(join_args(args)) == cfg
+    assert BootConfig.parse(join_args(tuple(a for a in args if "retries" not in a))) != cfg
+
+
+def test_loader_values_render_per_loader() -> None:
+    ip = Arg.of("ip=", LoaderVar.ip, "::", LoaderVar.gateway, ":", LoaderVar.netmask)
+    cfg = BootConfig(url=URL, network=(ip, Arg.of("rd.neednet=1")))
+    assert cfg.to_args(Loader.ipxe)[-2:] == ("ip=${net0/ip}::${net0/gateway}:${net0/netmask}", "rd.neednet=1")
+    with pytest.raises(ConfigError, match=r"^grub has no variable for the lease's gateway$"):
+        cfg.to_args(Loader.grub)
+    with pytest.raises(ConfigError, match="filled in by the boot loader"):
+        cfg.to_args()
+    assert BootConfig(url=URL, network=(Arg.of("ip=", LoaderVar.ip, ":::"),)).to_args(Loader.grub)[-1] == (
+        "ip=${net_default_ip}:::"
+    )
+
+
+def test_default_writing_is_what_pxe_config_always_wrote() -> None:
+    cfg = BootConfig(url=URL, rw=True, network=DHCP_NETWORK)
+    assert join_args(cfg.to_args()) == (
+        f"root=qcow2:{URL} rd.qcow2.verify=sidecar rd.qcow2.overlay=tmpfs rw ip=dhcp rd.neednet=1"
+    )
+
+
+def test_join_args_quotes_spaces_and_refuses_what_cannot_be_carried() -> None:
+    assert join_args(("a", "rd.qcow2.root=LABEL=my root")) == 'a "rd.qcow2.root=LABEL=my root"'
+    for bad in ('x="y"', "it's", "a\\b", "a\tb"):
+        with pytest.raises(ConfigError, match="cannot be carried"):
+            join_args((bad,))
+
+
+def test_enums_print_as_their_words() -> None:
+    assert (str(Mode.lazy), f"{Verify.none}", f"{OverlayKind.tmpfs:>6}") == ("lazy", "none", " tmpfs")
+    assert Mode.lazy == "lazy" and json.dumps({"v": Verify.pinned}) == '{"v": "pinned"}'
+
+
+def test_contract_info_lists_every_option_and_is_json() -> None:
+    info = json.loads(json.dumps(contract_info()))
+    assert info["version"] >= 1
+    assert info["options"] == list(KNOWN_OPTIONS)
+    assert "rd.qcow2.sha256" in info["options"] and "rd.qcow2.sha256.<file>" in info["options"]

@@ -13,10 +13,14 @@ from pathlib import Path
 import pytest
 from boot_fixtures import debian_kernel, initrd_shell, initrd_systemd, need  # noqa: F401 - fixtures
 
-from bootkit.host.initrd import InitrdOptions, InitrdResult, build_initrd, collect_python_files, module_dir, repo_root
+from bootkit.host import pkgdata
+from bootkit.host.initrd import InitrdOptions, InitrdResult, build_initrd, collect_python_files
 from bootkit.host.kernelpkg import Kernel, ensure_kernel
 
 MB = 1000 * 1000
+REPO = Path(__file__).resolve().parent.parent
+#: the dracut module as the repository keeps it
+MODULE = REPO / "dracut-module" / "90bootkit"
 
 #: NIC drivers a default build must hold, with their buses: the virtual NICs of QEMU/KVM, VMware, Hyper-V and
 #: Xen, and a sample of what dracut's kernel-network-modules covers (PCI, and USB NICs behind USB hosts)
@@ -31,7 +35,7 @@ BUS_MODULES = ("virtio_pci", "virtio_mmio", "hv_vmbus", "pci-hyperv", "xhci-pci"
 
 def bootkit_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "bootkit", *args], capture_output=True, text=True, env=env,
-                          cwd=repo_root(), timeout=600)  # fmt: skip
+                          cwd=REPO, timeout=600)  # fmt: skip
 
 
 def contents(image: Path) -> list[str]:
@@ -97,9 +101,9 @@ def default_systemd(tmp_path_factory: pytest.TempPathFactory, debian_kernel: Ker
 
 def test_module_is_shellcheck_clean() -> None:
     need("shellcheck")
-    scripts = sorted(str(p) for p in module_dir().iterdir() if p.suffix == ".sh")
+    scripts = sorted(str(p) for p in MODULE.iterdir() if p.suffix == ".sh")
     # everything else in the module is a unit file: the test command shellchecks the whole directory
-    assert {p.suffix for p in module_dir().iterdir()} == {".sh", ".service"}
+    assert {p.suffix for p in MODULE.iterdir()} == {".sh", ".service"}
     assert len(scripts) >= 5
     proc = subprocess.run(["shellcheck", "-x", *scripts], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
@@ -107,14 +111,14 @@ def test_module_is_shellcheck_clean() -> None:
 
 def test_module_files_are_executable() -> None:
     for name in ("module-setup.sh", "parse-qcow2.sh", "qcow2root.sh", "bootkit-generator.sh", "qcow2-failed.sh"):
-        assert os.access(module_dir() / name, os.X_OK), name
+        assert os.access(MODULE / name, os.X_OK), name
 
 
 def test_python_files_are_the_runtime_only() -> None:
     files = collect_python_files()
     assert files.missing == []
     stdlib = {str(f) for f in files.stdlib}
-    boot = {f.relative_to(repo_root()).as_posix() for f in files.bootkit}
+    boot = {f.relative_to(pkgdata.package_dir().parent).as_posix() for f in files.bootkit}
     for needed in ("bootkit/boot/main.py", "bootkit/nbd/kernel.py", "bootkit/qcow2/image.py",
                    "bootkit/fetch/download.py", "bootkit/errors.py"):  # fmt: skip
         assert needed in boot

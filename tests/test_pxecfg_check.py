@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from initrd_fixtures import make_initramfs
 from pxecfg_fixtures import LoggedServer, logged_http_server, run_cli
 
 
@@ -18,7 +19,7 @@ def served(tmp_path: Path) -> Iterator[LoggedServer]:
     root = tmp_path / "www"
     root.mkdir()
     (root / "vmlinuz").write_bytes(b"kernel\n" * 100)
-    (root / "initrd.img").write_bytes(b"initrd\n" * 100)
+    make_initramfs(root / "initrd.img")  # built as bootkit build-initrd builds it, with the contract file
     (root / "disk.qcow2").write_bytes(os.urandom(5 << 20))
     (root / "other.qcow2").write_bytes(b"other image\n")
     (root / "disk.manifest").write_bytes(b"manifest\n")

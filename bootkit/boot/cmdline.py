@@ -1,34 +1,178 @@
 """The kernel command line of a bootkit netboot: ``root=qcow2:<URL>`` and every ``rd.qcow2.*`` option.
 
+This module owns the contract between whoever writes the command line (``bootkit pxe-config``, through
+:meth:`BootConfig.to_args`) and the initramfs that parses it (:meth:`BootConfig.parse`): the option names,
+their values and the rules that tie them together live here and nowhere else. A property test proves that
+``BootConfig.parse(join_args(c.to_args())) == c`` for every valid configuration.
+
 Parsed once into a frozen :class:`BootConfig`; every value is checked here, so that a typo fails the boot
-in the cmdline hook, before the network comes up, with one line naming the option. Unknown ``rd.qcow2.*``
-options are errors too: a mistyped ``rd.qcow2.sha256`` must not silently turn pinning off. The README
-section "Booting from a QCOW2 image" documents each option; keep the two in step.
+in the cmdline hook, before the network comes up, with one line naming the option. Unknown options that look
+like ours (anything starting with ``rd.qcow``) are errors too, with the nearest known name: a mistyped
+``rd.qcow2.sha256`` must not silently turn pinning off.
+
+Options come and go with releases while a fleet boots initramfs images of several ages, so each initramfs
+records which :data:`CONTRACT_VERSION` and :data:`KNOWN_OPTIONS` it understands (:func:`contract_info`,
+written next to bootkit's modules by ``bootkit build-initrd``); ``pxe-config --check`` compares.
+
+The network part of the command line is filled in by the boot loader from the lease it was handed
+(:class:`LoaderVar`, rendered per :class:`Loader`); :meth:`BootConfig.substitute` is what the loader does.
 
 Runs inside the initramfs: standard library only, Python >= 3.9.
 """
 
 from __future__ import annotations
 
+import difflib
+import enum
 import re
 import shlex
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 from bootkit.errors import ConfigError
 
-PREFIX = "rd.qcow2."
+#: bumped when an option is added or changes meaning; the options themselves are listed in KNOWN_OPTIONS
+CONTRACT_VERSION = 1
+#: where ``bootkit build-initrd`` puts :func:`contract_info` inside the initramfs (no leading slash: a cpio name)
+CONTRACT_FILE = "usr/lib/bootkit/bootkit-contract.json"
 
-VERIFY_MODES = ("pinned", "sidecar", "none")
-MODES = ("ram", "lazy")
+PREFIX = "rd.qcow2."
+#: anything starting like this is taken to be meant for bootkit (``rd.qcow2sha256=`` is a typo, not someone
+#: else's option)
+NEAR_PREFIX = "rd.qcow"
 
 DEFAULT_RETRIES = 3
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MINMEM_MIB = 128
 
-_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
-_TMPFS_SIZE = re.compile(r"^(\d+[kKmMgG]?|\d{1,3}%)$")
+#: a SHA-256 as text: 64 hexadecimal digits, either case (normalised to lower case where stored)
+HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+_TMPFS_SIZE = re.compile(r"^([0-9]+[kKmMgG]?|[0-9]{1,3}%)$")
 _BACKING_NAME = re.compile(r"^[A-Za-z0-9._+-]+$")
+_URL = re.compile(r"^https?://[^/\s]+/\S*[^/]$")
+
+
+class _Choice(str, enum.Enum):
+    """A closed set of words; ``str()`` and f-strings give the word itself on every Python version."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+    @classmethod
+    def words(cls) -> Tuple[str, ...]:
+        return tuple(str(m.value) for m in cls)
+
+
+class Mode(_Choice):
+    """How the initramfs uses the image: ``ram`` downloads it whole first, ``lazy`` reads ranges on demand."""
+
+    ram = "ram"
+    lazy = "lazy"
+
+
+class Verify(_Choice):
+    """What the downloaded bytes are checked against: a pinned hash, the ``.sha256`` sidecar, or nothing."""
+
+    pinned = "pinned"
+    sidecar = "sidecar"
+    none = "none"
+
+
+class OverlayKind(_Choice):
+    """The writable layer over the read-only image: a tmpfs overlay, or none (root mounted read-only)."""
+
+    tmpfs = "tmpfs"
+    none = "none"
+
+
+VERIFY_MODES = Verify.words()
+MODES = Mode.words()
+
+
+class Loader(_Choice):
+    """A boot loader that writes the command line and fills in :class:`LoaderVar` values at boot."""
+
+    ipxe = "ipxe"
+    grub = "grub"
+
+
+class LoaderVar(_Choice):
+    """A value of the lease the boot loader was handed, which it substitutes into the command line.
+
+    ``render(loader)`` is the loader's syntax for it; not every loader knows every value (GRUB has no
+    variable for the gateway or netmask), which is an error at render time, not a silently empty value.
+    """
+
+    ip = "ip"
+    gateway = "gateway"
+    netmask = "netmask"
+    mac = "mac"
+
+    def render(self, loader: Loader) -> str:
+        text = _LOADER_SYNTAX[loader].get(self)
+        if text is None:
+            raise ConfigError(f"{loader.value} has no variable for the lease's {self.value}")
+        return text
+
+
+# iPXE: settings of the first network device (``${net0/ip}``); GRUB: the variables its ``net_bootp``
+# sets for the default interface. Braced, so that a following letter cannot extend the name.
+_LOADER_SYNTAX: Dict[Loader, Dict[LoaderVar, str]] = {
+    Loader.ipxe: {v: "${net0/" + v.value + "}" for v in LoaderVar},
+    Loader.grub: {LoaderVar.ip: "${net_default_ip}", LoaderVar.mac: "${net_default_mac}"},
+}
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One kernel argument whose text may hold values the boot loader fills in (:class:`LoaderVar`)."""
+
+    parts: Tuple[Union[str, LoaderVar], ...]
+
+    @classmethod
+    def of(cls, *parts: Union[str, LoaderVar]) -> Arg:
+        """Literal text and loader values, adjacent literals merged (so equal words compare equal)."""
+        merged: List[Union[str, LoaderVar]] = []
+        for p in parts:
+            last = merged[-1] if merged else None
+            if isinstance(p, LoaderVar):
+                merged.append(p)
+            elif last is not None and not isinstance(last, LoaderVar):
+                merged[-1] = last + p
+            elif p:
+                merged.append(p)
+        return cls(tuple(merged))
+
+    @property
+    def key(self) -> str:
+        """The option name: the literal text before the first ``=``."""
+        head = self.parts[0] if self.parts and not isinstance(self.parts[0], LoaderVar) else ""
+        return head.partition("=")[0]
+
+    def render(self, loader: Optional[Loader]) -> str:
+        """The argument as ``loader`` writes it; without a loader, only a literal argument can be written."""
+        out = []
+        for p in self.parts:
+            if isinstance(p, LoaderVar):
+                if loader is None:
+                    raise ConfigError(f"{self.key}=: the {p.value} is filled in by the boot loader: name one")
+                out.append(p.render(loader))
+            else:
+                out.append(p)
+        return "".join(out)
+
+    def substitute(self, values: Mapping[LoaderVar, str]) -> Arg:
+        """The argument after the boot loader filled in ``values``."""
+        return Arg.of(*(values[p] if isinstance(p, LoaderVar) else p for p in self.parts))
+
+
+#: what ``pxe-config`` asks dracut for today: DHCP in the initramfs
+DHCP_NETWORK: Tuple[Arg, ...] = (Arg.of("ip=dhcp"), Arg.of("rd.neednet=1"))
+#: dracut's network options, kept in :attr:`BootConfig.network` as given (dracut, not bootkit, reads them)
+NETWORK_KEYS = ("ip", "rd.neednet")
 
 #: options that take no value (a bare ``rd.qcow2.debug`` means on; ``=0``/``=1`` work as well)
 _FLAGS = ("insecure", "debug")
@@ -46,7 +190,26 @@ _VALUED = (
     "minmem",
     "cacert",
 )
+#: every option this initramfs understands, as written on the command line
 KNOWN_OPTIONS: Tuple[str, ...] = (*(PREFIX + o for o in _VALUED + _FLAGS), PREFIX + "sha256.<file>")
+
+
+def contract_info() -> Dict[str, object]:
+    """What this initramfs understands: ``{"version": N, "options": [...]}`` (JSON, see :data:`CONTRACT_FILE`)."""
+    return {"version": CONTRACT_VERSION, "options": list(KNOWN_OPTIONS)}
+
+
+def describe_contract() -> str:
+    """One line for people: the contract version and the option names."""
+    return f"kernel command-line contract {CONTRACT_VERSION}: root=qcow2:<URL> {' '.join(KNOWN_OPTIONS)}"
+
+
+def option_name(key: str) -> str:
+    """The :data:`KNOWN_OPTIONS` spelling of a command-line key (``rd.qcow2.sha256.base.qcow2`` ->
+    ``rd.qcow2.sha256.<file>``); keys that are not ours come back unchanged."""
+    if key.startswith(PREFIX + "sha256."):
+        return PREFIX + "sha256.<file>"
+    return key
 
 
 @dataclass(frozen=True)
@@ -64,22 +227,27 @@ class RootSpec:
 class Overlay:
     """The writable layer over the read-only root: ``tmpfs`` (with an optional size) or ``none``."""
 
-    kind: str = "tmpfs"
+    kind: OverlayKind = OverlayKind.tmpfs
     #: tmpfs ``size=`` (``512m``, ``25%``); None: the tmpfs default (half the RAM)
     size: Optional[str] = None
 
     def __str__(self) -> str:
-        return self.kind + (f":size={self.size}" if self.size else "")
+        return self.kind.value + (f":size={self.size}" if self.size else "")
+
+
+def valid_tmpfs_size(size: str) -> bool:
+    """``512m``, ``2G``, ``1048576``, ``25%``: what tmpfs takes as ``size=``, and not zero."""
+    return bool(_TMPFS_SIZE.match(size)) and size.rstrip("%kKmMgG").strip("0") != ""
 
 
 @dataclass(frozen=True)
 class BootConfig:
-    """Everything the boot code was asked for on the kernel command line."""
+    """Everything the boot code is asked for on the kernel command line."""
 
     url: str
     sha256: Optional[str] = None
-    verify: str = "sidecar"
-    mode: str = "ram"
+    verify: Verify = Verify.sidecar
+    mode: Mode = Mode.ram
     root: RootSpec = field(default_factory=RootSpec)
     overlay: Overlay = field(default_factory=Overlay)
     manifest: Optional[str] = None
@@ -97,6 +265,64 @@ class BootConfig:
     rootflags: Optional[str] = None
     #: ``rw`` on the command line: the new root is mounted read-write (dracut's default is ``ro``)
     rw: bool = False
+    #: dracut's network options (``ip=``, ``rd.neednet=``) as written; bootkit passes them by
+    network: Tuple[Arg, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> Optional[BootConfig]:
+        """The boot configuration, or None when ``root=`` does not name a QCOW2 image.
+
+        Raises :class:`ConfigError` naming the first bad or unknown option.
+        """
+        return parse_cmdline(text)
+
+    def to_args(self, loader: Optional[Loader] = None) -> Tuple[str, ...]:
+        """The command-line words that :meth:`parse` reads back as this configuration, in a fixed order.
+
+        Options at their default are left out, except the few a reader of the line wants to see: how the
+        image is verified (``rd.qcow2.verify=`` unless a pinned hash says so), the overlay, and ``rw``/``ro``.
+        ``loader`` renders :class:`LoaderVar` values in :attr:`network` in that loader's syntax.
+        """
+        args = [f"root=qcow2:{self.url}"]
+        if self.sha256 is not None:
+            args.append(f"{PREFIX}sha256={self.sha256}")
+        if self.verify is not Verify.pinned:
+            args.append(f"{PREFIX}verify={self.verify.value}")
+        # else a pinned hash is given (sha256 or manifest-sha256 below), and pinned is implied
+        if self.mode is not Mode.ram:
+            args.append(f"{PREFIX}mode={self.mode.value}")
+        if self.root.kind != "auto":
+            args.append(f"{PREFIX}root={self.root}")
+        args.append(f"{PREFIX}overlay={self.overlay}")
+        # The image itself is always read-only (a read-only NBD device); rw/ro is how the root is mounted on
+        # top of it.
+        args.append("rw" if self.rw else "ro")
+        if self.manifest is not None:
+            args.append(f"{PREFIX}manifest={self.manifest}")
+        if self.manifest_sha256 is not None:
+            args.append(f"{PREFIX}manifest-sha256={self.manifest_sha256}")
+        if self.snapshot is not None:
+            args.append(f"{PREFIX}snapshot={self.snapshot}")
+        if self.retries != DEFAULT_RETRIES:
+            args.append(f"{PREFIX}retries={self.retries}")
+        if self.timeout != DEFAULT_TIMEOUT:
+            args.append(f"{PREFIX}timeout={self.timeout!r}")
+        if self.minmem_mib != DEFAULT_MINMEM_MIB:
+            args.append(f"{PREFIX}minmem={self.minmem_mib}")
+        if self.cacert is not None:
+            args.append(f"{PREFIX}cacert={self.cacert}")
+        args += [PREFIX + name for name in _FLAGS if getattr(self, name)]
+        args += [f"{PREFIX}sha256.{name}={h}" for name, h in sorted(self.backing_sha256.items())]
+        if self.rootfstype is not None:
+            args.append(f"rootfstype={self.rootfstype}")
+        if self.rootflags is not None:
+            args.append(f"rootflags={self.rootflags}")
+        args += [a.render(loader) for a in self.network]
+        return tuple(args)
+
+    def substitute(self, values: Mapping[LoaderVar, str]) -> BootConfig:
+        """This configuration as the initramfs parses it after the boot loader filled in ``values``."""
+        return replace(self, network=tuple(a.substitute(values) for a in self.network))
 
 
 def split_cmdline(text: str) -> List[str]:
@@ -108,16 +334,25 @@ def split_cmdline(text: str) -> List[str]:
         return text.split()
 
 
+def join_args(args: Tuple[str, ...]) -> str:
+    """Words joined into a command line that :func:`split_cmdline` (and the kernel) split back into them.
+
+    A word with white space is put in double quotes; quotes and backslashes have no escape that the kernel,
+    dracut and systemd all read the same way, so a word holding one is refused.
+    """
+    out = []
+    for word in args:
+        if any(c in word for c in "\"'\\") or not word.isprintable():
+            raise ConfigError(f"{word!r}: quotes, backslashes and control characters cannot be carried on a "
+                              "kernel command line")  # fmt: skip
+        out.append(f'"{word}"' if not word or any(c.isspace() for c in word) else word)
+    return " ".join(out)
+
+
 def _hex64(option: str, value: str) -> str:
-    if not _HEX64.match(value):
+    if not HEX64.fullmatch(value):
         raise ConfigError(f"{option}={value}: expected 64 hexadecimal digits (a SHA-256)")
     return value.lower()
-
-
-def _choice(option: str, value: str, choices: Tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ConfigError(f"{option}={value}: expected one of {'|'.join(choices)}")
-    return value
 
 
 def _int(option: str, value: str, minimum: int) -> int:
@@ -139,14 +374,14 @@ def _flag(option: str, value: Optional[str]) -> bool:
 
 
 def _url(option: str, value: str) -> str:
-    if not re.match(r"^https?://[^/\s]+/\S*[^/]$", value):
+    if not _URL.match(value):
         raise ConfigError(f"{option}={value}: expected an http:// or https:// URL of a file")
     return value
 
 
 def parse_root(option: str, value: str) -> RootSpec:
     """``N`` | ``LABEL=..`` | ``UUID=..`` | ``PARTUUID=..``."""
-    if value.isdigit() and int(value) > 0:
+    if re.fullmatch(r"[0-9]+", value) and int(value) > 0:
         return RootSpec("number", str(int(value)))
     key, sep, rest = value.partition("=")
     if sep and rest and key.upper() in ("LABEL", "UUID", "PARTUUID"):
@@ -159,14 +394,25 @@ def parse_root(option: str, value: str) -> RootSpec:
 def parse_overlay(option: str, value: str) -> Overlay:
     """``tmpfs`` | ``tmpfs:size=<N[kmg]|P%>`` | ``none``."""
     if value == "none":
-        return Overlay("none")
+        return Overlay(OverlayKind.none)
     if value == "tmpfs":
-        return Overlay("tmpfs")
+        return Overlay(OverlayKind.tmpfs)
     if value.startswith("tmpfs:size="):
         size = value[len("tmpfs:size=") :]
-        if _TMPFS_SIZE.match(size) and size.rstrip("%kKmMgG") not in ("0",):
-            return Overlay("tmpfs", size)
+        if valid_tmpfs_size(size):
+            return Overlay(OverlayKind.tmpfs, size)
     raise ConfigError(f"{option}={value}: expected tmpfs, tmpfs:size=<N[k|m|g]|P%> or none")
+
+
+def _unknown(keys: List[str]) -> ConfigError:
+    by_lower = {k.lower(): k for k in KNOWN_OPTIONS}
+    names = []
+    for key in keys:
+        near = difflib.get_close_matches(key.lower(), list(by_lower), n=1)
+        names.append(f"{key} (did you mean {by_lower[near[0]]}?)" if near else key)
+    return ConfigError(
+        f"unknown option{'s' if len(keys) > 1 else ''} {', '.join(names)} (known: {', '.join(KNOWN_OPTIONS)})"
+    )
 
 
 def parse_cmdline(text: str) -> Optional[BootConfig]:
@@ -178,6 +424,7 @@ def parse_cmdline(text: str) -> Optional[BootConfig]:
     values: Dict[str, object] = {}
     backing: Dict[str, str] = {}
     unknown: List[str] = []
+    network: List[Arg] = []
     rw = False
     for word in split_cmdline(text):
         key, sep, value = word.partition("=")
@@ -193,6 +440,8 @@ def parse_cmdline(text: str) -> Optional[BootConfig]:
             rw = True
         elif word == "ro":
             rw = False
+        elif key in NETWORK_KEYS:
+            network.append(Arg.of(word))
         elif key.startswith(PREFIX):
             name = key[len(PREFIX) :]
             if name.startswith("sha256."):
@@ -208,23 +457,30 @@ def parse_cmdline(text: str) -> Optional[BootConfig]:
                 values[name] = _parse_value(key, name, val)
             else:
                 unknown.append(key)
+        elif key.lower().startswith(NEAR_PREFIX):
+            # rd.qcow2sha256=, rd.qcow.sha256=: meant for us; ignoring them would fall back to the sidecar
+            unknown.append(key)
     if unknown:
-        raise ConfigError(
-            f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
-            f"(known: {', '.join(KNOWN_OPTIONS)})"
-        )
+        raise _unknown(unknown)
     if url is None:
         return None
-    return _build(url, values, backing, rw)
+    return _build(url, values, backing, rw, tuple(network))
+
+
+def _choice(option: str, value: str, kind: type[_Choice]) -> _Choice:
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConfigError(f"{option}={value}: expected one of {'|'.join(kind.words())}") from None
 
 
 def _parse_value(option: str, name: str, value: str) -> object:
     if name in ("sha256", "manifest-sha256"):
         return _hex64(option, value)
     if name == "verify":
-        return _choice(option, value, VERIFY_MODES)
+        return _choice(option, value, Verify)
     if name == "mode":
-        return _choice(option, value, MODES)
+        return _choice(option, value, Mode)
     if name == "root":
         return parse_root(option, value)
     if name == "overlay":
@@ -252,22 +508,24 @@ def _parse_value(option: str, name: str, value: str) -> object:
     raise AssertionError(name)
 
 
-def _build(url: str, values: Dict[str, object], backing: Dict[str, str], rw: bool) -> BootConfig:
+def _build(
+    url: str, values: Dict[str, object], backing: Dict[str, str], rw: bool, network: Tuple[Arg, ...]
+) -> BootConfig:
     sha256 = values.get("sha256")
-    mode = values.get("mode", "ram")
+    mode = values.get("mode", Mode.ram)
     verify = values.get("verify")
     if verify is None:
-        verify = "pinned" if sha256 or values.get("manifest-sha256") else "sidecar"
-    if mode != "lazy" and (values.get("manifest") or values.get("manifest-sha256")):
+        verify = Verify.pinned if sha256 or values.get("manifest-sha256") else Verify.sidecar
+    if mode is not Mode.lazy and (values.get("manifest") or values.get("manifest-sha256")):
         raise ConfigError(f"{PREFIX}manifest and {PREFIX}manifest-sha256 are only used with {PREFIX}mode=lazy")
-    if verify == "pinned" and mode == "ram" and not sha256:
+    if verify is Verify.pinned and mode is Mode.ram and not sha256:
         raise ConfigError(f"{PREFIX}verify=pinned needs {PREFIX}sha256=<hex>")
-    if verify == "pinned" and mode == "lazy" and not values.get("manifest-sha256"):
+    if verify is Verify.pinned and mode is Mode.lazy and not values.get("manifest-sha256"):
         raise ConfigError(
             f"{PREFIX}verify=pinned with {PREFIX}mode=lazy needs {PREFIX}manifest-sha256=<hex> "
             "(lazy mode checks every chunk against the manifest, whose hash is pinned)"
         )
-    if verify != "pinned" and (sha256 or values.get("manifest-sha256")):
+    if verify is not Verify.pinned and (sha256 or values.get("manifest-sha256")):
         raise ConfigError(f"a hash is pinned but {PREFIX}verify={verify}: drop one of them")
     return BootConfig(
         url=url,
@@ -289,4 +547,5 @@ def _build(url: str, values: Dict[str, object], backing: Dict[str, str], rw: boo
         rootfstype=values.get("rootfstype"),  # type: ignore[arg-type]
         rootflags=values.get("rootflags"),  # type: ignore[arg-type]
         rw=rw,
+        network=network,
     )

@@ -7,15 +7,12 @@ Runs inside the initramfs: standard library only, Python >= 3.9.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Optional
 
+# the command-line contract owns what a hash and a verification mode are; `bootkit fetch` takes the same
+from bootkit.boot.cmdline import HEX64, VERIFY_MODES
 from bootkit.errors import UsageError
-
-VERIFY_MODES = ("pinned", "sidecar", "none")
-
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -50,7 +47,7 @@ class FetchOptions:
             raise UsageError(f"verify={self.verify!r}: must be one of {', '.join(VERIFY_MODES)}")
         if self.sha256 is not None:
             digest = self.sha256.strip().lower()
-            if not _HEX64.fullmatch(digest):
+            if not HEX64.fullmatch(digest):
                 raise UsageError(f"sha256={self.sha256!r}: not 64 hexadecimal digits")
             object.__setattr__(self, "sha256", digest)
             if self.verify != "pinned":

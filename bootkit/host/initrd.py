@@ -1,11 +1,11 @@
 """``bootkit build-initrd``: an initramfs that boots a root filesystem from a QCOW2 image over HTTP.
 
-dracut builds it with bootkit's module (``dracut-module/90bootkit``), without copying anything into the
-system's dracut directory and isolated from the host's dracut configuration (../shared/reference/
-dracut-notes.md §3, §10):
+dracut builds it with bootkit's module (``dracut-module/90bootkit``, package data of the installed
+bootkit: :mod:`bootkit.host.pkgdata`), without copying anything into the system's dracut directory and
+isolated from the host's dracut configuration (../shared/reference/dracut-notes.md §3, §10):
 
 * ``dracutbasedir`` points at a temporary symlink farm of ``/usr/lib/dracut`` whose ``modules.d`` also holds
-  our module, and, when the NIC drivers are trimmed, our own ``90kernel-network-modules`` shadowing the
+  a copy of our module, and, when the NIC drivers are trimmed, our own ``90kernel-network-modules`` shadowing the
   stock one (which installs every NIC driver with ``--no-hostonly``); either way the buses NICs sit on
   (virtio, Hyper-V's VMBus, USB host controllers) come from our module's ``installkernel``;
 * ``--conf /dev/null --confdir <empty>``: dracut-network's ``11-ifcfg.conf`` and the like stay out;
@@ -28,9 +28,12 @@ import sys
 import tempfile
 import textwrap
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.resources.abc import Traversable
+from pathlib import Path, PurePosixPath
 
+from bootkit.boot.cmdline import CONTRACT_FILE, contract_info
 from bootkit.errors import BootkitError, UsageError
+from bootkit.host import pkgdata
 from bootkit.log import human_size, log
 from bootkit.run import run
 
@@ -83,13 +86,23 @@ class InitrdResult:
     missing_modules: tuple[str, ...]
 
 
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
+def module_dir() -> Traversable:
+    """bootkit's dracut module: the package's copy of ``dracut-module/90bootkit``."""
+    return pkgdata.data("dracut-module", "90bootkit")
 
 
-def module_dir() -> Path:
-    """bootkit's dracut module (``dracut-module/90bootkit`` in the source tree)."""
-    return repo_root() / "dracut-module" / "90bootkit"
+def install_module(dest: Path) -> Path:
+    """A copy of the dracut module at ``dest``, a real directory whatever holds the package.
+
+    A copy, not a symlink to the package: dracut's ``inst_script`` keeps the mode of the file it installs
+    (``/sbin/qcow2root`` and the systemd generator must be executable), and an installer may not keep the
+    execute bits of package data; :func:`bootkit.host.pkgdata.copy_tree` sets them.
+    """
+    source = module_dir()
+    if not source.joinpath("module-setup.sh").is_file():
+        raise InitrdError(f"bootkit's dracut module is missing from the package ({source}): reinstall bootkit")
+    pkgdata.copy_tree(source, dest)
+    return dest
 
 
 def check_tools() -> None:
@@ -161,17 +174,18 @@ def collect_python_files() -> _PythonFiles:
     except ImportError as e:
         raise InitrdError("zstandard not importable: pip install zstandard (a bootkit dependency)") from e
     zstd_dir = Path(zstandard.__file__).resolve().parent
-    paths = [str(repo_root()), str(zstd_dir.parent)]
+    # the sys.path entry this bootkit is imported from: a source checkout or site-packages
+    package = pkgdata.package_dir()
+    paths = [str(package.parent), str(zstd_dir.parent)]
     # -s -E: neither the user's site directory nor PYTHONPATH may decide what goes into the image
     proc = run([PYTHON, "-s", "-E", "-c", _COLLECT, json.dumps(paths)], capture=True)
     report = json.loads(proc.stdout)
     stdlib_dir = Path(report["stdlib"])
-    root = repo_root() / "bootkit"
     stdlib: list[Path] = []
     bootkit: list[Path] = []
     for name in report["files"]:
         f = Path(name)
-        if f.is_relative_to(root):
+        if f.is_relative_to(package):
             bootkit.append(f)
         elif f.is_relative_to(stdlib_dir) and not {"site-packages", "dist-packages"} & set(f.parts):
             stdlib.append(f)
@@ -192,10 +206,14 @@ def _stage_python(stage: Path) -> list[str]:
     files = collect_python_files()
     (stage / "stdlib.list").write_text("".join(f"{f}\n" for f in files.stdlib))
     site = stage / "site"
+    package_parent = pkgdata.package_dir().parent
     for f in files.bootkit:
-        dest = site / f.relative_to(repo_root())
+        dest = site / f.relative_to(package_parent)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, dest)
+    # what this initramfs understands on the kernel command line, for `pxe-config --check`
+    contract = site / PurePosixPath(CONTRACT_FILE).relative_to("usr/lib/bootkit")
+    contract.write_text(json.dumps(contract_info(), indent=1) + "\n")
     zdest = site / "zstandard"
     zdest.mkdir(parents=True)
     shutil.copy2(files.zstandard / "__init__.py", zdest)
@@ -216,7 +234,7 @@ def _dracutbase(work: Path, drivers: tuple[str, ...] | None) -> Path:
             (base / f.name).symlink_to(f)
     for m in (DRACUT_DIR / "modules.d").iterdir():
         (mods / m.name).symlink_to(m)
-    (mods / "90bootkit").symlink_to(module_dir())
+    install_module(mods / "90bootkit")
     if drivers is not None:
         own = work / "modules" / "90kernel-network-modules"
         own.mkdir(parents=True)

@@ -5,7 +5,7 @@ directory, ``dpkg-deb -x`` unpacks it, and ``depmod -b`` writes the ``modules.de
 not ship. The result is a tree dracut accepts as ``--kmoddir``: it checks that the directory is
 ``…/lib/modules/<kver>`` (see ../shared/reference/dracut-notes.md §2).
 
-Cache layout (``$BOOTKIT_CACHE`` or ``<repo>/cache``)::
+Cache layout (under :func:`cache_dir`)::
 
     kernel/<package>_<version>.deb
     kernel/<kver>/vmlinuz
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bootkit.errors import BootkitError
+from bootkit.host import pkgdata
 from bootkit.log import log
 from bootkit.run import run
 
@@ -46,11 +47,23 @@ class Kernel:
 
 
 def cache_dir() -> Path:
-    """``$BOOTKIT_CACHE`` or ``cache/`` at the top of the source tree."""
+    """Where bootkit keeps what it downloads, first match wins:
+
+    * ``$BOOTKIT_CACHE``;
+    * ``cache/`` at the top of the source checkout bootkit runs from (editable install; gitignored);
+    * ``$XDG_CACHE_HOME/bootkit``, by default ``~/.cache/bootkit`` (an installed package: never inside
+      site-packages).
+    """
     env = os.environ.get("BOOTKIT_CACHE")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "cache"
+    checkout = pkgdata.source_checkout()
+    if checkout is not None:
+        return checkout / "cache"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    # the XDG base directory spec: a relative path is invalid and to be ignored
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "bootkit"
 
 
 def _kernel_from_tree(root: Path, kver: str) -> Kernel:

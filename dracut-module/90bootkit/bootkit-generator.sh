@@ -3,13 +3,78 @@
 # replace the sysroot.mount that systemd-fstab-generator makes of "root=qcow2:..." (it would try to mount
 # the URL). Ours binds the root bootkit mounted under /run/bootkit/root. It goes to the early directory,
 # which takes precedence over the normal one fstab-generator writes to.
+#
+# Only the LAST root= counts, as for the kernel, dracut and bootkit's own parser (bootkit/boot/cmdline.py):
+# with "root=qcow2:X root=/dev/sda2" the local disk is the root and this generator writes nothing. Words are
+# split as that parser splits them (shlex): white space separates, "..." and '...' group, a backslash escapes
+# (inside "..." only before " and \); an unbalanced quote makes it fall back to splitting on white space.
+# Nothing from the command line is written anywhere: the unit below is fixed text.
 
 early_dir=${2:-/run/systemd/generator.early}
 normal_dir=${1:-/run/systemd/generator}
 
+cmdline=
 read -r cmdline < /proc/cmdline
-case " $cmdline " in
-    *" root=qcow2:"*) ;;
+
+# _last_root TEXT QUOTES: sets _root to the value of the last root= word of TEXT (empty: none) and _balanced
+# to 0 when a quote or an escape was left open; QUOTES=0 splits on white space only.
+_last_root() {
+    _rest=$1 _word='' _in_word=0 _quote='' _esc=0 _root='' _balanced=1
+    while [ -n "$_rest" ]; do
+        _c=${_rest%"${_rest#?}"}
+        _rest=${_rest#?}
+        if [ "$_esc" = 1 ]; then
+            _word=$_word$_c _esc=0
+        elif [ "$2" = 0 ]; then
+            _split_char
+        elif [ "$_quote" = "'" ]; then
+            if [ "$_c" = "'" ]; then _quote=''; else _word=$_word$_c; fi
+        elif [ "$_quote" = '"' ]; then
+            case "$_c" in
+                '"') _quote='' ;;
+                \\)
+                    # in "...", a backslash escapes only " and itself; before anything else it stays
+                    case "${_rest%"${_rest#?}"}" in
+                        '"' | \\) _esc=1 ;;
+                        *) _word=$_word$_c ;;
+                    esac ;;
+                *) _word=$_word$_c ;;
+            esac
+        else
+            case "$_c" in
+                \\) _esc=1 _in_word=1 ;;
+                '"' | "'") _quote=$_c _in_word=1 ;;
+                *) _split_char ;;
+            esac
+        fi
+    done
+    if [ -n "$_quote" ] || [ "$_esc" = 1 ]; then
+        _balanced=0
+    fi
+    _end_word
+}
+
+# one character outside quotes: white space ends a word
+_split_char() {
+    case "$_c" in
+        ' ' | '	') _end_word ;;
+        *) _word=$_word$_c _in_word=1 ;;
+    esac
+}
+
+_end_word() {
+    if [ "$_in_word" = 1 ]; then
+        case "$_word" in
+            root=*) _root=${_word#root=} ;;
+        esac
+    fi
+    _word='' _in_word=0
+}
+
+_last_root "$cmdline" 1
+[ "$_balanced" = 1 ] || _last_root "$cmdline" 0
+case "$_root" in
+    qcow2:*) ;;
     *) exit 0 ;;
 esac
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from bootkit.host import kernelpkg
+
 #: top of the bootkit source tree (qemu-tests/bkharness/paths.py -> ../..)
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -13,9 +15,12 @@ ROOTFS_FILES = REPO / "qemu-tests" / "rootfs"
 
 
 def cache_dir() -> Path:
-    """``$BOOTKIT_CACHE`` or ``cache/`` at the top of the tree (gitignored); the same rule as bootkit.host.kernelpkg."""
-    env = os.environ.get("BOOTKIT_CACHE")
-    return Path(env) if env else REPO / "cache"
+    """bootkit's own cache, where it keeps the kernels it downloads: the images go next to them.
+
+    ``$BOOTKIT_CACHE``, else ``cache/`` of the checkout bootkit runs from, else ``~/.cache/bootkit``: the rule
+    is :func:`bootkit.host.kernelpkg.cache_dir`'s, not a copy of it, so the two cannot disagree.
+    """
+    return kernelpkg.cache_dir()
 
 
 def artifacts_dir() -> Path:

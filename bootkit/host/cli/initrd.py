@@ -40,6 +40,7 @@ def register(sub: Any) -> None:
 
 
 def _build_initrd(args: argparse.Namespace) -> int:
+    from bootkit.boot.cmdline import describe_contract
     from bootkit.host.initrd import InitrdOptions, build_initrd, describe
 
     drivers = None
@@ -56,6 +57,7 @@ def _build_initrd(args: argparse.Namespace) -> int:
         )
     )
     print(describe(result))
+    print(describe_contract())
     return 0
 
 

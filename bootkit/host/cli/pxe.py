@@ -29,7 +29,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--check",
         action="store_true",
-        help="verify over HTTP that every URL answers, sizes match and pinned hashes match the served bytes",
+        help="verify over HTTP that every URL answers, sizes match and pinned hashes match the served bytes, and "
+        "that each initramfs knows every rd.qcow2 option its entries pass (with --out: nothing is written if not)",
     )
     p.add_argument(
         "--no-grub-images",
@@ -64,13 +65,25 @@ def pxe_config(args: argparse.Namespace) -> int:
     if args.out is None and not args.check:
         raise UsageError("pxe-config: give --out DIR (and/or --check)")
 
+    initrd_problems: list[str] = []
+    if args.check:
+        from bootkit.host.pxecfg.check import check_initrds
+
+        # an initramfs that does not know an option would stop the boot: refuse to write such a configuration
+        initrd_problems = check_initrds(config)
+        if initrd_problems and args.out is not None:
+            for line in initrd_problems:
+                print(line)
+            log.error("check: %d problem%s with the initramfs images: nothing written to %s", len(initrd_problems),
+                      "" if len(initrd_problems) == 1 else "s", args.out)  # fmt: skip
+            return 1
     if args.out is not None:
         written = output.write(config, args.out, grub_images=not args.no_grub_images)
         log.info("pxe-config: %d files in %s", len(written), args.out)
     if args.check:
         from bootkit.host.pxecfg.check import check
 
-        problems = check(config)
+        problems = initrd_problems + check(config)
         for line in problems:
             print(line)
         if problems:

@@ -4,16 +4,27 @@ For every kernel, initrd, image and manifest URL of the description (each once):
 200; when the local file is known, the served size must equal it; when a SHA-256 is pinned (or left to a
 ``.sha256`` sidecar), the served bytes are streamed through SHA-256 and compared. The result is one line per
 problem, ``URL: what is wrong``; an empty list means everything answered as described.
+
+Each initramfs must also understand every ``rd.qcow2.*`` option its entries pass (:func:`check_initrds`):
+``bootkit build-initrd`` records the command-line contract in the image (``CONTRACT_FILE``), and an image
+built before an option existed would stop the boot at "unknown option".
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import requests
 
-from bootkit.host.pxecfg.model import Artifact, Config
+from bootkit.boot.cmdline import CONTRACT_FILE, PREFIX, option_name
+from bootkit.host.pxecfg.cmdline import kernel_args
+from bootkit.host.pxecfg.initramfs import UnreadableInitramfs, read_member
+from bootkit.host.pxecfg.model import Artifact, Config, Entry
 from bootkit.log import human_size, log
 
 CHUNK = 1 << 20
@@ -109,4 +120,88 @@ def check(config: Config, *, timeout: float = 30.0) -> list[str]:
         for target in targets(config):
             log.info("check: %s", target.artifact.url)
             problems += check_target(session, target, timeout)
+    return problems
+
+
+# -- the command-line contract of each initramfs ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InitrdContract:
+    """What one initramfs understands: :data:`~bootkit.boot.cmdline.CONTRACT_VERSION` and option names."""
+
+    version: int
+    options: frozenset[str]
+
+
+def read_contract(read: Callable[[int], bytes], what: str) -> InitrdContract:
+    """The contract recorded in the initramfs that ``read(n)`` streams; ``what`` names it in messages."""
+    data = read_member(read, CONTRACT_FILE, what=what)
+    if data is None:
+        raise UnreadableInitramfs(
+            f"{what}: has no {CONTRACT_FILE}: built before bootkit recorded its command-line contract, or not "
+            "by bootkit build-initrd; rebuild it with bootkit build-initrd"
+        )
+    try:
+        info = json.loads(data)
+        version, options = info["version"], info["options"]
+        if not isinstance(version, int) or not isinstance(options, list):
+            raise TypeError
+        if not all(isinstance(o, str) for o in options):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise UnreadableInitramfs(f"{what}: {CONTRACT_FILE} is not a bootkit contract file") from None
+    return InitrdContract(version, frozenset(options))
+
+
+@contextlib.contextmanager
+def _initrd_reader(session: requests.Session, artifact: Artifact, timeout: float) -> Iterator[Callable[[int], bytes]]:
+    """The local copy when known (its size is compared with the served one), else the served bytes."""
+    if artifact.path is not None:
+        with artifact.path.open("rb") as f:
+            yield f.read
+    else:
+        with session.get(artifact.url, stream=True, timeout=timeout) as r:
+            r.raise_for_status()
+            yield functools.partial(r.raw.read, decode_content=True)
+
+
+def _options(entry: Entry, config: Config) -> dict[str, str]:
+    """Every ``rd.qcow2.*`` option any menu passes for ``entry``, with who passes it."""
+    found: dict[str, str] = {}
+    for machine in (None, *config.machines):
+        for arg in kernel_args(entry, machine):
+            key = arg.partition("=")[0]
+            if key.startswith(PREFIX):
+                found.setdefault(option_name(key), f"entry {entry.name!r}" + (f" on {machine.mac}" if machine else ""))
+    return found
+
+
+def check_initrds(config: Config, *, timeout: float = 30.0) -> list[str]:
+    """One line per initramfs that cannot be read, predates the contract, or does not know an option its
+    entries pass. An initramfs that cannot be fetched is left to :func:`check`, which reports its URL."""
+    problems: list[str] = []
+    by_url: dict[str, list[Entry]] = {}
+    for e in config.entries:
+        by_url.setdefault(e.initrd.url, []).append(e)
+    with requests.Session() as session:
+        for url, entries in by_url.items():
+            initrd = entries[0].initrd
+            try:
+                with _initrd_reader(session, initrd, timeout) as read:
+                    contract = read_contract(read, url)
+            except UnreadableInitramfs as e:
+                problems.append(str(e))
+                continue
+            except (requests.RequestException, OSError) as e:
+                log.debug("check: %s: %s", url, e)
+                continue
+            log.info("check: %s understands command-line contract %d", url, contract.version)
+            for entry in entries:
+                for option, who in _options(entry, config).items():
+                    if option not in contract.options:
+                        problems.append(
+                            f"{url}: this initramfs (contract {contract.version}) does not know {option}, "
+                            f"which {who} passes: rebuild it with bootkit build-initrd"
+                        )
     return problems

@@ -3,30 +3,22 @@
 Everything here is frozen and already validated by :mod:`bootkit.host.pxecfg.load`: URLs are absolute, hashes
 are 64 lower-case hex digits, MAC addresses are lower-case with colons, entry names exist. Closed sets are
 ``StrEnum`` with the behaviour that depends on them (``Firmware.bios.grub_platform``), so the renderers and
-templates never branch on strings.
+templates never branch on strings. What goes on the kernel command line (the mode, the root, the overlay) is
+typed by the command-line contract, :mod:`bootkit.boot.cmdline`, which owns those types.
 """
 
 from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
-
-class Mode(enum.StrEnum):
-    """How the initramfs uses the image: ``ram`` downloads it whole first, ``lazy`` reads ranges on demand."""
-
-    ram = "ram"
-    lazy = "lazy"
-
-
-class Overlay(enum.StrEnum):
-    """The writable layer over the read-only image: a tmpfs overlay, or none (root mounted read-only)."""
-
-    tmpfs = "tmpfs"
-    none = "none"
+from bootkit.boot.cmdline import Mode as Mode
+from bootkit.boot.cmdline import Overlay as Overlay
+from bootkit.boot.cmdline import OverlayKind as OverlayKind
+from bootkit.boot.cmdline import RootSpec as RootSpec
 
 
 class Bootloader(enum.StrEnum):
@@ -98,11 +90,10 @@ class Entry:
     #: the initramfs verifies against the ``<image URL>.sha256`` sidecar
     sha256: str | None
     mode: Mode = Mode.ram
-    #: ``N`` (partition number), ``LABEL=..``, ``UUID=..`` or ``PARTUUID=..``; None: found automatically
-    root: str | None = None
-    overlay: Overlay = Overlay.tmpfs
-    #: size of the tmpfs overlay (``2G``, ``25%``); None: the kernel's tmpfs default
-    overlay_size: str | None = None
+    #: partition number, label, UUID or PARTUUID of the root; kind ``auto``: found automatically
+    root: RootSpec = field(default_factory=RootSpec)
+    #: the writable layer and the size of a tmpfs one (``2G``, ``25%``; None: the kernel's tmpfs default)
+    overlay: Overlay = field(default_factory=Overlay)
     #: per-cluster hash manifest for verified lazy mode, and its pinned SHA-256
     manifest: Artifact | None = None
     manifest_sha256: str | None = None

@@ -1,8 +1,10 @@
 """Render the iPXE script, GRUB configurations and dnsmasq configuration of a :class:`Config`.
 
-The templates (package data under ``bootkit/templates/``) do no computing: this module prepares every
-string they print (command lines, GRUB device paths, labels) as typed view objects, and the Jinja2
-environment is strict (``StrictUndefined``), so a missing value fails the render instead of printing ''.
+The templates do no computing: this module prepares every string they print (command lines, GRUB device
+paths, labels) as typed view objects, and the Jinja2 environment is strict (``StrictUndefined``), so a
+missing value fails the render instead of printing ''. They are package data: the iPXE and dnsmasq ones in
+``bootkit/host/pxecfg/templates/``, GRUB's in the repository's ``grub/`` folder, which the package holds
+as ``bootkit/_data/grub`` (:mod:`bootkit.host.pkgdata`).
 
 What runs where (see the README section "PXE configuration"):
 
@@ -80,7 +82,11 @@ class DnsmasqBoot:
 
 def _environment() -> jinja2.Environment:
     return jinja2.Environment(
-        loader=jinja2.PackageLoader("bootkit", "templates"),
+        # names are unique across the two folders: boot.ipxe.j2, dnsmasq.conf.j2 | grub.cfg.j2
+        loader=jinja2.ChoiceLoader([
+            jinja2.PackageLoader("bootkit.host.pxecfg", "templates"),
+            jinja2.PackageLoader("bootkit", "_data/grub"),
+        ]),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=True,

@@ -1,47 +1,47 @@
-"""Every setting of a boot description, declared once: TOML key, command-line flag, help text.
+"""Every setting of a boot description, declared once: TOML key, command-line flag, help text, parser.
 
-The TOML reader (:mod:`bootkit.host.pxecfg.load`) accepts exactly these keys, the flags-only mode of
-``bootkit pxe-config`` offers them as flags (``--overlay-size``, ``--dhcp-mode``), and the README's key table
-is checked against them by a test. Plain data: the CLI imports this module at start-up.
+The TOML reader (:mod:`bootkit.host.pxecfg.table`, driven by :mod:`bootkit.host.pxecfg.load`) accepts exactly
+these keys and reads each value with the parse function its setting declares (as mkosi's ``ConfigSetting``
+does), the flags-only mode of ``bootkit pxe-config`` offers them as flags (``--overlay-size``,
+``--dhcp-mode``), and the README's key table is checked against them by a test. Light: the CLI imports this
+module at start-up (the parsers need only the standard library).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+from bootkit.host.pxecfg import values as v
+from bootkit.host.pxecfg.model import Bootloader, DhcpMode, Mode, OverlayKind
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One setting: its TOML key, the flag of the flags-only mode, and the help text both share."""
+    """One setting: its TOML key, the flag of the flags-only mode, the help text both share, and its parser."""
 
     key: str
     help: str
-    kind: str = "str"  # "str", "int" or "list" (a TOML array of strings; a repeatable flag)
+    kind: str = "str"  # "str", "int", "list" (a TOML array of strings; a repeatable flag), "table", "tables"
     metavar: str = "VALUE"
     #: extra flag spellings (``--image-url`` for ``image``)
     aliases: tuple[str, ...] = ()
+    #: turns the type-checked value into the typed one, or raises :class:`~.values.BadValue`; None: as given.
+    #: Settings resolved against other settings (files under docroot, hashes) are read by the table's rules.
+    parse: Callable[[Any], Any] | None = None
+    #: the settings of a table or of each table of an array
+    settings: tuple[Setting, ...] = ()
 
     @property
     def flag(self) -> str:
         return "--" + self.key.replace("_", "-")
 
 
-TOP_SETTINGS = (
-    Setting("base_url", "HTTP URL of the directory kernels, initrds and images are fetched from", metavar="URL"),
-    Setting("docroot", "local directory served at base_url (to hash images and check files)", metavar="DIR"),
-    Setting("default", "name of the entry booted when the menu times out", metavar="NAME"),
-    Setting("timeout", "menu timeout in seconds; 0 boots the default entry at once (default 5)", "int", "SECONDS"),
-    Setting("console", "kernel console= values for entries that set none (repeatable)", "list", "CONSOLE"),
-    Setting("bootloaders", "bootloaders to configure: ipxe, grub (default both; the flag repeats)", "list", "NAME"),
-    Setting("entry", "boot entries (array of tables)", "tables"),
-    Setting("machine", "per-machine overrides (array of tables)", "tables"),
-    Setting("dhcp", "dnsmasq configuration (table); without it no dnsmasq.conf is written", "table"),
-    Setting("grub", "GRUB options (table)", "table"),
-)
-
 ENTRY_SETTINGS = (
-    Setting("name", "entry name: menu id, iPXE label, GRUB id (default 'qcow2' in flags mode)", metavar="NAME"),
-    Setting("title", "menu title (default: the name)", metavar="TEXT"),
+    Setting("name", "entry name: menu id, iPXE label, GRUB id (default 'qcow2' in flags mode)", metavar="NAME",
+            parse=v.name),
+    Setting("title", "menu title (default: the name)", metavar="TEXT", parse=v.title),
     Setting("kernel", "kernel: URL, or path relative to base_url (and docroot)", metavar="FILE|URL"),
     Setting("initrd", "initramfs built by bootkit: URL, or path relative to base_url", metavar="FILE|URL"),
     Setting("image", "QCOW2 image: URL, or path relative to base_url", metavar="FILE|URL", aliases=("--image-url",)),
@@ -51,45 +51,70 @@ ENTRY_SETTINGS = (
         "'sidecar' (the initramfs checks <image URL>.sha256)",
         metavar="HEX|compute|sidecar",
     ),
-    Setting("mode", "ram: download the whole image first (default); lazy: read ranges on demand", metavar="MODE"),
+    Setting("mode", "ram: download the whole image first (default); lazy: read ranges on demand", metavar="MODE",
+            parse=v.choice(Mode)),
     Setting(
-        "root", "root filesystem: auto (default), partition number, LABEL=.., UUID=.., PARTUUID=..", metavar="ROOT"
+        "root", "root filesystem: auto (default), partition number, LABEL=.., UUID=.., PARTUUID=..", metavar="ROOT",
+        parse=v.root,
     ),
-    Setting("overlay", "writable layer: tmpfs (default) or none", metavar="KIND"),
-    Setting("overlay_size", "tmpfs overlay size (2G, 25%%)", metavar="SIZE"),
+    Setting("overlay", "writable layer: tmpfs (default) or none", metavar="KIND", parse=v.choice(OverlayKind)),
+    Setting("overlay_size", "tmpfs overlay size (2G, 25%%)", metavar="SIZE", parse=v.overlay_size),
     Setting("manifest", "lazy mode: per-cluster hash manifest, URL or path relative to base_url", metavar="FILE|URL"),
     Setting("manifest_sha256", "SHA-256 of the manifest: 64 hex digits or 'compute' (default)", metavar="HEX"),
-    Setting("snapshot", "internal QCOW2 snapshot to boot", metavar="NAME"),
-    Setting("console", "kernel console= value (repeatable)", "list", "CONSOLE"),
-    Setting("args", "extra kernel argument (repeatable)", "list", "ARG"),
+    Setting("snapshot", "internal QCOW2 snapshot to boot", metavar="NAME", parse=v.snapshot),
+    Setting("console", "kernel console= value (repeatable)", "list", "CONSOLE", parse=v.kernel_args),
+    Setting("args", "extra kernel argument (repeatable)", "list", "ARG", parse=v.kernel_args),
 )
 
 MACHINE_SETTINGS = (
-    Setting("mac", "MAC address the machine boots from", metavar="MAC"),
-    Setting("name", "a human name for the machine (comment only)", metavar="NAME"),
+    Setting("mac", "MAC address the machine boots from", metavar="MAC", parse=v.mac),
+    Setting("name", "a human name for the machine (comment only)", metavar="NAME", parse=v.printable),
     Setting("default", "entry this machine boots by default", metavar="NAME"),
-    Setting("timeout", "menu timeout for this machine", "int", "SECONDS"),
-    Setting("args", "extra kernel arguments for this machine, after the entry's", "list", "ARG"),
+    Setting("timeout", "menu timeout for this machine", "int", "SECONDS", parse=v.non_negative),
+    Setting("args", "extra kernel arguments for this machine, after the entry's", "list", "ARG",
+            parse=v.kernel_args),
 )
 
 DHCP_SETTINGS = (
     Setting(
-        "mode", "proxy: next to an existing DHCP server (default); full: dnsmasq hands out addresses", metavar="MODE"
+        "mode", "proxy: next to an existing DHCP server (default); full: dnsmasq hands out addresses", metavar="MODE",
+        parse=v.choice(DhcpMode),
     ),
-    Setting("loader", "what firmware PXE clients load first: ipxe (default) or grub", metavar="LOADER"),
-    Setting("subnet", "proxy mode: address of the network to answer on (192.168.1.0)", metavar="ADDR"),
-    Setting("range_start", "full mode: first address of the pool", metavar="ADDR"),
-    Setting("range_end", "full mode: last address of the pool", metavar="ADDR"),
-    Setting("netmask", "full mode: netmask of the pool", metavar="MASK"),
-    Setting("lease_time", "full mode: lease time (default 1h)", metavar="TIME"),
-    Setting("router", "full mode: default gateway handed out", metavar="ADDR"),
-    Setting("dns", "full mode: DNS server handed out (repeatable)", "list", "ADDR"),
-    Setting("interface", "network interface dnsmasq serves", metavar="IFACE"),
-    Setting("tftp_root", "TFTP root on the server (default: OUT/tftp, absolute)", metavar="DIR"),
+    Setting("loader", "what firmware PXE clients load first: ipxe (default) or grub", metavar="LOADER",
+            parse=v.choice(Bootloader)),
+    Setting("subnet", "proxy mode: address of the network to answer on (192.168.1.0)", metavar="ADDR",
+            parse=v.ipv4),
+    Setting("range_start", "full mode: first address of the pool", metavar="ADDR", parse=v.ipv4),
+    Setting("range_end", "full mode: last address of the pool", metavar="ADDR", parse=v.ipv4),
+    Setting("netmask", "full mode: netmask of the pool", metavar="MASK", parse=v.ipv4),
+    Setting("lease_time", "full mode: lease time (default 1h)", metavar="TIME", parse=v.lease_time),
+    Setting("router", "full mode: default gateway handed out", metavar="ADDR", parse=v.ipv4),
+    Setting("dns", "full mode: DNS server handed out (repeatable)", "list", "ADDR", parse=v.ipv4_list),
+    Setting("interface", "network interface dnsmasq serves", metavar="IFACE", parse=v.interface),
+    Setting("tftp_root", "TFTP root on the server (default: OUT/tftp, absolute)", metavar="DIR",
+            parse=v.server_path),
 )
 
 GRUB_SETTINGS = (
-    Setting("serial_speed", "GRUB on BIOS also uses serial port 0 at this speed", "int", "BAUD"),
+    Setting("serial_speed", "GRUB on BIOS also uses serial port 0 at this speed", "int", "BAUD", parse=v.positive),
+)
+
+TOP_SETTINGS = (
+    Setting("base_url", "HTTP URL of the directory kernels, initrds and images are fetched from", metavar="URL",
+            parse=v.base_url),
+    Setting("docroot", "local directory served at base_url (to hash images and check files)", metavar="DIR"),
+    Setting("default", "name of the entry booted when the menu times out", metavar="NAME"),
+    Setting("timeout", "menu timeout in seconds; 0 boots the default entry at once (default 5)", "int", "SECONDS",
+            parse=v.non_negative),
+    Setting("console", "kernel console= values for entries that set none (repeatable)", "list", "CONSOLE",
+            parse=v.kernel_args),
+    Setting("bootloaders", "bootloaders to configure: ipxe, grub (default both; the flag repeats)", "list", "NAME",
+            parse=v.bootloaders),
+    Setting("entry", "boot entries (array of tables)", "tables", settings=ENTRY_SETTINGS),
+    Setting("machine", "per-machine overrides (array of tables)", "tables", settings=MACHINE_SETTINGS),
+    Setting("dhcp", "dnsmasq configuration (table); without it no dnsmasq.conf is written", "table",
+            settings=DHCP_SETTINGS),
+    Setting("grub", "GRUB options (table)", "table", settings=GRUB_SETTINGS),
 )
 
 DEFAULT_TIMEOUT = 5
