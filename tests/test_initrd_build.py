@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from boot_fixtures import debian_kernel, initrd_shell, initrd_systemd, need  # noqa: F401 - fixtures
 
 from bootkit.host import pkgdata
@@ -20,6 +21,16 @@ MB = 1000 * 1000
 REPO = Path(__file__).resolve().parent.parent
 #: the dracut module as the repository keeps it
 MODULE = REPO / "dracut-module" / "90bootkit"
+
+#: NIC drivers a default build must hold, with their buses: the virtual NICs of QEMU/KVM, VMware, Hyper-V and
+#: Xen, and a sample of what dracut's kernel-network-modules covers (PCI, and USB NICs behind USB hosts)
+DEFAULT_NIC_MODULES = (
+    "virtio_net", "virtio_pci", "virtio_mmio", "e1000", "e1000e", "vmxnet3", "hv_netvsc", "hv_vmbus",
+    "xen-netfront", "igb", "r8169", "ixgbe", "tg3", "bnx2", "r8152", "cdc_ether", "ax88179_178a",
+)  # fmt: skip
+#: the buses bootkit's own module adds to every build, trimmed or not
+BUS_MODULES = ("virtio_pci", "virtio_mmio", "hv_vmbus", "pci-hyperv", "xhci-pci", "ehci-pci", "ohci-pci",
+               "uhci-hcd")  # fmt: skip
 
 
 def bootkit_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -33,6 +44,59 @@ def contents(image: Path) -> list[str]:
     # the path is the last field, or for a symlink the one before "-> target"
     return [line.split(" -> ")[0].split()[-1] for line in out.splitlines()
             if line[:1] in "-dlrwxs" and len(line.split()) >= 9]
+
+
+def _module_name(path: str) -> str:
+    """``kernel/drivers/net/xen-netfront.ko[.xz]`` -> ``xen_netfront`` (modprobe's spelling: - and _ are one)."""
+    return path.rsplit("/", 1)[-1].split(".ko")[0].replace("-", "_")
+
+
+def module_closure(kmoddir: Path, names: tuple[str, ...]) -> set[str]:
+    """The modules.dep paths of ``names`` and of every module each one needs, however deep."""
+    deps: dict[str, list[str]] = {}
+    paths: dict[str, str] = {}
+    for line in (kmoddir / "modules.dep").read_text().splitlines():
+        path, _, needs = line.partition(":")
+        deps[path] = needs.split()
+        paths[_module_name(path)] = path
+    missing = [n for n in names if _module_name(n) not in paths]
+    assert not missing, f"{kmoddir}/modules.dep has no {missing}"
+    todo = [paths[_module_name(n)] for n in names]
+    found: set[str] = set()
+    while todo:
+        path = todo.pop()
+        if path not in found:
+            found.add(path)
+            todo += deps[path]
+    return found
+
+
+def kernel_modules(image: Path, kver: str) -> set[str]:
+    """The modules in an initramfs, as modules.dep names them (``kernel/...``)."""
+    prefix = f"lib/modules/{kver}/"
+    return {n.split(prefix, 1)[1] for n in contents(image) if prefix in n and ".ko" in n}
+
+
+def missing_modules(result: InitrdResult, names: tuple[str, ...]) -> list[str]:
+    return sorted(module_closure(result.kmoddir, names) - kernel_modules(result.output, result.kver))
+
+
+def _build_default(factory: pytest.TempPathFactory, kernel: Kernel, systemd: bool) -> InitrdResult:
+    need("dracut")
+    out = factory.mktemp("initrd") / ("default-systemd.img" if systemd else "default-shell.img")
+    return build_initrd(InitrdOptions(output=out, kver=kernel.kver, kmoddir=kernel.kmoddir, systemd=systemd))
+
+
+@pytest.fixture(scope="module")
+def default_shell(tmp_path_factory: pytest.TempPathFactory, debian_kernel: Kernel) -> InitrdResult:  # noqa: F811
+    """``bootkit build-initrd`` with its defaults: every NIC driver, shell flavour."""
+    return _build_default(tmp_path_factory, debian_kernel, systemd=False)
+
+
+@pytest.fixture(scope="module")
+def default_systemd(tmp_path_factory: pytest.TempPathFactory, debian_kernel: Kernel) -> InitrdResult:  # noqa: F811
+    """``bootkit build-initrd --systemd`` with its defaults: every NIC driver."""
+    return _build_default(tmp_path_factory, debian_kernel, systemd=True)
 
 
 def test_module_is_shellcheck_clean() -> None:
@@ -73,9 +137,12 @@ def test_trimmed_shell_initramfs(initrd_shell: InitrdResult) -> None:  # noqa: F
     for ko in ("nbd", "overlay", "ext4", "xfs", "btrfs", "vfat", "squashfs", "erofs", "virtio_net", "virtio_pci"):
         assert f"/{ko}.ko" in joined, ko
     assert "/e1000.ko" not in joined and "/e1000e.ko" not in joined
+    # virtio_net's transport and the other buses come from bootkit's module even when the drivers are trimmed
+    assert missing_modules(initrd_shell, ("virtio_net", *BUS_MODULES)) == []
     for path in ("usr/bin/python3.11", "usr/lib/bootkit/bootkit-boot", "usr/lib/bootkit/bootkit/boot/main.py",
                  "usr/lib/bootkit/zstandard/__init__.py", "usr/sbin/qcow2root", "usr/sbin/dhclient",
-                 "/libdeflate.so.0", "/libzstd.so.1"):  # fmt: skip
+                 "/libdeflate.so.0", "/libzstd.so.1", "usr/lib/bootkit/bootkit-halt", "usr/sbin/poweroff",
+                 "usr/sbin/reboot", "usr/sbin/halt"):  # fmt: skip
         assert any(n.endswith(path) or n == path for n in names), path
     assert not [n for n in names if "jinja2" in n or "requests" in n or "bootkit/host/cli" in n]
     assert not any("systemd-networkd" in n for n in names)  # the shell flavour names network-legacy
@@ -91,14 +158,19 @@ def test_trimmed_systemd_initramfs(initrd_systemd: InitrdResult) -> None:  # noq
     assert initrd_systemd.size <= 30 * MB, initrd_systemd.size
 
 
-def test_default_initramfs_has_every_nic_driver(tmp_path: Path, debian_kernel: Kernel) -> None:  # noqa: F811
-    need("dracut")
-    result = build_initrd(InitrdOptions(output=tmp_path / "all.img", kver=debian_kernel.kver,
-                                        kmoddir=debian_kernel.kmoddir))  # fmt: skip
-    joined = "\n".join(contents(result.output))
-    for ko in ("virtio_net", "e1000", "e1000e", "igb", "r8169", "ixgbe", "tg3", "bnx2"):
-        assert f"/{ko}.ko" in joined, ko
-    assert result.drivers is None
+def test_default_shell_initramfs_has_every_nic_and_its_bus(default_shell: InitrdResult) -> None:
+    """The default build boots a VM with any common virtual NIC: each driver with every module it needs
+    (modules.dep of the kernel built for) and the bus it sits on (virtio_net without virtio_pci: no eth0)."""
+    assert default_shell.drivers is None
+    assert missing_modules(default_shell, (*DEFAULT_NIC_MODULES, *BUS_MODULES)) == []
+    assert any(n.endswith("usr/sbin/poweroff") for n in contents(default_shell.output))
+
+
+def test_default_systemd_initramfs_has_every_nic_and_its_bus(default_systemd: InitrdResult) -> None:
+    assert default_systemd.drivers is None
+    assert missing_modules(default_systemd, (*DEFAULT_NIC_MODULES, *BUS_MODULES)) == []
+    # systemd's own poweroff is there: bootkit's stand-in is for the shell flavour only
+    assert not any(n.endswith("bootkit/bootkit-halt") for n in contents(default_systemd.output))
 
 
 def test_kernel_cache_is_idempotent(debian_kernel: Kernel) -> None:  # noqa: F811

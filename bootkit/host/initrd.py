@@ -6,7 +6,8 @@ isolated from the host's dracut configuration (docs/initramfs.md):
 
 * ``dracutbasedir`` points at a temporary symlink farm of ``/usr/lib/dracut`` whose ``modules.d`` also holds
   a copy of our module, and, when the NIC drivers are trimmed, our own ``90kernel-network-modules`` shadowing the
-  stock one (which installs every NIC driver with ``--no-hostonly``);
+  stock one (which installs every NIC driver with ``--no-hostonly``); either way the buses NICs sit on
+  (virtio, Hyper-V's VMBus, USB host controllers) come from our module's ``installkernel``;
 * ``--conf /dev/null --confdir <empty>``: dracut-network's ``11-ifcfg.conf`` and the like stay out;
 * the network handler is named (network-legacy or systemd-networkd): left alone, dracut on Debian 12 picks
   systemd-networkd even for a shell initramfs.
@@ -52,9 +53,6 @@ SYSTEMD_MODULES = (
     "systemd-networkd",
     "bootkit",
 )
-
-#: extra modules a driver needs to be usable (virtio_net is nothing without its PCI transport)
-_DRIVER_COMPANIONS = {"virtio_net": ("virtio_pci",)}
 
 
 class InitrdError(BootkitError):
@@ -240,7 +238,8 @@ def _dracutbase(work: Path, drivers: tuple[str, ...] | None) -> Path:
     if drivers is not None:
         own = work / "modules" / "90kernel-network-modules"
         own.mkdir(parents=True)
-        names = list(dict.fromkeys(d for drv in drivers for d in (drv, *_DRIVER_COMPANIONS.get(drv, ()))))
+        # the buses they sit on (virtio_pci for virtio_net, ...) come with bootkit's own module, as in a default build
+        names = list(dict.fromkeys(drivers))
         (own / "module-setup.sh").write_text(
             "#!/bin/bash\n"
             "# bootkit build-initrd --drivers: only the named NIC drivers (shadows the stock module)\n"

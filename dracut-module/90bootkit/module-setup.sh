@@ -28,6 +28,20 @@ depends() {
 installkernel() {
     # nbd with partitions, the overlay for the writable root, and the filesystems a root may use
     hostonly='' instmods nbd overlay ext4 xfs btrfs vfat squashfs erofs nls_cp437 nls_iso8859-1 nls_utf8 af_packet
+
+    # The buses the NIC drivers sit on. 90kernel-network-modules (or bootkit's --drivers stand-in) installs
+    # only drivers/net; the transports come with dracut's 90kernel-modules, which a bootkit initramfs leaves
+    # out, and without them a NIC driver never sees its device (virtio_net without virtio_pci: no eth0).
+    #   virtio: PCI (QEMU/KVM, most clouds) and MMIO (microvm, Firecracker, ARM "virt");
+    #   Hyper-V: hv_netvsc pulls hv_vmbus itself; pci-hyperv carries the SR-IOV VFs of accelerated networking;
+    #   Xen: nothing, xen-netfront's xenbus is built in (or is a module it depends on, installed with it);
+    #   USB NICs (the NIC of many laptops and small boards, docks): the host controllers, PCI and platform.
+    # instmods skips names the kernel does not have (-o is its default: the platform ones are ARM's), so a
+    # kernel built without one still gives an initramfs.
+    hostonly='' instmods \
+        virtio_pci virtio_mmio \
+        hv_vmbus pci-hyperv \
+        xhci-pci xhci-hcd xhci-plat-hcd ehci-pci ehci-hcd ehci-platform ohci-pci ohci-hcd uhci-hcd
 }
 
 # called by dracut
@@ -92,6 +106,37 @@ EOF
         # netroot handler: /sbin/netroot runs /sbin/<scheme>root once an interface is up
         inst_script "$moddir/qcow2root.sh" /sbin/qcow2root
         inst_hook pre-mount 10 "$moddir/qcow2-failed.sh"
+        install_halt
     fi
     dracut_need_initqueue
+}
+
+# poweroff, reboot and halt for the shell initramfs: dracut's emergency path runs the one rd.emergency= names
+# (halt by default with rd.shell=0), and without them "poweroff: command not found" ends init: a kernel panic.
+# No existing command fits: systemctl, sysvinit's halt and busybox's applets all ask their own init, and PID 1
+# here is dracut's shell script; what is left is what their -f does, sync and the reboot(2) system call.
+# Python is in the image anyway (a static busybox would add 2 MB and a build dependency).
+install_halt() {
+    cat > "$initdir/usr/lib/bootkit/bootkit-halt" << 'EOF'
+#!/usr/bin/python3 -sE
+"""poweroff, reboot, halt of bootkit's shell initramfs (by the name it is run as): sync, then reboot(2)."""
+import ctypes
+import os
+import sys
+
+# LINUX_REBOOT_CMD_* of <linux/reboot.h>
+HOW = {"poweroff": 0x4321FEDC, "reboot": 0x01234567, "halt": 0xCDEF0123}
+name = os.path.basename(sys.argv[0])
+if name not in HOW:
+    sys.exit(f"{name}: run me as poweroff, reboot or halt")
+os.sync()
+libc = ctypes.CDLL(None, use_errno=True)
+libc.reboot(ctypes.c_uint(HOW[name]))
+sys.exit(f"{name}: reboot(2) failed: {os.strerror(ctypes.get_errno())}")
+EOF
+    chmod 0755 "$initdir/usr/lib/bootkit/bootkit-halt"
+    local _name
+    for _name in poweroff reboot halt; do
+        ln_r /usr/lib/bootkit/bootkit-halt "/usr/sbin/$_name"
+    done
 }

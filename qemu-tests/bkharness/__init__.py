@@ -9,7 +9,7 @@ Each step is a function or a context manager named after the step, so a test rea
         proof = expect_proof(vm)
 """
 
-from bkharness.guest import Firmware, Guest, GuestError, qemu_direct, qemu_pxe, qemu_pxe_netdev
+from bkharness.guest import Firmware, Guest, GuestError, Nic, qemu_direct, qemu_pxe, qemu_pxe_netdev
 from bkharness.images import RootImage, qcow2_image, root_image
 from bkharness.pieces import MissingPiece, initrd, kernel, pxe_tree
 from bkharness.proof import Proof, expect_boot_failure, expect_clean_poweroff, expect_proof
@@ -20,6 +20,7 @@ __all__ = [
     "Guest",
     "GuestError",
     "MissingPiece",
+    "Nic",
     "Proof",
     "RootImage",
     "WebServer",

@@ -105,25 +105,44 @@ def debian_root() -> images.RootImage:
 
 @pytest.fixture(scope="session")
 def initrds(tmp_path_factory: pytest.TempPathFactory, kernel: Any) -> dict[str, Path]:
-    """Initramfs builds of this run, by flavour ("shell", "systemd"); each built on first use."""
+    """Initramfs builds of this run, by flavour ("shell", "systemd", "shell-default", ...); each built on first use."""
     return {}
 
 
-def _initrd(initrds: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, flavour: str) -> Path:
+#: what the trimmed builds keep: the test guests' NIC. Trimmed for build time and size (a default build holds
+#: every NIC driver and takes about twice as long); test_defaults.py boots the untrimmed builds.
+TRIMMED_DRIVERS = ("virtio_net",)
+
+
+def _initrd(initrds: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, flavour: str, *,
+            trimmed: bool = True) -> Path:
     pieces.require_boot_code()
-    if flavour not in initrds:
-        out = tmp_path_factory.mktemp("initrd") / f"initrd-{flavour}.img"
-        initrds[flavour] = pieces.initrd(out, systemd=flavour == "systemd", drivers=("virtio_net",))
-    return initrds[flavour]
+    key = flavour if trimmed else f"{flavour}-default"
+    if key not in initrds:
+        out = tmp_path_factory.mktemp("initrd") / f"initrd-{key}.img"
+        initrds[key] = pieces.initrd(out, systemd=flavour == "systemd", drivers=TRIMMED_DRIVERS if trimmed else ())
+    return initrds[key]
 
 
 @pytest.fixture
 def shell_initrd(initrds: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``bootkit build-initrd --no-systemd`` (network-legacy), built once per run."""
+    """``bootkit build-initrd --no-systemd --drivers virtio_net`` (network-legacy), built once per run."""
     return _initrd(initrds, tmp_path_factory, "shell")
 
 
 @pytest.fixture
 def systemd_initrd(initrds: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``bootkit build-initrd --systemd`` (systemd-networkd), built once per run."""
+    """``bootkit build-initrd --systemd --drivers virtio_net`` (systemd-networkd), built once per run."""
     return _initrd(initrds, tmp_path_factory, "systemd")
+
+
+@pytest.fixture
+def shell_default_initrd(initrds: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``bootkit build-initrd --no-systemd`` with every NIC driver (the default), built once per run."""
+    return _initrd(initrds, tmp_path_factory, "shell", trimmed=False)
+
+
+@pytest.fixture
+def systemd_default_initrd(initrds: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``bootkit build-initrd --systemd`` with every NIC driver (the default), built once per run."""
+    return _initrd(initrds, tmp_path_factory, "systemd", trimmed=False)

@@ -31,14 +31,29 @@ from bootkit.run import spawn
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
-#: iPXE for virtio-net as an EFI option ROM; the BIOS one (pxe-virtio.rom) is QEMU's default for the NIC
-IPXE_EFI_ROM = Path("/usr/lib/ipxe/qemu/efi-virtio.rom")
+#: QEMU's iPXE option ROMs (ipxe-qemu): efi-<nic>.rom for UEFI; the BIOS ones are QEMU's defaults for each NIC
+IPXE_ROM_DIR = Path("/usr/lib/ipxe/qemu")
+#: the EFI iPXE ROM of the default NIC (virtio-net)
+IPXE_EFI_ROM = IPXE_ROM_DIR / "efi-virtio.rom"
 
 #: the host as seen from the guest on QEMU's user network
 HOST_FROM_GUEST = "10.0.2.2"
 
 #: kernel arguments every test guest gets: serial console, and a panic ends the run (-no-reboot) at once
 GUEST_KERNEL_ARGS = ("console=ttyS0,115200", "panic=-1")
+
+
+class Nic(enum.StrEnum):
+    """The guest's network card, as QEMU's ``-device`` names it: what the client's initramfs must drive."""
+
+    virtio = "virtio-net-pci"
+    e1000 = "e1000"
+    e1000e = "e1000e"
+    vmxnet3 = "vmxnet3"
+
+    def rom_name(self) -> str:
+        """The NIC's name in QEMU's iPXE ROM files (efi-virtio.rom, efi-e1000e.rom, ...)."""
+        return "virtio" if self is Nic.virtio else self.value
 
 
 class Firmware(enum.StrEnum):
@@ -51,12 +66,12 @@ class Firmware(enum.StrEnum):
         # OVMF 4M with pflash runs on q35 (docs/pxe.md, "Firmware under QEMU"); SeaBIOS on the default pc
         return "q35" if self is Firmware.uefi else "pc"
 
-    def nic_options(self, *, firmware_pxe: bool = False) -> str:
-        # BIOS: QEMU loads pxe-virtio.rom (iPXE) by itself. UEFI: OVMF's own PXE would be used unless the EFI
-        # iPXE ROM is named; the issue wants QEMU's iPXE on both. ``firmware_pxe`` (UEFI): an empty romfile,
-        # so OVMF's own PXE client boots (what dnsmasq's GRUB loader serves UEFI machines with)
+    def nic_options(self, nic: Nic = Nic.virtio, *, firmware_pxe: bool = False) -> str:
+        # BIOS: QEMU loads the NIC's iPXE ROM (pxe-virtio.rom, ...) by itself. UEFI: OVMF's own PXE would be
+        # used unless the EFI iPXE ROM is named; the issue wants QEMU's iPXE on both. ``firmware_pxe`` (UEFI):
+        # an empty romfile, so OVMF's own PXE client boots (what dnsmasq's GRUB loader serves UEFI machines with)
         if self is Firmware.uefi:
-            return ",romfile=" if firmware_pxe else f",romfile={IPXE_EFI_ROM}"
+            return ",romfile=" if firmware_pxe else f",romfile={IPXE_ROM_DIR}/efi-{nic.rom_name()}.rom"
         if firmware_pxe:
             raise ValueError("only OVMF has a PXE client of its own: SeaBIOS netboots virtio-net through iPXE")
         return ""
@@ -257,6 +272,7 @@ def qemu_command(
     netdev: str | None = None,
     mac: str | None = None,
     firmware_pxe: bool = False,
+    nic: Nic = Nic.virtio,
 ) -> list[str]:
     """The QEMU command line for one test guest (written as data: one option and its value per line).
 
@@ -288,12 +304,12 @@ def qemu_command(
         network += f",tftp={tftp_dir}"
         if bootfile is not None:
             network += f",bootfile={bootfile}"
-    nic = f"virtio-net-pci,netdev=n0,bootindex=1{firmware.nic_options(firmware_pxe=firmware_pxe)}"
+    device = f"{nic},netdev=n0,bootindex=1{firmware.nic_options(nic, firmware_pxe=firmware_pxe)}"
     if mac is not None:
-        nic += f",mac={mac}"
+        device += f",mac={mac}"
     cmd += [
         "-netdev", network,
-        "-device", nic,
+        "-device", device,
     ]  # fmt: skip
     for i, disk in enumerate(disks):
         fmt = "qcow2" if disk.suffix == ".qcow2" else "raw"
@@ -347,11 +363,12 @@ def qemu_pxe(
     on_line: LineHandler | None = None,
     mac: str | None = None,
     firmware_pxe: bool = False,
+    nic: Nic = Nic.virtio,
 ) -> Iterator[Guest]:
     """Boot a guest from the network: firmware PXE -> QEMU's DHCP/TFTP hands out ``bootfile`` from ``tftp_dir``."""
     vars_file = _vars_file(firmware, log_dir, name)
     cmd = qemu_command(firmware=firmware, memory_mib=memory_mib, tftp_dir=tftp_dir, bootfile=bootfile,
-                       vars_file=vars_file, mac=mac, firmware_pxe=firmware_pxe)
+                       vars_file=vars_file, mac=mac, firmware_pxe=firmware_pxe, nic=nic)
     with _guest(cmd, name, log_dir, boot_timeout, on_line) as guest:
         yield guest
 
@@ -369,13 +386,14 @@ def qemu_direct(
     boot_timeout: float = 600.0,
     on_line: LineHandler | None = None,
     netdev: str | None = None,
+    nic: Nic = Nic.virtio,
 ) -> Iterator[Guest]:
     """Boot a kernel directly (``-kernel``/``-initrd``), with the network and optional local virtio disks.
 
     ``netdev`` replaces QEMU's user network (see :func:`qemu_command`).
     """
     cmd = qemu_command(memory_mib=memory_mib, kernel=kernel, initrd=initrd, append=append, disks=disks,
-                       netdev=netdev)
+                       netdev=netdev, nic=nic)
     with _guest(cmd, name, log_dir, boot_timeout, on_line) as guest:
         yield guest
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bkharness.guest import Firmware, Guest, LineHandler, qemu_pxe
+from bkharness.guest import Firmware, Guest, LineHandler, Nic, qemu_pxe
 from bkharness.pieces import pxe_tree, require_boot_code
 from bkharness.servers import WebServer, http_server, nginx_server
 
@@ -76,11 +76,12 @@ def netboot(
     boot_timeout: float = 600.0,
     name: str = "guest",
     on_line: LineHandler | None = None,
+    nic: Nic = Nic.virtio,
 ) -> Iterator[Netboot]:
     """Serve kernel, initrd and ``image`` (as ``disk.qcow2``), render the PXE tree, boot QEMU from the network.
 
     ``also_serve`` adds files next to the image (backing files, manifests); ``server`` is ``bootkit``
-    (serve-http) or ``nginx``; ``loader`` is ``ipxe`` or ``grub``.
+    (serve-http) or ``nginx``; ``loader`` is ``ipxe`` or ``grub``; ``nic`` is the guest's network card.
     """
     require_boot_code()
     files = {"vmlinuz": Path(kernel.vmlinuz), "initrd.img": initrd, "disk.qcow2": image, **(also_serve or {})}
@@ -91,5 +92,5 @@ def netboot(
                         grub=loader == "grub", kernel_args=kernel_args, extra=pxe_args)
         boot = bootfile(firmware, loader)
         with qemu_pxe(tftp, boot, log_dir=work, firmware=firmware, memory_mib=memory_mib, name=name,
-                      boot_timeout=boot_timeout, on_line=on_line) as vm:
+                      boot_timeout=boot_timeout, on_line=on_line, nic=nic) as vm:
             yield Netboot(vm, web, tftp, boot)

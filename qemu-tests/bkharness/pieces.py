@@ -61,7 +61,8 @@ def initrd(out: Path, *, systemd: bool, drivers: Sequence[str] = ("virtio_net",)
     """``bootkit build-initrd -o OUT`` for the cached kernel: a systemd or a shell (network-legacy) initramfs.
 
     ``drivers`` trims the network drivers to what the test guests have (virtio-net), as a user building
-    for VMs would; ``extra`` are passed to dracut. Cached by the caller for the whole run.
+    for VMs would; empty, the build is the default one (every NIC driver). ``extra`` are passed to dracut.
+    Cached by the caller for the whole run.
     """
     require_command("build-initrd")
     k = kernel()
