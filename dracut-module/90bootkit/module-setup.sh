@@ -66,7 +66,7 @@ install() {
     cp -a "$BOOTKIT_STAGE/site/." "$initdir/usr/lib/bootkit/"
 
     # C extensions are mode 0644 and were not installed through dracut-install, so dracut does not resolve
-    # their libraries (dracut-notes §10.9): do it here.
+    # their libraries (docs/initramfs.md, "Python in the initramfs"): do it here.
     mapfile -t _sos < <(grep '\.so$' "$BOOTKIT_STAGE/stdlib.list"; find "$BOOTKIT_STAGE/site" -name '*.so')
     if ((${#_sos[@]})); then
         for _lib in $(ldd "${_sos[@]}" 2> /dev/null | awk '/=> \//{print $3}' | sort -u); do
