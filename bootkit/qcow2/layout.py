@@ -100,8 +100,8 @@ class Layout:
             if self.refcounts_at(start) >= MAX_REFCOUNT:  # tiny clusters: never overflow a 16-bit refcount
                 start = align_up(start, self.cluster_size)
             self.end = start + size
-        last = align_up(start + size, SECTOR) - 1
-        self._ref(start >> self.cluster_bits, last >> self.cluster_bits)
+        # the sector-rounded end never reaches another cluster than the last byte's: clusters are whole sectors
+        self._ref(start >> self.cluster_bits, (start + size - 1) >> self.cluster_bits)
         return start
 
     def refcounts_at(self, offset: int) -> int:

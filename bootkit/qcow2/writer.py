@@ -38,7 +38,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Deque, Iterator, List, NamedTuple, Optional, Tuple, Union
 
-from bootkit.errors import BootkitError, ImageError, UsageError
+from bootkit.errors import ImageError, UsageError
 from bootkit.log import log
 from bootkit.qcow2.compress import Encoder, encoder_for, encoder_name
 from bootkit.qcow2.header import COMPRESSION_DEFLATE, COMPRESSION_ZSTD, QCOW_MAX_BACKING_NAME, QCOW_MAX_L1_SIZE
@@ -333,7 +333,7 @@ class _TempFile:
         try:
             self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         except OSError as e:
-            raise BootkitError(f"{self.path}: cannot create: {e.strerror}") from None
+            raise UsageError(f"{self.path}: cannot create: {e.strerror}") from None
         return self.fd
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
