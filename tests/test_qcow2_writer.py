@@ -344,6 +344,10 @@ def test_api_errors_are_bootkit_errors(disks: dict[str, Path], tmp_path: Path) -
         write_qcow2(disks["old"], tmp_path / "x.qcow2", compression="lz4")
     with pytest.raises(UsageError, match="is the input"):
         write_qcow2(disks["old"], disks["old"])
+    with pytest.raises(UsageError, match=f"output {tmp_path} is a directory"):
+        write_qcow2(disks["old"], tmp_path)
+    with pytest.raises(UsageError, match="threads must be at least 1"):
+        write_qcow2(disks["old"], tmp_path / "x.qcow2", threads=0)
     assert not (tmp_path / "x.qcow2").exists()
 
 

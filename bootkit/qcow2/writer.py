@@ -229,9 +229,10 @@ def write_qcow2(
 ) -> WriteResult:
     """Write the raw disk ``src`` (a path, or a ``ByteSource``) as the QCOW2 image ``dst``.
 
-    ``compression``: zstd (default), deflate or none; ``level``: the compressor's level (None: QEMU's, zstd 3,
-    deflate 6). ``cluster_size``: a power of two from 4 KiB to 2 MiB. ``threads``: compressing threads (None:
-    one per core). ``backing``: an existing QCOW2 image of the same virtual size, read with
+    ``compression``: zstd (default), deflate or none. ``level``: the compressor's level (None: zstd 3 as QEMU;
+    deflate: libdeflate 2, smaller and faster than QEMU's zlib 6, or zlib 6 without libdeflate).
+    ``cluster_size``: a power of two from 4 KiB to 2 MiB. ``threads``: compressing threads (None: one per
+    core). ``backing``: an existing QCOW2 image of the same virtual size, read with
     ``bootkit.qcow2.open``; only clusters that differ from it are written, and the image records it as its
     backing file (format qcow2) under ``backing_name`` (default: its path relative to ``dst``'s directory, a
     plain name when both are in one directory). ``progress`` is called after each chunk.
@@ -259,6 +260,8 @@ def write_qcow2(
     try:
         if inp.owned and os.path.exists(dst_path) and os.path.samefile(dst_path, inp.name):
             raise UsageError(f"output {dst_path} is the input")
+        if os.path.isdir(dst_path):
+            raise UsageError(f"output {dst_path} is a directory")
         virtual_size = align_up(inp.size, 512)
         cluster_bits = cluster_size.bit_length() - 1
         l1_size = l1_entries(virtual_size, cluster_bits)
@@ -317,6 +320,9 @@ def _open_backing(
         raise UsageError(
             f"backing image {path} has a virtual size of {size} bytes, the input {virtual_size}: they must match"
         )
+    if "/" in name:
+        # bootkit's reader follows a backing name only inside the image's directory (unless told otherwise)
+        log.warning("backing file name %r is not a plain name: bootkit reads it only with --allow-dir", name)
     return base, HeaderFields(virtual_size, comp.compression_type, name, "qcow2")
 
 
@@ -338,10 +344,12 @@ class _TempFile:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         os.close(self.fd)
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            os.unlink(self.tmp)
+        try:
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
+        finally:
+            if os.path.lexists(self.tmp):
+                os.unlink(self.tmp)
 
 
 class _Job:
