@@ -21,7 +21,8 @@ from testtools import require_tools
 
 from bootkit import qcow2
 from bootkit.errors import ImageError, UsageError
-from bootkit.qcow2.writer import WriteResult, write_qcow2
+from bootkit.qcow2.writer import WriteProgress, WriteResult, write_qcow2
+from bootkit.source import BytesSource
 
 MIB = 1 << 20
 DISK = 40 * MIB
@@ -232,6 +233,21 @@ def test_holes_of_a_sparse_input_are_not_read(tmp_path: Path) -> None:
     with qcow2.open(out) as im:
         assert im.pread(3 << 30, MIB) == text(MIB, 9)
         assert im.pread(0, MIB) == bytes(MIB)
+
+
+def test_any_byte_source_is_an_input_and_progress_is_reported(tmp_path: Path) -> None:
+    data = bytes(3 * MIB) + text(2 * MIB, 11) + noise(MIB, 12) + bytes(MIB)
+    out = tmp_path / "memory.qcow2"
+    seen: list[WriteProgress] = []
+    result = write_qcow2(BytesSource(data, "memory"), out, cluster_size=65536, threads=2, progress=seen.append)
+    qemu_check(out)
+    assert bootkit_reads(out) == data
+    # no hole detection without a file: every cluster is read, the zero ones are still not written
+    assert result.bytes_read == len(data)
+    assert result.clusters_unallocated == 4 * MIB // 65536
+    done = [p.clusters_done for p in seen]
+    assert done == sorted(done) and done[-1] == result.clusters_total == len(data) // 65536
+    assert seen[-1].bytes_read == len(data)
 
 
 def test_a_size_not_a_multiple_of_512_is_rounded_up_as_qemu_reads_it(tmp_path: Path) -> None:
