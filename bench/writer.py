@@ -8,7 +8,8 @@ cached under $BOOTKIT_CACHE/bench-writer. Each tool compresses it with zstd and 
 - qemu-img with its parallel options ``-m N -W`` (out-of-order writes), for each N of ``--m-values``; the
   fastest counts;
 - bootkit at each level of ``--zstd-levels`` / ``--deflate-levels`` (the defaults first: zstd 3 as QEMU,
-  libdeflate 2), every core.
+  libdeflate 2), with ``--threads`` threads: 4 by default, as many as qemu-img's compression threads
+  (QCOW2_MAX_THREADS in block/qcow2.h), whatever the number of cores.
 
 Prints wall time, CPU time (user + system of the tool: less disturbed by other load than wall time), input
 throughput, file size, and per row the ratios qemu-img time / this time, for wall time ("speed") and CPU
@@ -161,6 +162,7 @@ def main() -> int:
     parser.add_argument("--zstd-levels", default="3,2,1", help="bootkit zstd levels to run (first: the default)")
     parser.add_argument("--deflate-levels", default="2,1,6", help="bootkit deflate levels to run")
     parser.add_argument("--compressions", default="zstd,deflate")
+    parser.add_argument("--threads", type=int, default=4, help="bootkit's threads (qemu-img compresses with 4)")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--no-verify", dest="verify", action="store_false")
     args = parser.parse_args()
@@ -181,7 +183,7 @@ def main() -> int:
             loads.append(os.getloadavg()[0])
         for i, level in enumerate(levels(args.zstd_levels if comp == "zstd" else args.deflate_levels)):
             cmd = [sys.executable, "-m", "bootkit", "-q", "compress", str(raw), "-o", str(ours), "--compress", comp,
-                   "--level", str(level)]
+                   "--level", str(level), "--threads", str(args.threads)]
             wall, cpu, size = best(cmd, ours, args.repeat)
             rows.append(Run(comp, f"bootkit level {level}", wall, cpu, size))
             loads.append(os.getloadavg()[0])
@@ -192,7 +194,7 @@ def main() -> int:
 
     print(f"bootkit compress vs qemu-img convert -c -O qcow2: {raw.name}, {data / MIB:.0f} MiB allocated of "
           f"{raw.stat().st_size / MIB:.0f} MiB, 64 KiB clusters, best of {args.repeat}, {os.cpu_count()} cores, "
-          f"load {min(loads):.2f}..{max(loads):.2f}")
+          f"bootkit --threads {args.threads}, load {min(loads):.2f}..{max(loads):.2f}")
     print(f"{'compression':<12}{'tool':<20}{'wall s':>8}{'cpu s':>8}{'MiB/s':>8}{'file MiB':>10}"
           f"{'speed':>8}{'cpu':>8}{'size':>8}  target (on speed)")
     below = []

@@ -126,7 +126,7 @@ class _Task(NamedTuple):
     has_data: bool  # False: a hole of the input (zeros, not read), examined only against the backing image
 
 
-Cluster = Tuple[int, Union[bytes, memoryview, None]]
+Cluster = Tuple[int, Optional[bytes]]  # (what the cluster becomes, its bytes to write)
 
 
 class _Input:
