@@ -372,3 +372,25 @@ def test_result_counts_add_up(disks: dict[str, Path], tmp_path: Path) -> None:
     assert r.clusters_total == (r.clusters_compressed + r.clusters_uncompressed + r.clusters_zero
                                 + r.clusters_unallocated + r.clusters_same)
     assert (r.compression, r.cluster_size, r.clusters_zero, r.clusters_same) == ("zstd", 65536, 0, 0)
+
+
+def test_layout_packs_compressed_clusters_like_qcow2_alloc_bytes() -> None:
+    """Compressed data is packed byte by byte and may straddle host clusters; a whole cluster placed after an
+    unaligned end leaves a gap that the next compressed cluster fills when it fits; every host cluster counts
+    one reference per compressed cluster touching it (what qemu-img check counts)."""
+    from bootkit.qcow2.layout import Layout
+
+    layout = Layout(12)  # 4 KiB clusters
+    a = layout.place_compressed(3000)  # cluster 1
+    b = layout.place_compressed(3000)  # straddles clusters 1 and 2
+    whole = layout.place_cluster()  # cluster 3, leaving the tail of cluster 2 free
+    c = layout.place_compressed(1000)  # fits in that tail
+    d = layout.place_compressed(2000)  # does not: after the whole cluster
+    assert (a, b, whole, c, d) == (4096, 7096, 12288, 10096, 16384)
+    assert list(layout.refcounts) == [1, 2, 2, 1, 1]
+    # the compressed descriptor: offset, and the sectors after the first one (qcow2_alloc_compressed_cluster_offset)
+    entry = layout.compressed_entry(b, 3000)
+    csize_shift = 62 - (12 - 8)
+    assert entry & ((1 << csize_shift) - 1) == b
+    assert (entry >> csize_shift) & ((1 << 4) - 1) == ((b + 3000 - 1) >> 9) - (b >> 9)
+    assert entry >> 62 == 1  # QCOW_OFLAG_COMPRESSED, never QCOW_OFLAG_COPIED
