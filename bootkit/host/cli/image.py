@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--cluster-size", type=_cluster_size, default=65536, metavar="SIZE",
                    help="4K to 2M, a power of two (default: 64K)")
     p.add_argument("--level", type=int, metavar="N",
-                   help="compression level (default: zstd 3; deflate 2 with libdeflate, else zlib 6)")
+                   help="compression level (default: zstd 2; deflate 2 with libdeflate, else zlib 6)")
     p.add_argument("--threads", type=int, metavar="N", help="compressing threads (default: one per core)")
     p.add_argument("--base", metavar="OLD", help="backing QCOW2 image of the same size: write only what differs")
     p.add_argument("--base-name", metavar="NAME",
