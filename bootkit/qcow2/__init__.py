@@ -10,12 +10,17 @@ block/qcow2-threads.c, block/qcow2-snapshot.c (what QEMU checks and how it decod
             ...
         image.raw()                        # io.RawIOBase view
 
+    bootkit.qcow2.write_qcow2("disk.raw", "disk.qcow2", compression="zstd")   # the writer
+
+
 Every image is validated eagerly at open (header, extensions, feature bits, table bounds) and tables are read
 lazily, through caches bounded in bytes. Errors are ``bootkit.errors.ImageError`` subclasses naming the field,
 offset or feature at fault. Runs inside the initramfs: standard library only (zstandard for zstd images).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from bootkit.qcow2.chain import (
     DEFAULT_CLUSTER_CACHE_BYTES,
@@ -28,6 +33,21 @@ from bootkit.qcow2.chain import (
 from bootkit.qcow2.image import COMPRESSED, DATA, UNALLOCATED, ZERO, Extent, Image, RawView
 from bootkit.qcow2.snapshot import Snapshot
 
+if TYPE_CHECKING:
+    from bootkit.qcow2.writer import Compression, WriteProgress, WriteResult, write_qcow2
+
+#: the writer's names, imported on first use: a reader (the NBD server in the initramfs) never pays for them
+_WRITER_NAMES = ("Compression", "WriteProgress", "WriteResult", "write_qcow2")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WRITER_NAMES:
+        from bootkit.qcow2 import writer
+
+        return getattr(writer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "COMPRESSED",
     "DATA",
@@ -36,11 +56,15 @@ __all__ = [
     "DEFAULT_MAX_CHAIN_DEPTH",
     "UNALLOCATED",
     "ZERO",
+    "Compression",
     "Extent",
     "Image",
     "RawView",
     "Resolver",
     "Snapshot",
     "UnsafePath",
+    "WriteProgress",
+    "WriteResult",
     "open",
+    "write_qcow2",
 ]

@@ -1,6 +1,6 @@
 """The ``bootkit`` command line: one parser, subcommands dispatched in one place.
 
-Each module of this package registers the subcommands of one area (``image``: inspect/map/convert/check,
+Each module of this package registers the subcommands of one area (``image``: inspect/map/convert/check/compress,
 ``nbd``: serve-nbd/attach/detach, ...) and turns the parsed arguments into library calls; nothing past this
 package sees an ``argparse.Namespace``. Library errors become one ``error: ...`` line and an exit status:
 0 success, 1 runtime failure, 2 bad input.
@@ -34,6 +34,7 @@ COMMANDS = {
     "map": "bootkit.host.cli.image",
     "convert": "bootkit.host.cli.image",
     "check": "bootkit.host.cli.image",
+    "compress": "bootkit.host.cli.image",
     "serve-nbd": "bootkit.host.cli.nbd",
     "attach": "bootkit.host.cli.nbd",
     "detach": "bootkit.host.cli.nbd",
