@@ -63,9 +63,14 @@ BOOTKIT_MODULES: Tuple[str, ...] = (
     "bootkit.boot.main",
 )
 
-#: initramfs-side modules that nothing at boot or in a serving daemon imports: the host's ``bootkit check``
-#: and ``bootkit convert`` beside the reader
-NOT_PRELOADED: Tuple[str, ...] = ("bootkit.qcow2.check", "bootkit.qcow2.convert")
+#: initramfs-side modules that nothing at boot or in a serving daemon imports: the host's ``bootkit check``,
+#: ``bootkit convert`` and ``bootkit compress`` (the writer and its layout) beside the reader
+NOT_PRELOADED: Tuple[str, ...] = (
+    "bootkit.qcow2.check",
+    "bootkit.qcow2.convert",
+    "bootkit.qcow2.layout",
+    "bootkit.qcow2.writer",
+)
 
 #: standard library modules used lazily somewhere on the boot, serve, error or log paths
 STDLIB_MODULES: Tuple[str, ...] = (
