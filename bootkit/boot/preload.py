@@ -64,10 +64,11 @@ BOOTKIT_MODULES: Tuple[str, ...] = (
 )
 
 #: initramfs-side modules that nothing at boot or in a serving daemon imports: the host's ``bootkit check``,
-#: ``bootkit convert`` and ``bootkit compress`` (the writer and its layout) beside the reader
+#: ``bootkit convert`` and ``bootkit compress`` (the writer, its layout and encoders) beside the reader
 NOT_PRELOADED: Tuple[str, ...] = (
     "bootkit.qcow2.check",
     "bootkit.qcow2.convert",
+    "bootkit.qcow2.encode",
     "bootkit.qcow2.layout",
     "bootkit.qcow2.writer",
 )

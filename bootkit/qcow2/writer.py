@@ -41,7 +41,7 @@ from typing import Callable, Deque, Iterator, List, NamedTuple, Optional, Tuple,
 
 from bootkit.errors import ImageError, UsageError
 from bootkit.log import log
-from bootkit.qcow2.compress import Encoder, encoder_for, encoder_name
+from bootkit.qcow2.encode import Encoder, encoder_for, encoder_name
 from bootkit.qcow2.header import COMPRESSION_DEFLATE, COMPRESSION_ZSTD, QCOW_MAX_BACKING_NAME, QCOW_MAX_L1_SIZE
 from bootkit.qcow2.image import Image
 from bootkit.qcow2.layout import (
