@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from bkharness.fixtures import BootDir
-from bkharness.guest import GUEST_KERNEL_ARGS, Guest, Nic, qemu_direct
+from bkharness.guest import GUEST_KERNEL_ARGS, Nic, qemu_direct
 from bkharness.hostile import EXECUTED, LOCATION, hostile_server
 from bkharness.images import RootImage, qcow2_image
 from bkharness.netboot import netboot
-from bkharness.proof import expect_boot_failure, expect_clean_poweroff, expect_proof
+from bkharness.proof import expect_boot_failure
 
 #: a netboot under TCG takes 25-40 s on an idle machine and about 60 s on a busy one (2 cores shared)
 BOOT_TIMEOUT = 300.0
@@ -28,21 +28,14 @@ BOOTKIT_FAILED = r"bootkit: \[\s*[\d.]+\] FAILED at \w+: "
 PANIC = r"Kernel panic|Attempted to kill init"
 
 
-def _prove(boot_dir: BootDir, vm: Guest, image: RootImage, **facts: object) -> None:
-    proof = expect_proof(vm, BOOT_TIMEOUT)
-    expect_clean_poweroff(vm)
-    boot_dir.record(vm, **facts)
-    assert proof.problems(image) == [], f"{vm.name}: {proof}"
-
-
 def test_default_shell_initrd_virtio_net(kernel: Any, shell_default_initrd: Path, busybox_root: RootImage,
                                          boot_dir: BootDir) -> None:
     """The default shell build on QEMU's usual NIC: virtio_net finds its device through virtio_pci."""
     image = qcow2_image(busybox_root.raw, compression="zstd")
     with netboot(kernel, shell_default_initrd, image, work=boot_dir.path, name="default-shell-virtio",
                  nic=Nic.virtio, boot_timeout=BOOT_TIMEOUT) as boot:
-        _prove(boot_dir, boot.vm, busybox_root, firmware="bios", loader="ipxe", mode="ram", compression="zstd",
-               root="busybox", initrd="shell-default", nic="virtio")
+        boot_dir.prove(boot.vm, busybox_root, BOOT_TIMEOUT, firmware="bios", loader="ipxe", mode="ram",
+                       compression="zstd", root="busybox", initrd="shell-default", nic="virtio")
 
 
 def test_default_systemd_initrd_e1000e_debian(kernel: Any, systemd_default_initrd: Path, debian_root: RootImage,
@@ -52,8 +45,8 @@ def test_default_systemd_initrd_e1000e_debian(kernel: Any, systemd_default_initr
     image = qcow2_image(debian_root.raw, compression="zstd")
     with netboot(kernel, systemd_default_initrd, image, work=boot_dir.path, name="default-systemd-e1000e",
                  nic=Nic.e1000e, boot_timeout=BOOT_TIMEOUT) as boot:
-        _prove(boot_dir, boot.vm, debian_root, firmware="bios", loader="ipxe", mode="ram", compression="zstd",
-               root="debian", initrd="systemd-default", nic="e1000e")
+        boot_dir.prove(boot.vm, debian_root, BOOT_TIMEOUT, firmware="bios", loader="ipxe", mode="ram",
+                       compression="zstd", root="debian", initrd="systemd-default", nic="e1000e")
 
 
 # -- a hostile web server (issue 12 §1) ----------------------------------------------------------------------

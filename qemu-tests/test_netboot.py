@@ -17,17 +17,9 @@ from bkharness.guest import Firmware
 from bkharness.images import RootImage, file_sha256, modified_copy, qcow2_image
 from bkharness.netboot import netboot
 from bkharness.pieces import bootkit
-from bkharness.proof import expect_clean_poweroff, expect_proof
 
 #: a netboot under TCG takes 25-40 s on an idle machine and about 60 s on a busy one (2 cores shared)
 BOOT_TIMEOUT = 300.0
-
-
-def _prove(boot_dir: BootDir, vm: Any, image: RootImage, **facts: object) -> None:
-    proof = expect_proof(vm, BOOT_TIMEOUT)
-    expect_clean_poweroff(vm)
-    boot_dir.record(vm, **facts)
-    assert proof.problems(image) == [], f"{vm.name}: {proof}"
 
 
 def test_ipxe_bios_ram_deflate_busybox(kernel: Any, shell_initrd: Path, busybox_root: RootImage,
@@ -36,8 +28,8 @@ def test_ipxe_bios_ram_deflate_busybox(kernel: Any, shell_initrd: Path, busybox_
     image = qcow2_image(busybox_root.raw, compression="deflate")
     with netboot(kernel, shell_initrd, image, work=boot_dir.path, name="bios-ipxe-deflate",
                  boot_timeout=BOOT_TIMEOUT) as boot:
-        _prove(boot_dir, boot.vm, busybox_root, firmware="bios", loader="ipxe", mode="ram",
-               compression="deflate", root="busybox", initrd="shell")
+        boot_dir.prove(boot.vm, busybox_root, BOOT_TIMEOUT, firmware="bios", loader="ipxe", mode="ram",
+                       compression="deflate", root="busybox", initrd="shell")
 
 
 def test_ipxe_bios_ram_zstd_debian_systemd_nginx(kernel: Any, systemd_initrd: Path, debian_root: RootImage,
@@ -46,8 +38,8 @@ def test_ipxe_bios_ram_zstd_debian_systemd_nginx(kernel: Any, systemd_initrd: Pa
     image = qcow2_image(debian_root.raw, compression="zstd")
     with netboot(kernel, systemd_initrd, image, work=boot_dir.path, server="nginx", name="bios-ipxe-zstd-debian",
                  boot_timeout=BOOT_TIMEOUT) as boot:
-        _prove(boot_dir, boot.vm, debian_root, firmware="bios", loader="ipxe", mode="ram", compression="zstd",
-               root="debian", initrd="systemd", server="nginx")
+        boot_dir.prove(boot.vm, debian_root, BOOT_TIMEOUT, firmware="bios", loader="ipxe", mode="ram",
+                       compression="zstd", root="debian", initrd="systemd", server="nginx")
         # systemd in the real root kept the server through its default-target isolate and its shutdown
         assert not boot.vm.seen(r"bootkit-root\.service.*not-found")
 
@@ -62,8 +54,8 @@ def test_lazy_range_requests_with_verified_manifest(kernel: Any, shell_initrd: P
                  also_serve={"disk.qcow2.manifest": manifest},
                  pxe_args=["--mode", "lazy", "--manifest", "disk.qcow2.manifest"],
                  boot_timeout=BOOT_TIMEOUT) as boot:
-        _prove(boot_dir, boot.vm, busybox_root, firmware="bios", loader="ipxe", mode="lazy", compression="zstd",
-               root="busybox", initrd="shell")
+        boot_dir.prove(boot.vm, busybox_root, BOOT_TIMEOUT, firmware="bios", loader="ipxe", mode="lazy",
+                       compression="zstd", root="busybox", initrd="shell")
         assert boot.vm.seen(r"read lazily"), "the boot code did not report lazy mode"
     # the server answered partial content: the image was read in ranges, not downloaded whole
     assert re.search(r'"GET /disk\.qcow2 HTTP/1\.[01]" 206', boot.web.requests_log())
@@ -76,8 +68,8 @@ def test_grub_bios_loads_kernel_and_initrd_over_http(kernel: Any, shell_initrd: 
     with netboot(kernel, shell_initrd, image, work=boot_dir.path, loader="grub", name="bios-grub",
                  boot_timeout=BOOT_TIMEOUT) as boot:
         boot.vm.expect(r"bootkit: loading qcow2", 300)  # grub.cfg's menu entry ran
-        _prove(boot_dir, boot.vm, busybox_root, firmware="bios", loader="grub", mode="ram",
-               compression="deflate", root="busybox", initrd="shell")
+        boot_dir.prove(boot.vm, busybox_root, BOOT_TIMEOUT, firmware="bios", loader="grub", mode="ram",
+                       compression="deflate", root="busybox", initrd="shell")
 
 
 def test_uefi_ipxe(kernel: Any, shell_initrd: Path, busybox_root: RootImage, boot_dir: BootDir) -> None:
@@ -86,8 +78,8 @@ def test_uefi_ipxe(kernel: Any, shell_initrd: Path, busybox_root: RootImage, boo
     with netboot(kernel, shell_initrd, image, work=boot_dir.path, firmware=Firmware.uefi, name="uefi-ipxe",
                  boot_timeout=BOOT_TIMEOUT) as boot:
         boot.vm.expect(r"iPXE", 300)  # OVMF mirrors the console: the EFI ROM's banner shows on serial
-        _prove(boot_dir, boot.vm, busybox_root, firmware="uefi", loader="ipxe", mode="ram", compression="zstd",
-               root="busybox", initrd="shell")
+        boot_dir.prove(boot.vm, busybox_root, BOOT_TIMEOUT, firmware="uefi", loader="ipxe", mode="ram",
+                       compression="zstd", root="busybox", initrd="shell")
 
 
 def test_uefi_grub(kernel: Any, shell_initrd: Path, busybox_root: RootImage, boot_dir: BootDir) -> None:
@@ -95,8 +87,8 @@ def test_uefi_grub(kernel: Any, shell_initrd: Path, busybox_root: RootImage, boo
     image = qcow2_image(busybox_root.raw, compression="zstd")
     with netboot(kernel, shell_initrd, image, work=boot_dir.path, firmware=Firmware.uefi, loader="grub",
                  name="uefi-grub", boot_timeout=BOOT_TIMEOUT) as boot:
-        _prove(boot_dir, boot.vm, busybox_root, firmware="uefi", loader="grub", mode="ram", compression="zstd",
-               root="busybox", initrd="shell")
+        boot_dir.prove(boot.vm, busybox_root, BOOT_TIMEOUT, firmware="uefi", loader="grub", mode="ram",
+                       compression="zstd", root="busybox", initrd="shell")
 
 
 def test_extended_l2_image(kernel: Any, shell_initrd: Path, busybox_root: RootImage, boot_dir: BootDir) -> None:
@@ -104,8 +96,8 @@ def test_extended_l2_image(kernel: Any, shell_initrd: Path, busybox_root: RootIm
     image = qcow2_image(busybox_root.raw, compression="zstd", extended_l2=True)
     with netboot(kernel, shell_initrd, image, work=boot_dir.path, name="bios-ipxe-l2ext",
                  boot_timeout=BOOT_TIMEOUT) as boot:
-        _prove(boot_dir, boot.vm, busybox_root, firmware="bios", loader="ipxe", mode="ram", compression="zstd",
-               extended_l2=True, root="busybox", initrd="shell")
+        boot_dir.prove(boot.vm, busybox_root, BOOT_TIMEOUT, firmware="bios", loader="ipxe", mode="ram",
+                       compression="zstd", extended_l2=True, root="busybox", initrd="shell")
 
 
 def test_two_level_backing_chain(kernel: Any, shell_initrd: Path, busybox_root: RootImage,
@@ -121,6 +113,6 @@ def test_two_level_backing_chain(kernel: Any, shell_initrd: Path, busybox_root: 
                  also_serve={"base.qcow2": base},
                  kernel_args=[f"rd.qcow2.sha256.base.qcow2={file_sha256(base)}"],
                  boot_timeout=BOOT_TIMEOUT) as boot:
-        _prove(boot_dir, boot.vm, changed, firmware="bios", loader="ipxe", mode="ram", compression="zstd",
-               backing_chain=2, root="busybox", initrd="shell")
+        boot_dir.prove(boot.vm, changed, BOOT_TIMEOUT, firmware="bios", loader="ipxe", mode="ram", compression="zstd",
+                       backing_chain=2, root="busybox", initrd="shell")
     assert changed.known_sha256 != busybox_root.known_sha256

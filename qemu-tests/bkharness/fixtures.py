@@ -20,6 +20,7 @@ from bkharness import images, pieces
 from bkharness.guest import Guest
 from bkharness.paths import artifacts_dir
 from bkharness.pieces import MissingPiece
+from bkharness.proof import expect_clean_poweroff, expect_proof
 from bkharness.timeline import StageTime, Timelines, format_timeline
 
 _HERE = Path(__file__).resolve().parent.parent
@@ -77,6 +78,13 @@ class BootDir:
         stages = self.timelines.record(self.test, vm.lines, guest=vm.name, **facts)
         print(f"\n{self.test} [{vm.name}]\n{format_timeline(stages)}")
         return stages
+
+    def prove(self, vm: Guest, image: images.RootImage, timeout: float, **facts: object) -> None:
+        """The guest booted ``image``'s root, proved what it sees and powered off; its timeline is recorded."""
+        proof = expect_proof(vm, timeout)
+        expect_clean_poweroff(vm)
+        self.record(vm, **facts)
+        assert proof.problems(image) == [], f"{vm.name}: {proof}"
 
 
 @pytest.fixture
