@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import http.client
 import random
+import re
 import socket
 import ssl
 import threading
@@ -62,17 +63,20 @@ class Url(NamedTuple):
 
 
 def parse_url(url: str) -> Url:
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        raise UsageError(f"{url}: only http:// and https:// URLs can be fetched")
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if not authority:
+        raise UsageError(f"{url}: no host in URL")
+    # the host first, by bootkit's rules: urllib's checks of brackets differ between Python versions
+    try:
+        host = split_authority(authority)
+    except BadHost as e:
+        raise UsageError(f"{url}: {e}") from None
     try:
         parts = urllib.parse.urlsplit(url)
-    except ValueError as e:  # "Invalid IPv6 URL": an unbalanced bracket
-        raise UsageError(f"{url}: {e}") from None
-    if parts.scheme not in ("http", "https"):
-        raise UsageError(f"{url}: only http:// and https:// URLs can be fetched")
-    if not parts.netloc:
-        raise UsageError(f"{url}: no host in URL")
-    try:
-        host = split_authority(parts.netloc)
-    except BadHost as e:
+    except ValueError as e:
         raise UsageError(f"{url}: {e}") from None
     port = host.port or (443 if parts.scheme == "https" else 80)
     target = parts.path or "/"
