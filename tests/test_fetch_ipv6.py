@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -280,3 +282,55 @@ def test_pxe_config_keeps_ipv6_base_url_brackets(tmp_path: Path) -> None:
     assert cfg is not None and cfg.url == f"{base}/disk.qcow2"
     # dnsmasq chains boot.ipxe over TFTP: no URL there to mangle
     assert "2001:db8" not in (tmp_path / "dnsmasq.conf").read_text()
+
+
+def test_serve_http_bind_failure_is_one_line() -> None:
+    """An address this host does not have: one line naming --bind, not a traceback."""
+    run = subprocess.run(
+        [sys.executable, "-m", "bootkit", "serve-http", ".", "--bind", "[2001:db8::1]:0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip() == "error: --bind [2001:db8::1]:0: Cannot assign requested address"
+
+
+_ZONE_SCRIPT = """
+import hashlib, os, sys
+from bootkit.fetch import download
+from bootkit.fetch.options import FetchOptions
+from bootkit.host.httpserve import http_server
+
+root = sys.argv[1]
+data = open(os.path.join(root, "img.bin"), "rb").read()
+with http_server(root, "[fe80::1%lo]:0") as url:
+    assert url.startswith("http://[fe80::1%25lo]:"), url
+    options = FetchOptions(verify="pinned", sha256=hashlib.sha256(data).hexdigest(), retries=0)
+    result = download(url + "img.bin", os.path.join(root, "copy"), options)
+    assert open(result.path, "rb").read() == data
+    print(url)
+"""
+
+
+def test_link_local_with_a_zone_id_in_a_network_namespace(served: Path, tmp_path: Path) -> None:
+    """``--bind [fe80::1%lo]:0`` serves on a link-local address and prints ``http://[fe80::1%25lo]:P/``; the
+    client connects to it through the zone. In a network namespace of its own, where lo gets fe80::1."""
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+        pytest.skip("needs root, unshare and ip to give lo a link-local address in a network namespace")
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copy(served / "img.bin", root / "img.bin")
+    setup = 'ip link set lo up && ip addr add fe80::1/64 dev lo nodad && exec "$0" -c "$1" "$2"'
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run(
+        ["unshare", "-n", "sh", "-c", setup, sys.executable, _ZONE_SCRIPT, str(root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    if run.returncode != 0 and "unshare failed" in run.stderr:
+        pytest.skip(f"cannot make a network namespace here: {run.stderr.strip()}")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("http://[fe80::1%25lo]:")
