@@ -167,6 +167,55 @@ def test_bad_url(root: str) -> None:
         parse(root=root)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://[2001:db8::1]:8080/img.qcow2",
+        "http://[2001:db8::1]/img.qcow2",
+        "https://[::1]:8443/dir/img.qcow2",
+        "http://[::ffff:10.0.2.2]/img.qcow2",
+        "http://[fe80::1%25eth0]/img.qcow2",
+        "http://[fe80::5054:ff:fe12:3456%25enp0s3]:8080/img.qcow2",
+    ],
+)
+def test_ipv6_literal_urls(url: str) -> None:
+    cfg = parse(f"rd.qcow2.mode=lazy rd.qcow2.manifest={url}.manifest", root=f"root=qcow2:{url}")
+    assert (cfg.url, cfg.manifest) == (url, url + ".manifest")
+    assert BootConfig.parse(join_args(cfg.to_args())) == cfg
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://[2001:db8::1/img.qcow2", "malformed IPv6 literal '[2001:db8::1'"),
+        ("http://2001:db8::1]/img.qcow2", "bracket outside an IPv6 literal"),
+        ("http://[2001:db8::1]]/img.qcow2", "malformed IPv6 literal"),
+        ("http://[[2001:db8::1]]/img.qcow2", "malformed IPv6 literal"),
+        ("http://[2001:db8::1]8080/img.qcow2", "malformed IPv6 literal '[2001:db8::1]8080'"),
+        ("http://h[::1]/img.qcow2", "bracket outside an IPv6 literal"),
+        ("http://2001:db8::1/img.qcow2", "an IPv6 address must be in brackets"),
+        ("http://[2001:db8::g]/img.qcow2", "'2001:db8::g' is not an IPv6 address"),
+        ("http://[10.0.2.2]/img.qcow2", "'10.0.2.2' is not an IPv6 address"),
+        ("http://[]/img.qcow2", "'' is not an IPv6 address"),
+        ("http://[2001:db8::1]:0/img.qcow2", "port 0: expected a number from 1 to 65535"),
+        ("http://[2001:db8::1]:65536/img.qcow2", "port 65536"),
+        ("http://h:port/img.qcow2", "port port"),
+        # the zone id must be %-encoded (RFC 6874): a bare % is not a URL character
+        ("http://[fe80::1%eth0]/img.qcow2", "zone id in [fe80::1%eth0]: write it as %25"),
+        ("http://[fe80::1%25]/img.qcow2", "zone id in [fe80::1%25]"),
+        ("http://[fe80::1%25eth/0]/img.qcow2", "malformed IPv6 literal"),
+    ],
+)
+def test_malformed_ipv6_urls(url: str, message: str) -> None:
+    """One line naming the option and saying what is wrong, for root= and for rd.qcow2.manifest= alike."""
+    with pytest.raises(ConfigError) as e:
+        parse(root=f"root=qcow2:{url}")
+    assert str(e.value).startswith(f"root={url}: ") and message in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        parse(f"rd.qcow2.mode=lazy rd.qcow2.manifest={url}")
+    assert str(e.value).startswith(f"rd.qcow2.manifest={url}: ") and message in str(e.value)
+
+
 def test_unknown_options_are_reported_not_ignored() -> None:
     with pytest.raises(ConfigError) as e:
         parse(f"rd.qcow2.sha265={H1} rd.qcow2.Mode=ram")
@@ -233,10 +282,22 @@ _SPACED = st.text(
     st.characters(min_codepoint=0x20, max_codepoint=0x7E, blacklist_characters="\"'\\"), min_size=1
 ).filter(lambda s: s.strip() == s)
 _HEX = st.text("0123456789abcdef", min_size=64, max_size=64)
+_HOSTS = st.one_of(
+    st.text(string.ascii_lowercase + string.digits + ".-", min_size=1, max_size=20),
+    st.ip_addresses(v=4).map(str),
+    # IPv6 literals in brackets (RFC 3986), link-local ones with a zone id written %25<interface> (RFC 6874)
+    st.ip_addresses(v=6).map(lambda a: f"[{a}]"),
+    st.builds(
+        lambda a, zone: f"[{a}%25{zone}]",
+        st.ip_addresses(network="fe80::/10").map(str),
+        st.text(string.ascii_letters + string.digits + "._~-", min_size=1, max_size=15),
+    ),
+)
 _URLS = st.builds(
-    lambda scheme, host, path: f"{scheme}://{host}/{path}",
+    lambda scheme, host, port, path: f"{scheme}://{host}{port}/{path}",
     st.sampled_from(["http", "https"]),
-    st.text(string.ascii_lowercase + string.digits + ".:-", min_size=1, max_size=20),
+    _HOSTS,
+    st.one_of(st.just(""), st.integers(1, 65535).map(lambda p: f":{p}")),
     st.text(string.ascii_letters + string.digits + "/._-%?=&", max_size=30).map(lambda p: p + "x"),
 )
 _ROOTS = st.one_of(

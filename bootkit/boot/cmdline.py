@@ -29,6 +29,7 @@ import shlex
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
+from bootkit.boot.urlhost import BadHost, split_authority
 from bootkit.errors import ConfigError
 
 #: bumped when an option is added or changes meaning; the options themselves are listed in KNOWN_OPTIONS
@@ -374,8 +375,14 @@ def _flag(option: str, value: Optional[str]) -> bool:
 
 
 def _url(option: str, value: str) -> str:
+    """An http(s) URL of a file; its host may be an IPv6 literal, ``[2001:db8::1]:8080`` or, link-local with
+    the interface it is reached through, ``[fe80::1%25eth0]`` (RFC 6874; see ``bootkit.boot.urlhost``)."""
     if not _URL.match(value):
         raise ConfigError(f"{option}={value}: expected an http:// or https:// URL of a file")
+    try:
+        split_authority(value.split("/", 3)[2])
+    except BadHost as e:
+        raise ConfigError(f"{option}={value}: {e}") from None
     return value
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import http.client
 import random
+import re
 import socket
 import ssl
 import threading
@@ -21,6 +22,7 @@ import urllib.request
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from bootkit import __version__
+from bootkit.boot.urlhost import BadHost, split_authority
 from bootkit.errors import BootkitError, FetchError, UsageError
 from bootkit.fetch.errors import (
     FetchTimeout,
@@ -45,27 +47,42 @@ class Url(NamedTuple):
     """A parsed http(s) URL: what a connection needs."""
 
     scheme: str
+    #: what to connect to (``getaddrinfo``'s name): an IPv6 literal without brackets, its zone as ``%eth0``
     host: str
     port: int
     #: path and query, as sent in the request line
     target: str
     text: str
+    #: the ``Host`` header's host part: IPv6 literals in brackets, without a zone (see ``bootkit.boot.urlhost``)
+    host_header: str = ""
+
+    def host_field(self) -> str:
+        """The whole ``Host`` header value, with the port unless it is the scheme's default."""
+        default = 443 if self.scheme == "https" else 80
+        return self.host_header + ("" if self.port == default else f":{self.port}")
 
 
 def parse_url(url: str) -> Url:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https"):
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
         raise UsageError(f"{url}: only http:// and https:// URLs can be fetched")
-    if not parts.hostname:
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if not authority:
         raise UsageError(f"{url}: no host in URL")
+    # the host first, by bootkit's rules: urllib's checks of brackets differ between Python versions
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        host = split_authority(authority)
+    except BadHost as e:
+        raise UsageError(f"{url}: {e}") from None
+    try:
+        parts = urllib.parse.urlsplit(url)
     except ValueError as e:
-        raise UsageError(f"{url}: bad port") from e
+        raise UsageError(f"{url}: {e}") from None
+    port = host.port or (443 if parts.scheme == "https" else 80)
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
-    return Url(parts.scheme, parts.hostname, port, target, url)
+    return Url(parts.scheme, host.name, port, target, url, host.header)
 
 
 @functools.lru_cache(maxsize=8)
@@ -144,6 +161,9 @@ def connect(url: Url, options: FetchOptions, pins: Optional[Pins] = None) -> Tup
     """A (not yet connected) connection for ``url`` and the request target to send on it; with ``pins``, it
     connects to the addresses found the first time (see ``Pins``)."""
     conn, target = _connection(url, options)
+    if "%" in url.host:
+        # a zone id is for getaddrinfo only; http.client would put it into the Host header
+        conn.bootkit_host_field = url.host_field()  # type: ignore[attr-defined]
     if pins is not None:
         conn._create_connection = pins.connector(conn.host, conn.port)  # type: ignore[attr-defined]
     return conn, target
@@ -171,6 +191,9 @@ def request(
     method: str = "GET",
 ) -> http.client.HTTPResponse:
     all_headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    host_field = getattr(conn, "bootkit_host_field", None)
+    if host_field is not None:
+        all_headers["Host"] = host_field
     all_headers.update(headers or {})
     conn.request(method, target, headers=all_headers)
     return conn.getresponse()

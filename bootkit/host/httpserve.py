@@ -212,7 +212,7 @@ class _Server(http.server.HTTPServer):
     def __init__(
         self,
         root: str,
-        address: tuple[str, int],
+        address: tuple[Any, ...],
         context: ssl.SSLContext | None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
@@ -252,7 +252,22 @@ class _Server(http.server.HTTPServer):
 
     def server_close(self) -> None:
         super().server_close()
-        self.connections.close()
+        # socketserver calls this when bind() fails, before __init__ made the connections
+        connections: Connections | None = getattr(self, "connections", None)
+        if connections is not None:
+            connections.close()
+
+
+def _sockaddr(host: str, port: int) -> tuple[Any, ...]:
+    """What ``bind()`` takes for ``host``: an IPv6 literal as (address, port, flow, scope), so that the zone of
+    a link-local address (``fe80::1%eth0``) is kept (a 2-tuple loses it and bind fails with EINVAL)."""
+    if ":" not in host:
+        return host, port
+    try:
+        found = socket.getaddrinfo(host, port, socket.AF_INET6, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    except socket.gaierror as e:
+        raise UsageError(f"--bind [{host}]:{port}: not an IPv6 address ({e.strerror})") from e
+    return tuple(found[0][4])
 
 
 def _context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:
@@ -293,7 +308,7 @@ def make_server(
     try:
         server = _Server(
             root,
-            (host, port),
+            _sockaddr(host, port),
             _context(certfile, keyfile),
             timeout=timeout,
             max_connections=max_connections,
@@ -303,7 +318,8 @@ def make_server(
         raise UsageError(f"--bind {bind}: {e.strerror}") from e
     port = server.server_address[1]
     scheme = "https" if certfile else "http"
-    shown = f"[{host}]" if ":" in host else host
+    # an IPv6 literal in brackets; a zone (fe80::1%eth0) written %25eth0 in the URL (RFC 6874)
+    shown = f"[{host.replace('%', '%25')}]" if ":" in host else host
     return server, f"{scheme}://{shown}:{port}/"
 
 
