@@ -26,6 +26,7 @@ BOOTKIT_MODULES: Tuple[str, ...] = (
     "bootkit.run",
     "bootkit.daemon",
     "bootkit.boot.cmdline",
+    "bootkit.boot.urlhost",
     "bootkit.boot.partitions",
     "bootkit.boot.status",
     "bootkit.boot.stages",
