@@ -17,8 +17,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from boot_fixtures import debian_kernel  # noqa: F401 - fixture
 
 from bootkit.host.cli import main
+from bootkit.host.kernelpkg import Kernel
 
 ROOT_TYPE_X86_64 = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
 MTIME = 1_700_000_000
@@ -67,7 +69,7 @@ def _build(*args: object) -> int:
 
 
 def _run(*cmd: object) -> str:
-    return subprocess.run([str(c) for c in cmd], check=True, capture_output=True).stdout.decode()
+    return subprocess.run([str(c) for c in cmd], check=True, capture_output=True).stdout.decode(errors="replace")
 
 
 def _partition(image: Path, work: Path) -> Path:
@@ -312,11 +314,10 @@ def test_not_a_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert line == f"error: {tmp_path / 'missing'}: no such directory or tar archive"
 
 
-def test_kernel_and_initrd(tmp_path: Path, capsys: pytest.CaptureFixture[str], debian_kernel: object) -> None:
+def test_kernel_and_initrd(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], debian_kernel: Kernel  # noqa: F811
+) -> None:
     """A fake tree holding the cached Debian kernel: NAME.vmlinuz is that kernel, NAME.initrd boots with it."""
-    from bootkit.host.kernelpkg import Kernel
-
-    assert isinstance(debian_kernel, Kernel)
     shutil.which("dracut") or pytest.skip("dracut is not installed")
     root = tmp_path / "src"
     (root / "boot").mkdir(parents=True)
