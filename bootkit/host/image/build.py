@@ -24,6 +24,7 @@ from pathlib import Path
 from bootkit.errors import UsageError
 from bootkit.host.image import disk, tree
 from bootkit.log import human_size, log
+from bootkit.qcow2.writer import WriteProgress
 
 DEFAULT_HEADROOM = 256 << 20
 
@@ -136,7 +137,11 @@ def build_image(opts: BuildOptions) -> BuildResult:
         from bootkit.qcow2 import write_qcow2
 
         work_image = work / image.name
-        write_qcow2(raw, work_image, compression=str(opts.compression), cluster_size=opts.cluster_size)
+        written = write_qcow2(raw, work_image, compression=str(opts.compression), cluster_size=opts.cluster_size,
+                              progress=_WriteMeter())
+        log.info("build-image: QCOW2 %s for a %s disk (%d clusters with data) in %.1f s",
+                 human_size(written.file_size), human_size(written.virtual_size), written.clusters_written,
+                 written.seconds)
         raw.unlink()
         staged: list[tuple[Path, Path]] = [(work_image, image)]
         if kernel is not None:
@@ -160,6 +165,22 @@ def build_image(opts: BuildOptions) -> BuildResult:
     )
     log.info("build-image: done in %.1f s", time.monotonic() - started)
     return result
+
+
+class _WriteMeter:
+    """A progress line every ``interval`` seconds while the QCOW2 image is written."""
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self.interval = interval
+        self.last = time.monotonic()
+
+    def __call__(self, p: WriteProgress) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        log.info("build-image: QCOW2 %d%% (%d of %d clusters), wrote %s", 100 * p.clusters_done // max(
+            p.clusters_total, 1), p.clusters_done, p.clusters_total, human_size(p.file_size))
 
 
 def _check_label(label: str) -> None:

@@ -77,10 +77,10 @@ def make_ext4(tree: Path, fs_image: Path, *, size: int, inodes: int, label: str,
             raise NoRoom(f"the tree does not fit in a {size // MIB} MiB file system: use a larger --size"
                          " or --headroom") from e
         raise
-    _fix_ctimes(fs_image, epoch)
+    _fix_ctimes(fs_image, epoch, env)
 
 
-def _fix_ctimes(fs_image: Path, epoch: int) -> None:
+def _fix_ctimes(fs_image: Path, epoch: int, env: dict[str, str]) -> None:
     """Set ctime and atime of every used inode to ``epoch``.
 
     mke2fs copied the staging tree's: ctimes are the time of extraction, and reading a directory or a
@@ -96,7 +96,8 @@ def _fix_ctimes(fs_image: Path, epoch: int) -> None:
     cmds = fs_image.with_name(fs_image.name + ".debugfs")
     cmds.write_text(script)
     try:
-        run(["debugfs", "-w", "-f", cmds, fs_image], capture=True)
+        # with the fake time too: when debugfs rewrites the superblock it stamps the last write time
+        run(["debugfs", "-w", "-f", cmds, fs_image], capture=True, env=env)
     finally:
         cmds.unlink(missing_ok=True)
 
