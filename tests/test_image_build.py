@@ -21,6 +21,7 @@ import pytest
 from boot_fixtures import debian_kernel  # noqa: F401 - fixture
 
 from bootkit.host.cli import main
+from bootkit.host.image.disk import used_inodes
 from bootkit.host.kernelpkg import Kernel
 
 ROOT_TYPE_X86_64 = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
@@ -211,6 +212,11 @@ def test_reproducible_and_seeded(tree: Path, tmp_path: Path) -> None:
     assert _build(tree, "-o", c, "--no-kernel", "--seed", "other") == 0
     assert a.read_bytes() != c.read_bytes()
     # the seed only changes identifiers: same files, new file system UUID
+    fs = _partition(a, tmp_path)
+    head = _run("dumpe2fs", "-h", fs)
+    count, free = (int(re.search(rf"^{f}:\s+(\d+)$", head, re.M).group(1))  # type: ignore[union-attr]
+                   for f in ("Inode count", "Free inodes"))
+    assert len(used_inodes(fs)) == count - free > 3000
     uuids = {_run("blkid", "-o", "value", "-s", "UUID", _partition(img, tmp_path)) for img in (a, c)}
     assert len(uuids) == 2
 
@@ -316,6 +322,14 @@ def test_no_room(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str])
     line = _fails(capsys, out_dir / "a.qcow2", tree, "--no-kernel", "--size", "4M")
     assert line == "error: the tree does not fit in a 4 MiB file system: use a larger --size or --headroom"
     assert list(out_dir.iterdir()) == []
+
+
+def test_output_inside_the_source(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = _src_listing(tree)
+    assert _build(tree, "-o", tree / "out/a.qcow2", "--no-kernel") == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: -o {tree / 'out/a.qcow2'}: the output must not be inside SOURCE {tree}")
+    assert _src_listing(tree) == before
 
 
 def test_not_a_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

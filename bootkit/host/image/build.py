@@ -95,6 +95,9 @@ def build_image(opts: BuildOptions) -> BuildResult:
     source = opts.source.resolve()
     if not source.exists():
         raise tree.TreeError(f"{opts.source}: no such directory or tar archive")
+    if source.is_dir() and image.parent.is_relative_to(source):
+        # the work directory and the outputs would be copied into the image (cp: "into itself")
+        raise UsageError(f"-o {opts.output}: the output must not be inside SOURCE {opts.source}")
     image.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix=f".{image.name}.build-", dir=image.parent))

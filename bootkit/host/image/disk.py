@@ -86,13 +86,8 @@ def _fix_ctimes(fs_image: Path, epoch: int, env: dict[str, str]) -> None:
     mke2fs copied the staging tree's: ctimes are the time of extraction, and reading a directory or a
     symlink while mke2fs walks it moves its atime (relatime): both would differ from build to build.
     """
-    head = run(["dumpe2fs", "-h", fs_image], capture=True).stdout.decode(errors="replace")
-    fields = dict(re.findall(r"^([A-Za-z ]+):\s+(\d+)$", head, re.M))
-    used = int(fields["Inode count"]) - int(fields["Free inodes"])
-    # mke2fs -d on a fresh file system hands out inode numbers in order from the first free one: the used
-    # inodes are 1..used (1-10 reserved, 11 lost+found); e2fsck in the tests checks the result
-    script = "".join(f"sif <{ino}> ctime @{epoch}\nsif <{ino}> atime @{epoch}\n"
-                     for ino in [2, *range(11, used + 1)])
+    used = [ino for ino in used_inodes(fs_image) if ino == 2 or ino >= 11]  # 1, 3-10: reserved, unused
+    script = "".join(f"sif <{ino}> ctime @{epoch}\nsif <{ino}> atime @{epoch}\n" for ino in used)
     cmds = fs_image.with_name(fs_image.name + ".debugfs")
     cmds.write_text(script)
     try:
@@ -100,6 +95,21 @@ def _fix_ctimes(fs_image: Path, epoch: int, env: dict[str, str]) -> None:
         run(["debugfs", "-w", "-f", cmds, fs_image], capture=True, env=env)
     finally:
         cmds.unlink(missing_ok=True)
+
+
+def used_inodes(fs_image: Path) -> list[int]:
+    """Inode numbers in use, from the inode bitmaps as ``dumpe2fs`` prints them (per group free ranges)."""
+    text = run(["dumpe2fs", fs_image], capture=True).stdout.decode(errors="replace")
+    per_group = int(re.search(r"^Inodes per group:\s+(\d+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    used: list[int] = []
+    for group, free_text in enumerate(re.findall(r"^  Free inodes: ?(.*)$", text, re.M)):
+        free = [False] * per_group
+        for item in filter(None, (t.strip() for t in free_text.split(","))):
+            first, _, last = item.partition("-")
+            for ino in range(int(first), int(last or first) + 1):
+                free[ino - 1 - group * per_group] = True
+        used += [group * per_group + i + 1 for i, is_free in enumerate(free) if not is_free]
+    return used
 
 
 def assemble_gpt(fs_image: Path, disk: Path, *, ids: DiskIds, label: str) -> int:
