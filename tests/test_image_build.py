@@ -324,6 +324,25 @@ def test_no_room(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert list(out_dir.iterdir()) == []
 
 
+def test_sizes(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def fs_bytes(image: Path) -> int:
+        table = json.loads(_run("qemu-img", "info", "--output=json", image))
+        return int(table["virtual-size"]) - 2 * (1 << 20)  # 1 MiB before the partition, 1 MiB for the GPT tail
+
+    small, exact = tmp_path / "small.qcow2", tmp_path / "exact.qcow2"
+    assert _build(tree, "-o", small, "--no-kernel", "--headroom", "16M") == 0
+    # 16M free + 64M journal allowance + 2% metadata + the content (~100 KiB), rounded up to MiB
+    assert 80 << 20 < fs_bytes(small) <= 82 << 20
+    head = _run("dumpe2fs", "-h", _partition(small, tmp_path))
+    free_blocks = int(re.search(r"^Free blocks:\s+(\d+)$", head, re.M).group(1))  # type: ignore[union-attr]
+    assert free_blocks * 4096 >= 16 << 20  # the headroom is really free
+    assert _build(tree, "-o", exact, "--no-kernel", "--size", "100M") == 0
+    assert fs_bytes(exact) == 100 << 20
+    capsys.readouterr()
+    assert _build(tree, "-o", tmp_path / "x.qcow2", "--no-kernel", "--size", "1G", "--headroom", "1M") == 2
+    assert capsys.readouterr().err.strip() == "error: --size and --headroom contradict each other: give one"
+
+
 def test_output_inside_the_source(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = _src_listing(tree)
     assert _build(tree, "-o", tree / "out/a.qcow2", "--no-kernel") == 2
