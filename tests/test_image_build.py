@@ -315,6 +315,23 @@ def test_hostile_archive_members(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert list(outside.iterdir()) == []
 
 
+def test_member_replacing_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+    import tarfile
+
+    archive = tmp_path / "replace.tar"
+    with tarfile.open(archive, "w") as tar:
+        for kind in (tarfile.DIRTYPE, tarfile.REGTYPE):
+            info = tarfile.TarInfo("d")
+            info.type = kind
+            tar.addfile(info, io.BytesIO(b""))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    assert _fails(capsys, out_dir / "a.qcow2", archive, "--no-kernel") == (
+        f"error: {archive}: member 'd' would replace a directory")
+    assert list(out_dir.iterdir()) == []
+
+
 def test_no_room(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tree / "big").write_bytes(os.urandom(8 << 20))
     out_dir = tmp_path / "out"

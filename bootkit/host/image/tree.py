@@ -78,7 +78,7 @@ def _extract(archive: Path, shown: Path, dest: Path) -> None:
                 if target is None:
                     root_member = member if member.isdir() else root_member
                     continue
-                _remove_existing(target, member)
+                _remove_existing(target, member, shown)
                 tar.extract(member, dest, set_attrs=True, numeric_owner=True)
                 _set_xattrs(member, target, shown)
                 if member.issym():  # tarfile leaves a symlink's own mtime at the extraction time
@@ -155,7 +155,7 @@ def _checked_target(member: tarfile.TarInfo, dest: Path, shown: Path) -> Path | 
     return target
 
 
-def _remove_existing(target: Path, member: tarfile.TarInfo) -> None:
+def _remove_existing(target: Path, member: tarfile.TarInfo, shown: Path) -> None:
     """A later member replaces an earlier one (as GNU tar does) and is never written through a symlink."""
     try:
         st = target.lstat()
@@ -164,7 +164,7 @@ def _remove_existing(target: Path, member: tarfile.TarInfo) -> None:
     if stat.S_ISDIR(st.st_mode):
         if member.isdir():
             return
-        raise TreeError(f"member '{safe_text(member.name, 200)}' would replace a directory")
+        raise TreeError(f"{shown}: member '{safe_text(member.name, 200)}' would replace a directory")
     target.unlink()
 
 
