@@ -286,6 +286,29 @@ def test_truncated_archive(tree: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert list(out_dir.iterdir()) == []
 
 
+@pytest.mark.parametrize("compress", ["", "gzip", "xz"])
+def test_garbled_header(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], compress: str) -> None:
+    """tarfile stops quietly at a header that is not one: the build must not go on with half a tree."""
+    import tarfile
+
+    tar = tmp_path / "root.tar"
+    _run("tar", "-C", tree, "-cpf", tar, ".")
+    with tarfile.open(tar) as t:
+        offset = t.getmembers()[5].offset
+    data = bytearray(tar.read_bytes())
+    data[offset:offset + 512] = b"garbage!" * 64
+    tar.write_bytes(data)
+    if compress:
+        _run(compress, "-q", tar)
+        tar = tar.with_name(tar.name + {"gzip": ".gz", "xz": ".xz"}[compress])
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    assert _fails(capsys, out_dir / "a.qcow2", tar, "--no-kernel") == (
+        f"error: {tar}: truncated or damaged archive: neither a member header nor the end-of-archive blocks"
+        f" at byte {offset}")
+    assert list(out_dir.iterdir()) == []
+
+
 def test_hostile_archive_members(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import io
     import tarfile

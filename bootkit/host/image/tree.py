@@ -18,6 +18,7 @@ import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bootkit.errors import UsageError
 from bootkit.log import log, safe_text
@@ -72,6 +73,8 @@ def _extract(archive: Path, shown: Path, dest: Path) -> None:
     root_member: tarfile.TarInfo | None = None
     try:
         with tarfile.open(archive, "r:*") as tar:
+            peek = _LastBlock(tar.fileobj)
+            tar.fileobj = peek
             count = 0
             for member in tar:
                 target = _checked_target(member, dest, shown)
@@ -86,11 +89,13 @@ def _extract(archive: Path, shown: Path, dest: Path) -> None:
                 if member.isdir():
                     dirs.append((target, member))
                 count += 1
-            # tarfile stops quietly at a cut header: a complete archive ends with two zero blocks
-            tar.fileobj.seek(tar.offset)
-            end = tar.fileobj.read(2 * tarfile.BLOCKSIZE)
+            # tarfile stops quietly at a cut or garbled header: a complete archive ends with two zero blocks.
+            # The first is the block tarfile read last (seeking back would make gzip/xz decompress again).
+            at, first = peek.last
+            end = first + peek.read(tarfile.BLOCKSIZE) if at == tar.offset else b""
             if len(end) < 2 * tarfile.BLOCKSIZE or end.count(0) != len(end):
-                raise TreeError(f"{shown}: truncated archive (no end-of-archive blocks after byte {tar.offset})")
+                raise TreeError(f"{shown}: truncated or damaged archive: neither a member header nor the"
+                                f" end-of-archive blocks at byte {tar.offset}")
     except tarfile.ReadError as e:
         if "could not be opened" in str(e) or "invalid header" in str(e) or "empty file" in str(e):
             raise TreeError(f"{shown}: not a tar archive (plain, gzip, bzip2, xz or zstd)") from e
@@ -118,6 +123,24 @@ def _extract(archive: Path, shown: Path, dest: Path) -> None:
         os.chmod(dest, 0o755)
         newest = newest_mtime(dest)
         os.utime(dest, (newest, newest))
+
+
+class _LastBlock:
+    """A file object that remembers the last block-sized read and where it started (all else passes through)."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self.last: tuple[int, bytes] = (-1, b"")
+
+    def read(self, size: int = -1) -> bytes:
+        at = self._f.tell()
+        data: bytes = self._f.read(size)
+        if size == tarfile.BLOCKSIZE:
+            self.last = (at, data)
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
 
 
 def _one_line(e: BaseException) -> str:
