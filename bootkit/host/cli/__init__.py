@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "bootkit.host.cli.fetch",
     "bootkit.host.cli.pxe",
     "bootkit.host.cli.initrd",
+    "bootkit.host.cli.build",
     "bootkit.host.cli.status",
 )
 
@@ -43,6 +44,7 @@ COMMANDS = {
     "serve-http": "bootkit.host.cli.fetch",
     "pxe-config": "bootkit.host.cli.pxe",
     "build-initrd": "bootkit.host.cli.initrd",
+    "build-image": "bootkit.host.cli.build",
     "status": "bootkit.host.cli.status",
 }
 
