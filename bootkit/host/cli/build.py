@@ -63,7 +63,8 @@ def _epoch() -> int | None:
 
 
 def _build_image(args: argparse.Namespace) -> int:
-    from bootkit.host.image.build import DEFAULT_HEADROOM, BuildOptions, Compression, build_image, describe
+    from bootkit.host.image.build import DEFAULT_HEADROOM, BuildOptions, build_image, describe
+    from bootkit.qcow2.writer import Compression
 
     if args.size is not None and args.headroom is not None:
         raise UsageError("--size and --headroom contradict each other: give one")

@@ -12,7 +12,6 @@ place only when everything succeeded: nothing partial is left behind on error.
 
 from __future__ import annotations
 
-import enum
 import os
 import re
 import shutil
@@ -24,19 +23,13 @@ from pathlib import Path
 from bootkit.errors import UsageError
 from bootkit.host.image import disk, tree
 from bootkit.log import human_size, log
-from bootkit.qcow2.writer import WriteProgress
+from bootkit.qcow2.writer import Compression, WriteProgress
 
 DEFAULT_HEADROOM = 256 << 20
 
 
 class KernelError(UsageError):
     """The tree has no kernel (or no modules for it) and ``--no-kernel`` was not given."""
-
-
-class Compression(enum.StrEnum):
-    zstd = "zstd"
-    deflate = "deflate"
-    none = "none"
 
 
 @dataclass(frozen=True)
@@ -136,11 +129,11 @@ def build_image(opts: BuildOptions) -> BuildResult:
         raw = work / "disk.raw"
         disk_size = disk.assemble_gpt(fs_image, raw, ids=ids, label=opts.label)
         fs_image.unlink()
-        log.info("build-image: writing QCOW2 (%s, %d KiB clusters)", opts.compression, opts.cluster_size >> 10)
+        log.info("build-image: writing QCOW2 (%s, %d KiB clusters)", opts.compression.value, opts.cluster_size >> 10)
         from bootkit.qcow2 import write_qcow2
 
         work_image = work / image.name
-        written = write_qcow2(raw, work_image, compression=str(opts.compression), cluster_size=opts.cluster_size,
+        written = write_qcow2(raw, work_image, compression=opts.compression.value, cluster_size=opts.cluster_size,
                               progress=_WriteMeter())
         log.info("build-image: QCOW2 %s for a %s disk (%d clusters with data) in %.1f s",
                  human_size(written.file_size), human_size(written.virtual_size), written.clusters_written,
