@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -47,6 +48,17 @@ COMMANDS = {
     "build-image": "bootkit.host.cli.build",
     "status": "bootkit.host.cli.status",
 }
+
+_SIZE = re.compile(r"(\d+)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Argument type of every size option: ``256M``, ``1G``, ``4096``, ``1 GiB`` -> bytes (binary units)."""
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 4096, 512K, 256M or 1G")
+    return int(m.group(1)) << (10 * " KMGT".index(m.group(2).upper() or " "))
+
 
 Handler = Callable[[argparse.Namespace], int]
 

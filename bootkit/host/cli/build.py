@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 from bootkit.errors import UsageError
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+from bootkit.host.cli import parse_size
 
 
 def register(sub: Any) -> None:
@@ -27,12 +25,12 @@ def register(sub: Any) -> None:
     p.add_argument("-o", "--output", required=True, type=Path, metavar="NAME.qcow2",
                    help="image to write; NAME.vmlinuz and NAME.initrd go next to it")
     p.add_argument("--label", default="root", help="ext4 label and GPT partition name (default: root)")
-    p.add_argument("--size", type=_size, metavar="SIZE",
+    p.add_argument("--size", type=parse_size, metavar="SIZE",
                    help="file system size, e.g. 2G (default: the content plus --headroom)")
-    p.add_argument("--headroom", type=_size, default=None, metavar="SIZE",
+    p.add_argument("--headroom", type=parse_size, default=None, metavar="SIZE",
                    help="free space to leave when --size is not given (default: 256M)")
     p.add_argument("--compress", default="zstd", choices=("zstd", "deflate", "none"), help="default: zstd")
-    p.add_argument("--cluster-size", type=_size, default=65536, metavar="SIZE",
+    p.add_argument("--cluster-size", type=parse_size, default=65536, metavar="SIZE",
                    help="QCOW2 cluster size, 4K to 2M, a power of two (default: 64K)")
     p.add_argument("--seed", metavar="TEXT",
                    help="seed for the file system UUID, hash seed and GPT GUIDs (default: the tree's digest)")
@@ -44,13 +42,6 @@ def register(sub: Any) -> None:
     p.add_argument("--drivers", metavar="LIST",
                    help="NIC drivers for the initramfs, comma-separated (default: every network driver)")
     p.set_defaults(handler=_build_image)
-
-
-def _size(text: str) -> int:
-    m = re.fullmatch(r"(\d+)([KMGT]?)i?B?", text.strip(), re.I)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 65536, 64K, 512M, 2G)")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
 def _epoch() -> int | None:

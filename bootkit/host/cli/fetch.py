@@ -6,21 +6,11 @@ The same code the initramfs runs (``bootkit.fetch``), and the small server for d
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from typing import Any
 
 from bootkit.errors import UsageError
-
-_SIZE = re.compile(r"(\d+)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """``256M``, ``1G``, ``4096``, ``1 GiB`` -> bytes (binary units)."""
-    m = _SIZE.fullmatch(text.strip())
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 4096, 512K, 256M or 1G")
-    return int(m.group(1)) << (10 * " KMGT".index(m.group(2).upper() or " "))
+from bootkit.host.cli import parse_size
 
 
 def register(sub: Any) -> None:
