@@ -12,7 +12,10 @@ buffer, not a thread, and:
 - at most ``max_connections`` connections are held (waiting, queued or being answered); when full, the
   connection that has waited longest for its request head is dropped (503), so a new client always gets
   in; when every held connection is being answered or queued, the new one gets 503;
-- a request head larger than ``MAX_HEAD`` bytes gets 431.
+- a request head larger than ``MAX_HEAD`` bytes gets 431;
+- new connections wait in the kernel's listen backlog, not in a list of ours, while ``ADMITTING`` accepted
+  ones have not reached the gate yet: a flood of connections costs at most ``max_connections`` +
+  ``ADMITTING`` sockets, however slowly the gate runs.
 
 TLS connections do their handshake and reading in the worker (the gate cannot see inside TLS), bounded by
 the timeout and the worker count.
@@ -57,6 +60,10 @@ class _Waiting:
     buffer: bytearray = field(default_factory=bytearray)
 
 
+#: accepted connections the gate has not taken yet, at most (see the module docstring)
+ADMITTING = 8
+
+
 class Connections:
     """The gate and the workers of one server: ``accept`` every new socket, ``close`` at the end."""
 
@@ -68,6 +75,7 @@ class Connections:
         self.max_connections = max_connections
         self._tls = tls
         self._lock = threading.Lock()
+        self._taken = threading.Condition(self._lock)  # the gate took the incoming connections
         self._busy = 0  # queued for or held by a worker
         #: connections taken since the start (keep-alive returns not counted)
         self.accepted = 0
@@ -90,9 +98,11 @@ class Connections:
     # -- any thread --
 
     def accept(self, sock: socket.socket, address: Any) -> None:
-        """Take a new connection."""
+        """Take a new connection; the accepting thread waits while ADMITTING others wait for the gate."""
         with self._lock:
             self.accepted += 1
+            while len(self._incoming) >= ADMITTING and not self._closed:
+                self._taken.wait(self.timeout)
         self.admit(sock, address)
 
     def admit(self, sock: socket.socket, address: Any, buffered: bytes = b"") -> None:
@@ -114,6 +124,11 @@ class Connections:
             self._incoming.append((sock, address, buffered))
         self._wake()
 
+    def admitting(self) -> int:
+        """Accepted connections the gate has not taken yet (at most ADMITTING from ``accept``)."""
+        with self._lock:
+            return len(self._incoming)
+
     def held(self) -> int:
         """Connections held now: waiting at the gate, queued or being answered."""
         with self._lock:
@@ -123,6 +138,7 @@ class Connections:
         """Drop every waiting connection and stop the threads (answers under way finish on their own)."""
         with self._lock:
             self._closed = True
+            self._taken.notify_all()
         self._wake()
         self._threads[0].join()
         for _ in self._threads[1:]:
@@ -173,6 +189,7 @@ class Connections:
     def _take_incoming(self) -> None:
         with self._lock:
             incoming, self._incoming = self._incoming, []
+            self._taken.notify_all()
         for sock, address, buffered in incoming:
             with self._lock:
                 full = len(self._waiting) + self._busy >= self.max_connections
