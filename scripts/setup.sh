@@ -17,6 +17,9 @@ apt_packages=(
     # initramfs and root images
     dracut-core dracut-network kmod isc-dhcp-client cpio debootstrap busybox-static fdisk e2fsprogs
     dosfstools zstd
+    # dracut's own network roots that bench/boot.py compares bootkit with: nbd (dracut-network + nbd-client)
+    # and livenet (dracut-live, a squashfs of the root tree)
+    nbd-client dracut-live squashfs-tools
     # a filesystem with reflink (XFS) for the convert test that shares blocks instead of copying them
     xfsprogs
     # servers and tools the tests drive
