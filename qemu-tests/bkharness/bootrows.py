@@ -140,7 +140,7 @@ class Setup:
         return self._initrds[key]
 
     def squashfs(self) -> Path:
-        return squashfs_image(self.image, self.image.raw.with_suffix(".squashfs"))
+        return squashfs_image(self.image, self.work / "rootfs.squashfs")
 
 
 @dataclass(frozen=True)

@@ -162,13 +162,13 @@ def initrd_modules(initrd: Path) -> set[str]:
 def squashfs_image(image: RootImage, out: Path) -> Path:
     """The root file system of ``image`` as a squashfs (zstd) at ``out``: the same tree, no loop mount.
 
-    ``debugfs rdump`` copies the tree out of the ext4 with owners and modes (run as root), then mksquashfs.
-    Reused when ``out`` is newer than the disk it came from.
+    ``debugfs rdump`` copies the tree out of the ext4 with owners and modes (run as root) into a temporary
+    directory ($TMPDIR), then mksquashfs. Reused when ``out`` is newer than the disk it came from.
     """
     check_peer(Peer.livenet)
     if out.exists() and out.stat().st_mtime >= image.raw.stat().st_mtime:
         return out
-    with tempfile.TemporaryDirectory(prefix=".squashfs.", dir=out.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix="squashfs.") as tmp:
         fs = extract_root_fs(image, Path(tmp) / "root.ext4")
         tree = Path(tmp) / "tree"
         tree.mkdir()
@@ -176,7 +176,7 @@ def squashfs_image(image: RootImage, out: Path) -> Path:
         shutil.rmtree(tree / "lost+found", ignore_errors=True)
         partial = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         run(["mksquashfs", tree, partial, "-comp", "zstd", "-noappend", "-quiet", "-no-progress"], capture=True)
-        partial.rename(out)
+        os.replace(partial, out)
     return out
 
 
