@@ -151,9 +151,21 @@ class Result:
     host_target_s: float
     stages: dict[str, dict[str, float | None]]
 
+    @property
+    def host_kernel_s(self) -> float:
+        """Host seconds from the kernel's first console line to the proof: the guest clock's span measured
+        by the host, which stays right when a loaded host makes the guest's clocksource jump (TSC marked
+        unstable, the guest clock running ahead)."""
+        kernel = self.stages.get("kernel", {}).get("host_s")
+        return round(self.host_target_s - kernel, 2) if kernel is not None else self.host_target_s
+
     def to_json(self) -> dict[str, object]:
         return {"guest_target_s": self.guest_target_s, "host_target_s": self.host_target_s,
-                "stages": self.stages}
+                "host_kernel_s": self.host_kernel_s, "stages": self.stages}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Result:
+        return cls(float(d["guest_target_s"]), float(d["host_target_s"]), d["stages"])
 
 
 def _finish(vm: Guest, check: Callable[[Proof], list[str]], what: str) -> Result:
