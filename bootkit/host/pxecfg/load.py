@@ -14,6 +14,7 @@ the initramfs would refuse (``args = ["rd.qcow2.sha265=..."]``) fails here, not 
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import tomllib
 from collections.abc import Mapping
@@ -140,6 +141,9 @@ def _http_boot(t: Table, mode: DhcpMode, ctx: Context) -> Artifact | None:
     if mode is not DhcpMode.full:
         raise t.error("http_boot", "needs mode = 'full': in proxy mode dnsmasq answers PXE clients only, and "
                       "UEFI HTTP Boot clients are not PXE clients")  # fmt: skip
+    if ctx.docroot is not None and "://" not in value and not (ctx.docroot / value).is_file():
+        # the UKI is built from this same description (build-uki --toml), so it may not exist yet
+        ctx = dataclasses.replace(ctx, docroot=None)
     artifact = resolve.artifact(t, "http_boot", value, ctx, http_only=False)
     if "," in artifact.url:
         raise t.error("http_boot", f"{artifact.url!r}: a comma would end dnsmasq's dhcp-boot file name")
