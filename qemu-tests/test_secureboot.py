@@ -347,13 +347,16 @@ def test_http_boot_of_the_signed_uki_to_the_root(
                 "-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n",
             ]  # fmt: skip
             with secure_boot_guest(site, devices, log_dir=work, name="http-boot") as vm:
-                vm.expect(r"secureboot: Secure boot enabled", BOOT_TIMEOUT)
-                booted_line = vm.expect(r"Command line: (.*)$", 60)[1].strip()
+                booted_line = vm.expect(r"Command line: (.*)$", BOOT_TIMEOUT)[1].strip()
+                vm.expect(r"secureboot: Secure boot enabled", 60)
                 boot_dir.prove(vm, busybox_root, BOOT_TIMEOUT, firmware="uefi-secureboot", loader="uki-http",
                                mode="ram", root="busybox", initrd="shell")  # fmt: skip
             server_log = server.output
 
     assert booted_line == expected_line
-    # dnsmasq recognised the firmware as an HTTP Boot client and handed it the UKI's URL
+    # dnsmasq recognised the firmware as an HTTP Boot client (vendor class, architecture 16) and handed it the
+    # UKI's URL; nothing was sent over TFTP
     assert re.search(r"vendor class: HTTPClient:Arch:00016", server_log), server_log[-3000:]
-    assert f"bootfile name: http://{SERVER_IP}/uki.efi" in server_log or "tags: httpclient" in server_log
+    assert "tags: httpclient, efi64-http" in server_log, server_log[-3000:]
+    assert re.search(rf"bootfile-name +http://{re.escape(SERVER_IP)}/uki\.efi", server_log), server_log[-3000:]
+    assert not re.search(r"dnsmasq-tftp\[\d+\]: sent", server_log)

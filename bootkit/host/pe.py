@@ -37,6 +37,8 @@ MAX_SECTIONS = 96
 class PeError(BootkitError):
     """The file is not the PE32+ image it should be."""
 
+    exit_status = 2
+
 
 @dataclass(frozen=True)
 class Section:
