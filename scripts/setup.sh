@@ -23,6 +23,8 @@ apt_packages=(
     nginx-light curl openssl shellcheck python3-venv
     # pipx: the wheel test installs bootkit the way users install Python tools
     pipx
+    # build-uki: systemd's EFI stub, objcopy to add the UKI's sections, sbsign/sbverify for the site's key
+    systemd-boot-efi binutils sbsigntool
 )
 
 missing=()
