@@ -44,6 +44,8 @@ def _options(p: Any) -> None:
                    " layout (directory or tar) or a docker-archive (docker save / podman save)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="NAME.qcow2",
                    help="image to write; NAME.vmlinuz and NAME.initrd go next to it")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                   help="which image of an OCI index or docker-archive (default: linux/amd64)")
     p.add_argument("--label", default="root", help="ext4 label and GPT partition name (default: root)")
     p.add_argument("--size", type=parse_size, metavar="SIZE",
                    help="file system size, e.g. 2G (default: the content plus --headroom)")
@@ -75,6 +77,7 @@ def _epoch() -> int | None:
 
 def _build_image(args: argparse.Namespace) -> int:
     from bootkit.host.image.build import DEFAULT_HEADROOM, BuildOptions, build_image, describe
+    from bootkit.host.image.oci import Platform
     from bootkit.qcow2.writer import Compression
 
     if args.size is not None and args.headroom is not None:
@@ -99,6 +102,7 @@ def _build_image(args: argparse.Namespace) -> int:
             drivers=drivers,
             systemd=args.systemd,
             epoch=_epoch(),
+            platform=None if args.platform is None else Platform.parse(args.platform),
         )
     )
     print(describe(result))
