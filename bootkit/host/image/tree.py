@@ -180,8 +180,8 @@ def extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path, 
     """Create ``member`` (checked by ``checked_target``, its old entry removed) at ``target`` with its owner,
     mode, times and xattrs."""
     if member.islnk():
-        # done here, not by tarfile: its os.link follows a symlink (a hard link to "x", where x is a symlink
-        # to a host file, would link the host file into the tree)
+        # done here, not by tarfile: a target missing from the tree is one clear line (tarfile would look for
+        # it in the archive, which a layer's stream cannot), and a link to a symlink links the symlink itself
         source = dest / member.linkname
         try:
             if stat.S_ISDIR(source.lstat().st_mode):
