@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import stat
 import tarfile
 from pathlib import Path
@@ -159,7 +160,8 @@ def oci_layout(layout: Path, layers: list[list[Member]] = LAYERS,
         config = _blob(layout, _config(arch, tars), "application/vnd.oci.image.config.v1+json")
         manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config,
                                "layers": descriptors}).encode()
-        manifests.append(_blob(layout, manifest, OCI_MANIFEST, platform={"architecture": arch, "os": "linux"}))
+        manifests.append(_blob(layout, manifest, OCI_MANIFEST, platform={"architecture": arch, "os": "linux"},
+                               annotations={"org.opencontainers.image.ref.name": arch}))
     (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": manifests}))
     return layout
 
@@ -202,6 +204,19 @@ def test_oci_and_docker_sources(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert 'user.bootkit (6) = "secret"' in _debugfs(fs, "stat /etc/shadow")
     assert images[1].read_bytes() == images[0].read_bytes()
     assert images[2].read_bytes() == images[0].read_bytes()
+
+
+def test_skopeo_docker_archive(tmp_path: Path) -> None:
+    """Cross-check with a real tool: skopeo's docker-archive of the layout builds the same image."""
+    shutil.which("skopeo") or pytest.skip("skopeo is not installed (Debian package skopeo)")
+    layout = oci_layout(tmp_path / "layout", compressions=("gzip", "none", "gzip"))  # docker has no zstd layers
+    archive = tmp_path / "skopeo.tar"
+    _run("skopeo", "--override-arch", "amd64", "copy", "--quiet", f"oci:{layout}:amd64",
+         f"docker-archive:{archive}:example/app:1")
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    assert _build(layout, "-o", ours, "--no-kernel") == 0
+    assert _build(archive, "-o", theirs, "--no-kernel") == 0
+    assert theirs.read_bytes() == ours.read_bytes()
 
 
 def test_platform(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
