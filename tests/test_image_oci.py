@@ -213,21 +213,30 @@ def test_skopeo_docker_archive(tmp_path: Path) -> None:
     archive = tmp_path / "skopeo.tar"
     _run("skopeo", "--override-arch", "amd64", "copy", "--quiet", f"oci:{layout}:amd64",
          f"docker-archive:{archive}:example/app:1")
-    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    # and an OCI layout skopeo wrote: one manifest, no platform in index.json (the config says linux/amd64)
+    copied = tmp_path / "copied"
+    _run("skopeo", "copy", "--quiet", f"oci:{layout}:amd64", f"oci:{copied}:latest")
+    assert "platform" not in json.loads((copied / "index.json").read_text())["manifests"][0]
+    ours = tmp_path / "ours.qcow2"
     assert _build(layout, "-o", ours, "--no-kernel") == 0
-    assert _build(archive, "-o", theirs, "--no-kernel") == 0
-    assert theirs.read_bytes() == ours.read_bytes()
+    for source in (archive, copied):
+        theirs = tmp_path / f"{source.name}.qcow2"
+        assert _build(source, "-o", theirs, "--no-kernel") == 0
+        assert theirs.read_bytes() == ours.read_bytes(), source
 
 
 def test_platform(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     layout = oci_layout(tmp_path / "layout")
+    # the platforms one index further down, as a multi-platform image keeps them
+    nested = _blob(layout, (layout / "index.json").read_bytes(), "application/vnd.oci.image.index.v1+json")
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [nested]}))
     out = tmp_path / "arm.qcow2"
     assert _build(layout, "-o", out, "--no-kernel", "--platform", "linux/arm64") == 0
     assert _debugfs(_partition(out, tmp_path), "cat /arm64") == "arm\n"
     capsys.readouterr()
     assert _build(layout, "-o", out, "--no-kernel", "--platform", "linux/s390x") == 2
-    assert capsys.readouterr().err == (f"error: {layout}: index.json: no linux/s390x image (it has linux/amd64,"
-                                       " linux/arm64); choose one with --platform\n")
+    assert capsys.readouterr().err == (f"error: {layout}: index {nested['digest'][:19]}: no linux/s390x image (it"
+                                       " has linux/amd64, linux/arm64); choose one with --platform\n")
     assert _build(layout, "-o", out, "--no-kernel", "--platform", "amd64") == 2
     assert capsys.readouterr().err == "error: --platform 'amd64': not OS/ARCH[/VARIANT], e.g. linux/amd64\n"
     plain = tmp_path / "plain"
