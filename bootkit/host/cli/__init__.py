@@ -46,6 +46,7 @@ COMMANDS = {
     "serve-http": "bootkit.host.cli.fetch",
     "pxe-config": "bootkit.host.cli.pxe",
     "build-initrd": "bootkit.host.cli.initrd",
+    "image": "bootkit.host.cli.build",
     "build-image": "bootkit.host.cli.build",
     "build-uki": "bootkit.host.cli.uki",
     "status": "bootkit.host.cli.status",
