@@ -17,6 +17,8 @@ apt_packages=(
     # initramfs and root images
     dracut-core dracut-network kmod isc-dhcp-client cpio debootstrap busybox-static fdisk e2fsprogs
     dosfstools zstd
+    # a real container tool for the OCI/docker-archive cross-check of image build
+    skopeo
     # a filesystem with reflink (XFS) for the convert test that shares blocks instead of copying them
     xfsprogs
     # servers and tools the tests drive
