@@ -19,7 +19,7 @@ to its runnable threads, and qemu-img runs more of them than it has cores. Targe
 deflate 2x faster, zstd 1.5x faster, each with a file no more than 2% larger. Unless ``--no-verify``, the
 image of each compression's first bootkit level passes ``qemu-img check`` and ``qemu-img compare``.
 
-    python bench/writer.py [--source /usr] [--limit-mib N] [--m-values 4,8,16] [--repeat 1]
+    python bench/writer.py [--source /usr] [--limit-mib N | --raw DISK] [--m-values 4,8,16] [--repeat 1]
 """
 
 from __future__ import annotations
@@ -157,6 +157,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=Path("/usr"), help="tree copied into the ext4 disk")
     parser.add_argument("--limit-mib", type=int, help="only the first N MiB of files (default: the whole tree)")
+    parser.add_argument("--raw", type=Path, help="an existing raw disk to compress instead (e.g. a slice of one)")
     parser.add_argument("--workdir", type=Path, default=cache_dir())
     parser.add_argument("--m-values", default="4,8,16", help="qemu-img -m values to try (with -W)")
     parser.add_argument("--zstd-levels", default="2,3,1", help="bootkit zstd levels to run (first: the default)")
@@ -168,7 +169,7 @@ def main() -> int:
     args = parser.parse_args()
     work: Path = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    raw = build_disk(args.source, args.limit_mib, work)
+    raw = args.raw if args.raw is not None else build_disk(args.source, args.limit_mib, work)
     data = allocated(raw)
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "bootkit")], check=True)
     theirs, ours = work / "out-qemu.qcow2", work / "out-bootkit.qcow2"

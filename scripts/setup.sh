@@ -20,12 +20,16 @@ apt_packages=(
     # dracut's own network roots that bench/boot.py compares bootkit with: nbd (dracut-network + nbd-client)
     # and livenet (dracut-live, a squashfs of the root tree)
     nbd-client dracut-live squashfs-tools
+    # a real container tool for the OCI/docker-archive cross-check of image build
+    skopeo
     # a filesystem with reflink (XFS) for the convert test that shares blocks instead of copying them
     xfsprogs
     # servers and tools the tests drive
     nginx-light curl openssl shellcheck python3-venv
     # pipx: the wheel test installs bootkit the way users install Python tools
     pipx
+    # build-uki: systemd's EFI stub, objcopy to add the UKI's sections, sbsign/sbverify for the site's key
+    systemd-boot-efi binutils sbsigntool
 )
 
 missing=()

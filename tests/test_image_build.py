@@ -67,7 +67,7 @@ def tree(tmp_path: Path) -> Path:
 
 
 def _build(*args: object) -> int:
-    return main(["build-image", *[str(a) for a in args]])
+    return main(["image", "build", *[str(a) for a in args]])
 
 
 def _run(*cmd: object) -> str:
@@ -190,6 +190,19 @@ def test_tar_sources_give_the_same_image(tree: Path, tmp_path: Path) -> None:
     fs = _partition(tmp_path / "root.tar.zst.qcow2", tmp_path)
     assert _fs_listing(fs) == _expected(tree)
     assert all(image == images[0] for image in images), "directory and archives of one tree differ"
+
+
+def test_build_image_is_an_alias(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``bootkit build-image`` is ``bootkit image build``: same options, same bytes."""
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    assert _build(tree, "-o", a, "--no-kernel", "--label", "x") == 0
+    assert main(["build-image", str(tree), "-o", str(b), "--no-kernel", "--label", "x"]) == 0
+    assert a.read_bytes() == b.read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["image"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error: bootkit image: the following arguments are required: COMMAND\n"
 
 
 def test_reproducible_and_seeded(tree: Path, tmp_path: Path) -> None:

@@ -19,9 +19,12 @@ from bootkit.errors import UnsupportedFeature, UsageError
 from bootkit.qcow2.compress import DEFLATE_WBITS, _Library, _zstd
 from bootkit.qcow2.header import COMPRESSION_DEFLATE, COMPRESSION_ZSTD
 
-Encoder = Callable[[memoryview], Optional[bytes]]
-"""Compresses one cluster (a writable view, e.g. of a bytearray); None when the result would not be smaller
-than the cluster. Safe to call from any thread: each thread gets its own compressor state."""
+Encoder = Callable[[bytearray, int, int], Optional[bytes]]
+"""``encode(buf, start, length)`` compresses one cluster, ``buf[start:start + length]``; None when the result
+would not be smaller than the cluster. Safe to call from any thread: each thread gets its own compressor
+state. The C encoders keep ``buf`` exported (it cannot be resized) while the thread uses it: the writer gives
+each thread one buffer, reused chunk after chunk, so the buffer's address is looked up once, not per cluster
+(a ctypes view per call cost as much as 3% of the compression time)."""
 
 #: QEMU's zlib level: deflateInit2(Z_DEFAULT_COMPRESSION)
 DEFAULT_DEFLATE_LEVEL = 6
@@ -56,6 +59,9 @@ class _Contexts:
         self.by_level: Dict[int, Any] = {}
         self._free = free
         self._out: Any = None
+        self._src: Optional[bytearray] = None
+        self._src_view: Any = None
+        self._src_address = 0
 
     def output(self, size: int) -> Any:
         """This thread's output buffer (a ctypes array of at least ``size`` bytes), reused cluster after cluster."""
@@ -64,6 +70,16 @@ class _Contexts:
 
             self._out = (ctypes.c_char * size)()
         return self._out
+
+    def address(self, buf: bytearray) -> int:
+        """The address of ``buf``, exported through a ctypes view kept while ``buf`` is this thread's input."""
+        if self._src is not buf:
+            import ctypes
+
+            self._src_view = (ctypes.c_char * len(buf)).from_buffer(buf)
+            self._src = buf
+            self._src_address = ctypes.addressof(self._src_view)
+        return self._src_address
 
     def __del__(self) -> None:
         for handle in self.by_level.values():
@@ -104,17 +120,11 @@ LIBZSTD_ENCODER = _Library(
 )
 
 
-def _c_buffer(view: memoryview) -> Any:
-    import ctypes
-
-    return (ctypes.c_char * len(view)).from_buffer(view)
-
-
 def _libdeflate_encoder(level: int) -> Encoder:
     if not 0 <= level <= 12:
         raise UsageError(f"deflate level {level} is out of range (libdeflate: 0..12)")
 
-    def encode(src: memoryview) -> Optional[bytes]:
+    def encode(buf: bytearray, start: int, n: int) -> Optional[bytes]:
         st: _Contexts = LIBDEFLATE_ENCODER.state()
         fn, alloc, _free = st.api
         handle = st.by_level.get(level)
@@ -122,11 +132,10 @@ def _libdeflate_encoder(level: int) -> Encoder:
             handle = st.by_level[level] = alloc(level)
             if not handle:
                 raise MemoryError("libdeflate_alloc_compressor")
-        n = len(src)
         out = st.output(n - 1)
         # libdeflate returns 0 when the result does not fit: QEMU's rule, a compressed cluster is smaller
         # than the cluster (block/qcow2.c: qcow2_co_compress(..., s->cluster_size - 1, ...))
-        size = fn(handle, _c_buffer(src), n, out, n - 1)
+        size = fn(handle, st.address(buf) + start, n, out, n - 1)
         return bytes(memoryview(out)[:size]) if size else None
 
     return encode
@@ -136,7 +145,8 @@ def _zlib_encoder(level: int) -> Encoder:
     if not -1 <= level <= 9:
         raise UsageError(f"deflate level {level} is out of range (zlib: 0..9)")
 
-    def encode(src: memoryview) -> Optional[bytes]:
+    def encode(buf: bytearray, start: int, n: int) -> Optional[bytes]:
+        src = memoryview(buf)[start : start + n]
         # raw deflate; a 32 KiB window, wider than QEMU's 4 KiB, is read by QEMU all the same: every distance
         # stays inside the one cluster that QEMU inflates in a single call (see DEFLATE_WBITS)
         c = zlib.compressobj(level, zlib.DEFLATED, DEFLATE_WBITS)
@@ -151,7 +161,7 @@ def _libzstd_encoder(level: int) -> Encoder:
     if not lib.ZSTD_minCLevel() <= level <= lib.ZSTD_maxCLevel():
         raise UsageError(f"zstd level {level} is out of range ({lib.ZSTD_minCLevel()}..{lib.ZSTD_maxCLevel()})")
 
-    def encode(src: memoryview) -> Optional[bytes]:
+    def encode(buf: bytearray, start: int, n: int) -> Optional[bytes]:
         st: _Contexts = LIBZSTD_ENCODER.state()
         cctx = st.by_level.get(0)  # the level is a parameter of each call: one context serves all
         if cctx is None:
@@ -159,12 +169,11 @@ def _libzstd_encoder(level: int) -> Encoder:
             cctx = st.by_level[0] = lib.ZSTD_createCCtx()
             if not cctx:
                 raise MemoryError("ZSTD_createCCtx")
-        n = len(src)
         out = st.output(n - 1)
         # One frame with its content size, as QEMU's ZSTD_compressStream2(..., ZSTD_e_end) writes it: the same
         # parameters (level, and the source size known up front). Too big for n - 1 bytes is an error code.
-        size = lib.compress_cctx(cctx, out, n - 1, _c_buffer(src), n, level)
-        if lib.ZSTD_isError(size):
+        size = lib.compress_cctx(cctx, out, n - 1, st.address(buf) + start, n, level)
+        if size >= n:  # an error code ((size_t)-code, ZSTD_isError): no result of at most n - 1 bytes is one
             return None
         return bytes(memoryview(out)[:size])
 
@@ -175,7 +184,8 @@ def _zstandard_encoder(level: int) -> Encoder:
     zstd = _zstd()
     local = threading.local()
 
-    def encode(src: memoryview) -> Optional[bytes]:
+    def encode(buf: bytearray, start: int, n: int) -> Optional[bytes]:
+        src = memoryview(buf)[start : start + n]
         c = getattr(local, "c", None)
         if c is None:
             c = local.c = zstd.ZstdCompressor(level=level, write_content_size=True)

@@ -439,10 +439,9 @@ class _Job:
             elif is_zero:
                 out.append((_SKIP, None))
                 continue
-            cluster = view[a:b]
-            packed = self.encoder(cluster) if self.encoder is not None else None
+            packed = self.encoder(buf, a, cs) if self.encoder is not None else None
             # a copy: this thread reads its next chunk into the same buffer
-            out.append((_COMPRESSED, packed) if packed is not None else (_RAW, bytes(cluster)))
+            out.append((_COMPRESSED, packed) if packed is not None else (_RAW, bytes(view[a:b])))
         return out
 
     def _buffers(self) -> Tuple[bytearray, bytearray]:

@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "bootkit.host.cli.pxe",
     "bootkit.host.cli.initrd",
     "bootkit.host.cli.build",
+    "bootkit.host.cli.uki",
     "bootkit.host.cli.status",
 )
 
@@ -45,7 +46,9 @@ COMMANDS = {
     "serve-http": "bootkit.host.cli.fetch",
     "pxe-config": "bootkit.host.cli.pxe",
     "build-initrd": "bootkit.host.cli.initrd",
+    "image": "bootkit.host.cli.build",
     "build-image": "bootkit.host.cli.build",
+    "build-uki": "bootkit.host.cli.uki",
     "status": "bootkit.host.cli.status",
 }
 

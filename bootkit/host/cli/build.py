@@ -1,4 +1,4 @@
-"""``bootkit build-image``: a root tree (directory or tar archive) to a bootable QCOW2 image."""
+"""``bootkit image build`` (alias ``build-image``): a root tree, tar archive or OCI image to a bootable QCOW2 image."""
 
 from __future__ import annotations
 
@@ -10,20 +10,42 @@ from typing import Any
 from bootkit.errors import UsageError
 from bootkit.host.cli import parse_size
 
+DESCRIPTION = (
+    "Build NAME.qcow2 from a root tree: a GPT disk with one x86-64 root partition (Discoverable Partitions type)"
+    " holding an ext4 file system made by mke2fs -d (no loop device, no mount), written with bootkit's QCOW2"
+    " writer. SOURCE is a directory, a tar archive of one, an OCI image layout or a docker/podman save archive"
+    " (layers applied in order). The tree's kernel is copied to NAME.vmlinuz and NAME.initrd is built with"
+    " build-initrd. The same tree gives the same bytes."
+)
+
 
 def register(sub: Any) -> None:
-    p = sub.add_parser(
+    image = sub.add_parser("image", help="build images: bootkit image build SOURCE -o NAME.qcow2",
+                           description="Image commands.")
+    image_sub = image.add_subparsers(dest="image_command", metavar="COMMAND")
+    image_sub.required = True
+    _options(image_sub.add_parser(
+        "build",
+        help="build a bootable QCOW2 image (GPT, ext4 root) from a root tree, tar archive or OCI image",
+        description=DESCRIPTION,
+    ))
+    # the first spelling, kept: the same options and code
+    _options(sub.add_parser(
         "build-image",
-        help="build a bootable QCOW2 image (GPT, ext4 root) from a root tree or tar archive",
-        description="Build NAME.qcow2 from a root tree: a GPT disk with one x86-64 root partition (Discoverable "
-        "Partitions type) holding an ext4 file system made by mke2fs -d (no loop device, no mount), written "
-        "with bootkit's QCOW2 writer. The tree's kernel is copied to NAME.vmlinuz and NAME.initrd is built "
-        "with build-initrd. The same tree gives the same bytes.",
-    )
+        help="alias of 'bootkit image build'",
+        description=DESCRIPTION + " Alias of 'bootkit image build'.",
+    ))
+
+
+def _options(p: Any) -> None:
+    """The options of ``bootkit image build`` (and its alias ``build-image``), defined once."""
     p.add_argument("source", type=Path, metavar="SOURCE",
-                   help="root tree: a directory, or a .tar, .tar.gz, .tar.xz or .tar.zst archive")
+                   help="root tree: a directory, a .tar, .tar.gz, .tar.xz or .tar.zst archive, an OCI image"
+                   " layout (directory or tar) or a docker-archive (docker save / podman save)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="NAME.qcow2",
                    help="image to write; NAME.vmlinuz and NAME.initrd go next to it")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                   help="which image of an OCI index or docker-archive (default: linux/amd64)")
     p.add_argument("--label", default="root", help="ext4 label and GPT partition name (default: root)")
     p.add_argument("--size", type=parse_size, metavar="SIZE",
                    help="file system size, e.g. 2G (default: the content plus --headroom)")
@@ -55,6 +77,7 @@ def _epoch() -> int | None:
 
 def _build_image(args: argparse.Namespace) -> int:
     from bootkit.host.image.build import DEFAULT_HEADROOM, BuildOptions, build_image, describe
+    from bootkit.host.image.oci import Platform
     from bootkit.qcow2.writer import Compression
 
     if args.size is not None and args.headroom is not None:
@@ -79,6 +102,7 @@ def _build_image(args: argparse.Namespace) -> int:
             drivers=drivers,
             systemd=args.systemd,
             epoch=_epoch(),
+            platform=None if args.platform is None else Platform.parse(args.platform),
         )
     )
     print(describe(result))

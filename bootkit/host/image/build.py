@@ -22,6 +22,7 @@ from pathlib import Path
 
 from bootkit.errors import UsageError
 from bootkit.host.image import disk, tree
+from bootkit.host.image.oci import Platform
 from bootkit.log import human_size, log
 from bootkit.qcow2.writer import Compression, WriteProgress
 
@@ -54,6 +55,8 @@ class BuildOptions:
     systemd: bool = False
     #: timestamp clamp (SOURCE_DATE_EPOCH); None: the newest mtime in the tree
     epoch: int | None = None
+    #: the image to take from an OCI index or docker-archive (None: linux/amd64; a root tree refuses one)
+    platform: Platform | None = None
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ def build_image(opts: BuildOptions) -> BuildResult:
     try:
         root = work / "root"
         root.mkdir()
-        tree.stage_tree(source, root)
+        tree.stage_tree(source, root, opts.platform)
         kernel = find_kernel(root) if opts.kernel else None
         if kernel is None and opts.kernel:
             raise KernelError(f"{opts.source}: no kernel in the tree (boot/vmlinuz-* or usr/lib/modules/*/vmlinuz"

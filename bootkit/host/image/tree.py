@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bootkit.errors import UsageError
 from bootkit.log import log, safe_text
 from bootkit.run import CommandFailed, run
+
+if TYPE_CHECKING:
+    from bootkit.host.image.oci import Platform
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 XATTR_PAX_PREFIX = "SCHILY.xattr."
@@ -40,9 +44,18 @@ class IdentityStrip:
     removed: tuple[str, ...]
 
 
-def stage_tree(source: Path, dest: Path) -> None:
-    """Fill the empty directory ``dest`` with a copy of the root tree ``source`` (directory or tar archive)."""
+def stage_tree(source: Path, dest: Path, platform: Platform | None = None) -> None:
+    """Fill the empty directory ``dest`` with a copy of the root tree ``source``: a directory, a tar archive,
+    or a container image (OCI layout or docker-archive, directory or tar) whose layers are applied in order
+    (``platform``: which image of an index; default linux/amd64)."""
+    from bootkit.host.image import oci
+
     if source.is_dir():
+        kind = oci.image_kind(source)
+        if kind is not None:
+            oci.stage_image(source, source, dest, kind, platform)
+            return
+        _no_platform(source, platform)
         log.info("build-image: copying %s", source)
         # cp -a keeps owners, modes, hard links, device nodes, xattrs and timestamps
         try:
@@ -61,33 +74,44 @@ def stage_tree(source: Path, dest: Path) -> None:
             run(["zstd", "-d", "-q", "-f", "-o", plain, "--", source])
             _extract(plain, source, dest)
         except CommandFailed as e:
-            raise TreeError(f"{source}: not a readable zstd archive: {_one_line(e)}") from e
+            raise TreeError(f"{source}: not a readable zstd archive: {one_line(e)}") from e
         finally:
             plain.unlink(missing_ok=True)
     else:
         _extract(source, source, dest)
+    kind = oci.image_kind(dest)
+    if kind is None:
+        _no_platform(source, platform)
+        return
+    # an archive of an image (docker save, an oci-archive): the extracted files are the image, not the tree
+    image = dest.parent / "image"
+    dest.rename(image)
+    dest.mkdir()
+    try:
+        oci.stage_image(image, source, dest, kind, platform)
+    finally:
+        shutil.rmtree(image, ignore_errors=True)
+
+
+def _no_platform(source: Path, platform: Platform | None) -> None:
+    if platform is not None:
+        raise TreeError(f"--platform {platform}: {source} is a root tree, not an OCI image or docker-archive")
 
 
 def _extract(archive: Path, shown: Path, dest: Path) -> None:
-    dirs: list[tuple[Path, tarfile.TarInfo]] = []
-    root_member: tarfile.TarInfo | None = None
+    state = TreeState()
     try:
         with tarfile.open(archive, "r:*") as tar:
-            peek = _LastBlock(tar.fileobj)
+            peek = LastBlock(tar.fileobj)
             tar.fileobj = peek
             count = 0
             for member in tar:
-                target = _checked_target(member, dest, shown)
+                target = checked_target(member, dest, shown)
                 if target is None:
-                    root_member = member if member.isdir() else root_member
+                    state.root(member)
                     continue
-                _remove_existing(target, member, shown)
-                tar.extract(member, dest, set_attrs=True, numeric_owner=True)
-                _set_xattrs(member, target, shown)
-                if member.issym():  # tarfile leaves a symlink's own mtime at the extraction time
-                    os.utime(target, (member.mtime, member.mtime), follow_symlinks=False)
-                if member.isdir():
-                    dirs.append((target, member))
+                remove_existing(target, member, shown, replace_dirs=False)
+                extract_member(tar, member, target, dest, shown, state)
                 count += 1
             # tarfile stops quietly at a cut or garbled header: a complete archive ends with two zero blocks.
             # The first is the block tarfile read last (seeking back would make gzip/xz decompress again).
@@ -99,33 +123,84 @@ def _extract(archive: Path, shown: Path, dest: Path) -> None:
     except tarfile.ReadError as e:
         if "could not be opened" in str(e) or "invalid header" in str(e) or "empty file" in str(e):
             raise TreeError(f"{shown}: not a tar archive (plain, gzip, bzip2, xz or zstd)") from e
-        raise TreeError(f"{shown}: broken tar archive: {_one_line(e)}") from e
+        raise TreeError(f"{shown}: broken tar archive: {one_line(e)}") from e
     except tarfile.TarError as e:
-        raise TreeError(f"{shown}: broken tar archive: {_one_line(e)}") from e
+        raise TreeError(f"{shown}: broken tar archive: {one_line(e)}") from e
     except EOFError as e:
         raise TreeError(f"{shown}: truncated archive") from e
     except (OSError, ValueError) as e:
         if isinstance(e, OSError) and e.errno in (28, 122):  # ENOSPC, EDQUOT: not the archive's fault
             raise
-        raise TreeError(f"{shown}: cannot extract: {_one_line(e)}") from e
+        raise TreeError(f"{shown}: cannot extract: {one_line(e)}") from e
     if count == 0:
         raise TreeError(f"{shown}: empty tar archive")
-    # a directory's mtime changes as its entries are created: set it again, deepest first, as tar does
-    for target, member in reversed(dirs):
-        os.utime(target, (member.mtime, member.mtime), follow_symlinks=False)
-    # the root directory: as the archive's "./" says, else 0755 root:root as new as its newest entry
-    if root_member is not None:
-        os.chown(dest, root_member.uid, root_member.gid)
-        os.chmod(dest, root_member.mode & 0o7777)
-        os.utime(dest, (root_member.mtime, root_member.mtime))
+    state.finish(dest)
+
+
+class TreeState:
+    """What extracting one or more archives into a tree must remember: directory times (a directory's mtime
+    changes as entries are created in it, so they are set at the end, deepest first, as tar does), the
+    archive's own root entry, and the newest time seen (for directories no member described)."""
+
+    def __init__(self) -> None:
+        self.dir_mtimes: dict[str, int] = {}
+        self.root_member: tarfile.TarInfo | None = None
+        self.newest = 0
+
+    def root(self, member: tarfile.TarInfo) -> None:
+        """The archive's ``./`` entry: the attributes of the tree's root directory."""
+        if member.isdir():
+            self.root_member = member
+            self.newest = max(self.newest, int(member.mtime))
+
+    def finish(self, dest: Path) -> None:
+        """Directory times, deepest first; directories no member described (made for a member's parents)
+        get the newest time of the archive, so the tree's digest does not depend on when it was extracted."""
+        for dirpath, dirnames, _files in os.walk(dest, topdown=False):
+            for name in dirnames:
+                path = os.path.join(dirpath, name)
+                if os.path.islink(path):  # os.walk lists symlinks to directories as directories
+                    continue
+                rel = os.path.relpath(path, dest)
+                mtime = self.dir_mtimes.get(rel, self.newest)
+                os.utime(path, (mtime, mtime), follow_symlinks=False)
+        # the root directory: as the archive's "./" says, else 0755 root:root as new as its newest entry
+        if self.root_member is not None:
+            os.chown(dest, self.root_member.uid, self.root_member.gid)
+            os.chmod(dest, self.root_member.mode & 0o7777)
+            os.utime(dest, (self.root_member.mtime, self.root_member.mtime))
+        else:
+            os.chown(dest, 0, 0)
+            os.chmod(dest, 0o755)
+            os.utime(dest, (self.newest, self.newest))
+
+
+def extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path, dest: Path, shown: Path,
+                   state: TreeState) -> None:
+    """Create ``member`` (checked by ``checked_target``, its old entry removed) at ``target`` with its owner,
+    mode, times and xattrs."""
+    if member.islnk():
+        # done here, not by tarfile: a target missing from the tree is one clear line (tarfile would look for
+        # it in the archive, which a layer's stream cannot), and a link to a symlink links the symlink itself
+        source = dest / member.linkname
+        try:
+            if stat.S_ISDIR(source.lstat().st_mode):
+                raise TreeError(f"{shown}: hard link '{safe_text(member.name, 200)}' points to a directory")
+        except FileNotFoundError:
+            raise TreeError(f"{shown}: hard link '{safe_text(member.name, 200)}' to"
+                            f" '{safe_text(member.linkname, 200)}', which is not in the tree") from None
+        os.link(source, target, follow_symlinks=False)
     else:
-        os.chown(dest, 0, 0)
-        os.chmod(dest, 0o755)
-        newest = newest_mtime(dest)
-        os.utime(dest, (newest, newest))
+        tar.extract(member, dest, set_attrs=True, numeric_owner=True)
+        set_xattrs(member, target, shown)
+        if member.issym():  # tarfile leaves a symlink's own mtime at the extraction time
+            os.utime(target, (member.mtime, member.mtime), follow_symlinks=False)
+    if member.isdir():
+        state.dir_mtimes[member.name] = int(member.mtime)
+    state.newest = max(state.newest, int(member.mtime))
 
 
-class _LastBlock:
+class LastBlock:
     """A file object that remembers the last block-sized read and where it started (all else passes through)."""
 
     def __init__(self, f: Any) -> None:
@@ -143,12 +218,12 @@ class _LastBlock:
         return getattr(self._f, name)
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines() or [type(e).__name__]
     return safe_text(lines[0], 200)
 
 
-def _checked_target(member: tarfile.TarInfo, dest: Path, shown: Path) -> Path | None:
+def checked_target(member: tarfile.TarInfo, dest: Path, shown: Path) -> Path | None:
     """Where ``member`` goes under ``dest``; refuses names that leave ``dest`` (None: the root itself)."""
     name = member.name
     parts = [p for p in name.split("/") if p not in ("", ".")]
@@ -178,8 +253,11 @@ def _checked_target(member: tarfile.TarInfo, dest: Path, shown: Path) -> Path | 
     return target
 
 
-def _remove_existing(target: Path, member: tarfile.TarInfo, shown: Path) -> None:
-    """A later member replaces an earlier one (as GNU tar does) and is never written through a symlink."""
+def remove_existing(target: Path, member: tarfile.TarInfo, shown: Path, *, replace_dirs: bool) -> None:
+    """A later member replaces an earlier one (as GNU tar does) and is never written through a symlink or
+    into an inode other names share (a hard link keeps its content). A directory stays for a directory
+    member; for another member it is an error, or removed with its content with ``replace_dirs`` (image
+    layers: an upper layer's file hides a lower layer's directory)."""
     try:
         st = target.lstat()
     except FileNotFoundError:
@@ -187,11 +265,14 @@ def _remove_existing(target: Path, member: tarfile.TarInfo, shown: Path) -> None
     if stat.S_ISDIR(st.st_mode):
         if member.isdir():
             return
-        raise TreeError(f"{shown}: member '{safe_text(member.name, 200)}' would replace a directory")
+        if not replace_dirs:
+            raise TreeError(f"{shown}: member '{safe_text(member.name, 200)}' would replace a directory")
+        shutil.rmtree(target)
+        return
     target.unlink()
 
 
-def _set_xattrs(member: tarfile.TarInfo, target: Path, shown: Path) -> None:
+def set_xattrs(member: tarfile.TarInfo, target: Path, shown: Path) -> None:
     # tarfile reads but never applies xattrs (GNU tar --xattrs writes them as SCHILY.xattr.* pax records);
     # set after tarfile's chown, which would clear security.capability
     for key, value in sorted(member.pax_headers.items()):

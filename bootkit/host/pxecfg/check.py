@@ -56,6 +56,8 @@ def targets(config: Config) -> list[Target]:
         add(Target(e.image, e.sha256, sidecar=e.sha256 is None and e.manifest is None))
         if e.manifest is not None:
             add(Target(e.manifest, e.manifest_sha256))
+    if config.dhcp is not None and config.dhcp.http_boot is not None:
+        add(Target(config.dhcp.http_boot))
     return list(found.values())
 
 

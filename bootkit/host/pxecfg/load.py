@@ -14,6 +14,7 @@ the initramfs would refuse (``args = ["rd.qcow2.sha265=..."]``) fails here, not 
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import tomllib
 from collections.abc import Mapping
@@ -26,6 +27,7 @@ from bootkit.host.pxecfg import resolve
 from bootkit.host.pxecfg import values as parse
 from bootkit.host.pxecfg.cmdline import MAX_CMDLINE, kernel_args
 from bootkit.host.pxecfg.model import (
+    Artifact,
     Bootloader,
     Config,
     Dhcp,
@@ -127,7 +129,31 @@ def _machine(t: Table, entries: dict[str, Entry], default: str, timeout: int) ->
     return Machine(mac=mac, default=machine_default, timeout=machine_timeout, args=args, name=name)
 
 
-def _dhcp(t: Table, bootloaders: frozenset[Bootloader]) -> Dhcp:
+#: the BOOTP header's file field, where dnsmasq's dhcp-boot puts the boot file (RFC 2131: 128 bytes, NUL-ended)
+MAX_BOOT_FILE = 127
+
+
+def _http_boot(t: Table, mode: DhcpMode, ctx: Context) -> Artifact | None:
+    """The UKI URL handed to UEFI HTTP Boot clients (docs/secure-boot.md)."""
+    value = t.get("http_boot")
+    if value is None:
+        return None
+    if mode is not DhcpMode.full:
+        raise t.error("http_boot", "needs mode = 'full': in proxy mode dnsmasq answers PXE clients only, and "
+                      "UEFI HTTP Boot clients are not PXE clients")  # fmt: skip
+    if ctx.docroot is not None and "://" not in value and not (ctx.docroot / value).is_file():
+        # the UKI is built from this same description (build-uki --toml), so it may not exist yet
+        ctx = dataclasses.replace(ctx, docroot=None)
+    artifact = resolve.artifact(t, "http_boot", value, ctx, http_only=False)
+    if "," in artifact.url:
+        raise t.error("http_boot", f"{artifact.url!r}: a comma would end dnsmasq's dhcp-boot file name")
+    if len(artifact.url) > MAX_BOOT_FILE:
+        raise t.error("http_boot", f"{artifact.url!r} is {len(artifact.url)} bytes; the DHCP boot file field "
+                      f"holds {MAX_BOOT_FILE}")  # fmt: skip
+    return artifact
+
+
+def _dhcp(t: Table, bootloaders: frozenset[Bootloader], ctx: Context) -> Dhcp:
     mode: DhcpMode = t.get("mode", DhcpMode.proxy)
     loader: Bootloader = t.get("loader", Bootloader.ipxe)
     if loader not in bootloaders:
@@ -160,6 +186,7 @@ def _dhcp(t: Table, bootloaders: frozenset[Bootloader]) -> Dhcp:
             lease_time = t.check("lease_time", parse.lease_time, lease_time)
     interface = t.get("interface")
     tftp_root = t.get("tftp_root")
+    http_boot = _http_boot(t, mode, ctx)
     t.finish()
     return Dhcp(
         mode=mode,
@@ -173,6 +200,7 @@ def _dhcp(t: Table, bootloaders: frozenset[Bootloader]) -> Dhcp:
         dns=dns,
         interface=interface,
         tftp_root=tftp_root,
+        http_boot=http_boot,
     )
 
 
@@ -238,7 +266,7 @@ def _config(top: Table, base_dir: Path) -> Config:
             _check_cmdline(origin, entry, machine)
 
     dhcp_table = top.table("dhcp")
-    dhcp = None if dhcp_table is None else _dhcp(dhcp_table, bootloaders)
+    dhcp = None if dhcp_table is None else _dhcp(dhcp_table, bootloaders, ctx)
     serial_speed = None
     grub_table = top.table("grub")
     if grub_table is not None:

@@ -151,6 +151,8 @@ class Dhcp:
     interface: str | None = None
     #: where the TFTP tree lives on the server; None: ``OUT/tftp`` (absolute) at write time
     tftp_root: str | None = None
+    #: what UEFI HTTP Boot clients (vendor class ``HTTPClient``) get as their boot file: a UKI's URL
+    http_boot: Artifact | None = None
 
 
 @dataclass(frozen=True)

@@ -222,6 +222,7 @@ def render_dnsmasq(config: Config, tftp_root: str) -> str:
         tftp_root=dhcp.tftp_root or tftp_root,
         arches=[(fw.value, arch) for fw in Firmware for arch in fw.client_arches()],
         boots=dnsmasq_boots(config),
+        http_boot=None if dhcp.http_boot is None else dhcp.http_boot.url,
     )
 
 

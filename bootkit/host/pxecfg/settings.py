@@ -93,6 +93,8 @@ DHCP_SETTINGS = (
     Setting("interface", "network interface dnsmasq serves", metavar="IFACE", parse=v.interface),
     Setting("tftp_root", "TFTP root on the server (default: OUT/tftp, absolute)", metavar="DIR",
             parse=v.server_path),
+    Setting("http_boot", "full mode: the UKI (bootkit build-uki) UEFI HTTP Boot clients fetch, no TFTP: URL, or "
+            "path relative to base_url", metavar="FILE|URL"),
 )
 
 GRUB_SETTINGS = (
