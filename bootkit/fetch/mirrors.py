@@ -213,7 +213,9 @@ class MirrorSet:
     def summary(self) -> str:
         """Each mirror's last error, for the one line that says all of them failed."""
         with self._lock:
-            return "; ".join(f"{m.url}: {m.last_error or m.state}" for m in self.mirrors)
+            # errors name their URL already
+            return "; ".join(m.last_error if m.last_error.startswith(m.url) else f"{m.url}: {m.last_error or m.state}"
+                             for m in self.mirrors)  # fmt: skip
 
     def describe(self) -> Dict[str, Dict[str, object]]:
         """Per-mirror state and counters, by URL: the ``mirrors`` entry of ``bootkit status``."""
