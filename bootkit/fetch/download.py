@@ -186,6 +186,8 @@ class _Download:
         self.mirror = mirrors.primary
         #: mirrors that answered with an error no retry mends (404, another file)
         self.dead: Set[str] = set()
+        #: mirrors that failed since the last counted attempt: a round of all of them counts as one
+        self.round: Set[str] = set()
         self.manifest = manifest
         #: the bytes in the file were checked against the manifest when the download moved to another mirror
         self.prefix_checked = False
@@ -252,18 +254,23 @@ class _Download:
                 retry.check_deadline()
                 error = client.classify(e, self.url, self.options.timeout)
                 if len(self.mirrors) > 1:
-                    error = self._next_mirror(sink, error)
+                    counted = self._next_mirror(sink, error)
+                    if counted is None:
+                        continue
+                    error = counted
                 if not isinstance(error, TransientError):
                     raise error from e
                 sink.flush()  # count what reached the file before deciding on progress
                 retry.failed(error, progressed=sink.written > before)
 
-    def _next_mirror(self, sink: _Sink, error: BootkitError) -> BootkitError:
-        """After a failed attempt: move to the next mirror. Returns the error to count (transient while a mirror
-        is left that no permanent error ruled out; else the last error, naming every mirror)."""
+    def _next_mirror(self, sink: _Sink, error: BootkitError) -> Optional[BootkitError]:
+        """After a failed attempt: move to the next mirror. None: it has not failed in this round, ask it at once;
+        else the error that counts as one failed attempt (a round of all mirrors: transient while a mirror is left
+        that no permanent error ruled out, else the last error), naming every mirror's last error."""
         sink.flush()
         self.mirrors.add_bytes(self.mirror, max(sink.written - self.mirror_start, 0))
         self.mirrors.failed(self.mirror, error)
+        self.round.add(self.mirror.url)
         if not isinstance(error, TransientError):
             self.dead.add(self.mirror.url)
         servers = f"{len(self.mirrors)} servers of {self.mirrors.primary.url}"
@@ -272,6 +279,9 @@ class _Download:
             return type(error)(f"all {servers} failed: {self.mirrors.summary()}")
         if following is not self.mirror:
             self._switch(sink, following)
+        if following.url not in self.round:
+            return None
+        self.round = set()
         # the line that ends the download, if this was the last attempt, names every mirror's last error
         return TransientError(f"{servers}: {self.mirrors.summary()}")
 
