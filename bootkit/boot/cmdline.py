@@ -396,6 +396,12 @@ def _url(option: str, value: str) -> str:
     return value
 
 
+def check_url(option: str, value: str) -> str:
+    """``value`` if it is a URL the initramfs takes for ``option`` (``root=qcow2:``, ``rd.qcow2.mirror=``), else
+    ConfigError naming ``option``; for ``pxe-config``, which checks a setting before it writes the option."""
+    return _url(option, value)
+
+
 def parse_root(option: str, value: str) -> RootSpec:
     """``N`` | ``LABEL=..`` | ``UUID=..`` | ``PARTUUID=..``."""
     if re.fullmatch(r"[0-9]+", value) and int(value) > 0:
