@@ -24,8 +24,9 @@ BOOT_TIMEOUT = 300.0
 _IMAGE_REQUEST = re.compile(r'"GET /disk\.qcow2 HTTP/1\.[01]" 206')
 
 
-def test_first_mirror_dies_mid_boot(kernel: Any, shell_initrd: Path, busybox_root: RootImage,
-                                    boot_dir: BootDir) -> None:
+def test_first_mirror_dies_mid_boot(
+    kernel: Any, shell_initrd: Path, busybox_root: RootImage, boot_dir: BootDir
+) -> None:
     """Lazy mode from two servers; the first is stopped after its first chunk; the root is proved as always."""
     image = qcow2_image(busybox_root.raw, compression="zstd")
     manifest = boot_dir.path / "disk.qcow2.manifest"
@@ -58,14 +59,16 @@ def test_first_mirror_dies_mid_boot(kernel: Any, shell_initrd: Path, busybox_roo
                 boot_dir.prove(boot.vm, busybox_root, BOOT_TIMEOUT, firmware="bios", loader="ipxe", mode="lazy",
                                compression="zstd", root="busybox", initrd="shell", mirrors=2)  # fmt: skip
                 assert stopped.is_set(), "the primary was never asked for a chunk"
-                assert boot.vm.seen(
-                    rf"mirror dropped {re.escape(primary.guest_url)}/disk\.qcow2: failed: "
-                ), "the boot code did not report leaving the dead primary"
+                assert boot.vm.seen(rf"mirror dropped {re.escape(primary.guest_url)}/disk\.qcow2: failed: "), (
+                    "the boot code did not report leaving the dead primary"
+                )
             # the mirror served the rest: range requests for the image, after the primary had stopped
             assert len(_IMAGE_REQUEST.findall(mirror.requests_log())) > 0
             # and nothing was ever fetched whole: the kernel/initrd server never saw the image
             assert "/disk.qcow2 " not in boot.web.requests_log()
     finally:
         stopped.set()
+        if watcher.is_alive():
+            watcher.join()
         if not served_before_stop:
             primary_server.__exit__(None, None, None)
