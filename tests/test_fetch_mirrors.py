@@ -19,7 +19,7 @@ from faultserver import Fault, FaultState, fault_server
 from fetch_fixtures import fast_options, free_port, make_data
 
 from bootkit.errors import UsageError
-from bootkit.fetch import ChunkError, GaveUp, HTTPSource, Manifest, NotFound, download
+from bootkit.fetch import ChecksumMismatch, ChunkError, GaveUp, HTTPSource, Manifest, NotFound, download
 from bootkit.fetch.mirrors import MirrorSet, MirrorState
 
 CHUNK = 64 * 1024
@@ -226,6 +226,22 @@ def test_ram_mirror_with_a_corrupt_prefix_keeps_only_the_good_chunks(tmp_path: P
         asked = [r.headers.get("Range") for r in b.requests_for("/img")]
     assert (tmp_path / "img").read_bytes() == DATA
     assert asked == [f"bytes={4 * CHUNK}-"]
+
+
+def test_ram_mirror_that_serves_another_file_is_demoted(tmp_path: Path) -> None:
+    with servers(2) as [(url_a, a), (url_b, b)]:
+        a.files["/img"] = make_data(len(DATA), seed=99)  # same size, other bytes: only the hash can tell
+        result = download(url_a, str(tmp_path / "img"), fast_options(**pinned()), mirrors=[url_b])
+        asked = [r.headers.get("Range") for r in b.requests_for("/img")]
+    assert (tmp_path / "img").read_bytes() == DATA and result.url == url_b
+    assert asked == [None]
+    assert result.mirrors[url_a]["state"] == "demoted" and result.mirrors[url_a]["bad_chunks"] == 1
+    # every mirror wrong: the download fails as without mirrors, and leaves nothing behind
+    with servers(2) as [(url_a, a), (url_b, b)]:
+        a.files["/img"] = b.files["/img"] = make_data(len(DATA), seed=99)
+        with pytest.raises(ChecksumMismatch, match=rf"^{url_b}: SHA-256 mismatch: got "):
+            download(url_a, str(tmp_path / "img2"), fast_options(**pinned()), mirrors=[url_b])
+    assert not (tmp_path / "img2").exists() and not (tmp_path / "img2.part").exists()
 
 
 def test_ram_primary_404_moves_to_the_mirror(tmp_path: Path) -> None:

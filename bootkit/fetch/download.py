@@ -8,9 +8,10 @@ and, when that filesystem lives in RAM (tmpfs, ramfs), ``MemAvailable`` minus a 
 sends neither ETag nor Last-Modified gives nothing to put in ``If-Range``, so its downloads restart from zero.
 
 With mirrors (the same file on other servers, only with a pinned hash), a failed attempt moves on to the next
-mirror. ``If-Range`` cannot carry over (each server has its own ETags), so the bytes already received are kept
-only when a manifest can check them, chunk by chunk, up to the last good chunk; without one the next mirror
-starts from zero. The attempts stay bounded by the same retry limit, and the pinned hash checks the whole file.
+mirror, and so does a file that hashes wrong (each mirror is blamed at most once). ``If-Range`` cannot carry
+over (each server has its own ETags), so the bytes already received are kept only when a manifest can check
+them, chunk by chunk, up to the last good chunk; without one the next mirror starts from zero. The attempts
+stay bounded by the same retry limit, and the pinned hash checks the whole file.
 
 Runs inside the initramfs: standard library only, Python >= 3.9.
 """
@@ -211,6 +212,9 @@ class _Download:
         try:
             self._transfer(sink)
             sink.flush()
+            while expected is not None and sink.hasher.hexdigest() != expected and self._after_mismatch(sink):
+                self._transfer(sink)
+                sink.flush()
         finally:
             sink.close()
         try:
@@ -262,6 +266,22 @@ class _Download:
                     raise error from e
                 sink.flush()  # count what reached the file before deciding on progress
                 retry.failed(error, progressed=sink.written > before)
+
+    def _after_mismatch(self, sink: _Sink) -> bool:
+        """The whole file hashed wrong: with another mirror left, blame the current one (the bytes before it took
+        over were checked against the manifest, or there were none) and start again from zero on the next."""
+        if len(self.mirrors) == 1:
+            return False
+        self.dead.add(self.mirror.url)
+        following = self.mirrors.next_after(self.mirror, self.dead)
+        if following is None:
+            return False
+        self.mirrors.add_bytes(self.mirror, sink.written - self.mirror_start)
+        what = f"{self.url}: the file does not match the pinned SHA-256"
+        self.mirrors.corrupt(self.mirror, what)
+        self._restart(sink, f"{what}; asking mirror {following.url}", changed=False)
+        self.mirror, self.url = following, following.url
+        return True
 
     def _next_mirror(self, sink: _Sink, error: BootkitError) -> Optional[BootkitError]:
         """After a failed attempt: move to the next mirror. None: it has not failed in this round, ask it at once;
