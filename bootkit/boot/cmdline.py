@@ -191,8 +191,14 @@ _VALUED = (
     "minmem",
     "cacert",
 )
+#: options that may be given more than once, each adding a value (in the order written)
+_REPEATABLE = ("mirror",)
 #: every option this initramfs understands, as written on the command line
-KNOWN_OPTIONS: Tuple[str, ...] = (*(PREFIX + o for o in _VALUED + _FLAGS), PREFIX + "sha256.<file>")
+KNOWN_OPTIONS: Tuple[str, ...] = (
+    *(PREFIX + o for o in _VALUED + _FLAGS),
+    PREFIX + "sha256.<file>",
+    *(PREFIX + o for o in _REPEATABLE),
+)
 
 
 def contract_info() -> Dict[str, object]:
@@ -268,6 +274,9 @@ class BootConfig:
     rw: bool = False
     #: dracut's network options (``ip=``, ``rd.neednet=``) as written; bootkit passes them by
     network: Tuple[Arg, ...] = ()
+    #: ``rd.qcow2.mirror=`` (repeatable): absolute URLs of the same image on other servers, tried after ``url``;
+    #: only with a pinned hash or manifest, which every mirror's bytes are checked against
+    mirrors: Tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> Optional[BootConfig]:
@@ -314,6 +323,7 @@ class BootConfig:
             args.append(f"{PREFIX}cacert={self.cacert}")
         args += [PREFIX + name for name in _FLAGS if getattr(self, name)]
         args += [f"{PREFIX}sha256.{name}={h}" for name, h in sorted(self.backing_sha256.items())]
+        args += [f"{PREFIX}mirror={m}" for m in self.mirrors]
         if self.rootfstype is not None:
             args.append(f"rootfstype={self.rootfstype}")
         if self.rootflags is not None:
@@ -386,6 +396,12 @@ def _url(option: str, value: str) -> str:
     return value
 
 
+def check_url(option: str, value: str) -> str:
+    """``value`` if it is a URL the initramfs takes for ``option`` (``root=qcow2:``, ``rd.qcow2.mirror=``), else
+    ConfigError naming ``option``; for ``pxe-config``, which checks a setting before it writes the option."""
+    return _url(option, value)
+
+
 def parse_root(option: str, value: str) -> RootSpec:
     """``N`` | ``LABEL=..`` | ``UUID=..`` | ``PARTUUID=..``."""
     if re.fullmatch(r"[0-9]+", value) and int(value) > 0:
@@ -432,6 +448,7 @@ def parse_cmdline(text: str) -> Optional[BootConfig]:
     backing: Dict[str, str] = {}
     unknown: List[str] = []
     network: List[Arg] = []
+    mirrors: List[str] = []
     rw = False
     for word in split_cmdline(text):
         key, sep, value = word.partition("=")
@@ -456,6 +473,10 @@ def parse_cmdline(text: str) -> Optional[BootConfig]:
                 if not _BACKING_NAME.match(fname) or val is None:
                     raise ConfigError(f"{word}: expected {PREFIX}sha256.<file name>=<sha256>")
                 backing[fname] = _hex64(key, val)
+            elif name == "mirror":
+                if not val:
+                    raise ConfigError(f"{key}: needs a value ({key}=...)")
+                mirrors.append(_url(key, val))
             elif name in _FLAGS:
                 values[name] = _flag(key, val)
             elif name in _VALUED:
@@ -471,7 +492,7 @@ def parse_cmdline(text: str) -> Optional[BootConfig]:
         raise _unknown(unknown)
     if url is None:
         return None
-    return _build(url, values, backing, rw, tuple(network))
+    return _build(url, values, backing, rw, tuple(network), tuple(mirrors))
 
 
 def _choice(option: str, value: str, kind: type[_Choice]) -> _Choice:
@@ -515,16 +536,45 @@ def _parse_value(option: str, name: str, value: str) -> object:
     raise AssertionError(name)
 
 
+def _check_mirrors(url: str, mirrors: Tuple[str, ...], verify: object) -> None:
+    """Mirrors only with a pinned hash: a sidecar would come from the primary (a dead primary fails the boot
+    anyway) or from a mirror (which could then serve any image); ``none`` checks nothing at all."""
+    if not mirrors:
+        return
+    if verify is not Verify.pinned:
+        raise ConfigError(
+            f"{PREFIX}mirror needs a pinned hash ({PREFIX}sha256=, with {PREFIX}mode=lazy {PREFIX}manifest-sha256=),"
+            f" not {PREFIX}verify={verify}: an unpinned mirror could serve any image"
+        )
+    seen = {url}
+    for m in mirrors:
+        if m in seen:
+            raise ConfigError(f"{PREFIX}mirror={m}: given twice (or the same as root=)")
+        seen.add(m)
+
+
 def _build(
-    url: str, values: Dict[str, object], backing: Dict[str, str], rw: bool, network: Tuple[Arg, ...]
+    url: str,
+    values: Dict[str, object],
+    backing: Dict[str, str],
+    rw: bool,
+    network: Tuple[Arg, ...],
+    mirrors: Tuple[str, ...] = (),
 ) -> BootConfig:
     sha256 = values.get("sha256")
     mode = values.get("mode", Mode.ram)
     verify = values.get("verify")
     if verify is None:
         verify = Verify.pinned if sha256 or values.get("manifest-sha256") else Verify.sidecar
-    if mode is not Mode.lazy and (values.get("manifest") or values.get("manifest-sha256")):
-        raise ConfigError(f"{PREFIX}manifest and {PREFIX}manifest-sha256 are only used with {PREFIX}mode=lazy")
+    # ram mode reads a manifest only to keep the bytes it has when a download moves to another mirror
+    if mode is not Mode.lazy and not mirrors and (values.get("manifest") or values.get("manifest-sha256")):
+        raise ConfigError(
+            f"{PREFIX}manifest and {PREFIX}manifest-sha256 are only used with {PREFIX}mode=lazy"
+            f" (or with {PREFIX}mirror=, to resume a download on another mirror)"
+        )
+    if mode is not Mode.lazy and values.get("manifest") and not values.get("manifest-sha256"):
+        raise ConfigError(f"{PREFIX}manifest in ram mode needs {PREFIX}manifest-sha256=<hex>")
+    _check_mirrors(url, mirrors, verify)
     if verify is Verify.pinned and mode is Mode.ram and not sha256:
         raise ConfigError(f"{PREFIX}verify=pinned needs {PREFIX}sha256=<hex>")
     if verify is Verify.pinned and mode is Mode.lazy and not values.get("manifest-sha256"):
@@ -555,4 +605,5 @@ def _build(
         rootflags=values.get("rootflags"),  # type: ignore[arg-type]
         rw=rw,
         network=network,
+        mirrors=mirrors,
     )

@@ -55,6 +55,7 @@ BOOTKIT_MODULES: Tuple[str, ...] = (
     "bootkit.fetch.errors",
     "bootkit.fetch.lazy",
     "bootkit.fetch.manifest",
+    "bootkit.fetch.mirrors",
     "bootkit.fetch.options",
     "bootkit.fetch.progress",
     "bootkit.fetch.room",

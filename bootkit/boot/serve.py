@@ -138,4 +138,7 @@ def counters(image: Any, fetcher: ImageFetcher, device: Optional[DeviceStats] = 
         stats = getattr(source, "stats", None)
         if stats:
             result.update({f"http_{k}": v for k, v in dict(stats).items()})
+    mirrors = fetcher.mirror_status()
+    if mirrors:
+        result["mirrors"] = mirrors
     return result

@@ -73,8 +73,10 @@ def _entry(t: Table, ctx: Context, default_console: tuple[str, ...]) -> Entry:
     manifest_sha256 = None
     manifest_value = t.get("manifest")
     manifest_hash_spec = t.get("manifest_sha256")
+    mirrors: tuple[str, ...] = t.get("mirrors", ())
     if manifest_value is not None:
-        if mode is not Mode.lazy:
+        # with mirrors, ram mode uses a manifest to keep what it has when a download moves to another mirror
+        if mode is not Mode.lazy and not mirrors:
             raise t.error("manifest", f"contradicts mode = {mode.value!r}: a manifest verifies lazy reads only")
         manifest = resolve.artifact(t, "manifest", manifest_value, ctx, http_only=False)
         manifest_sha256 = resolve.sha256(t, "manifest_sha256", manifest_hash_spec or "compute", manifest, ctx)
@@ -93,6 +95,11 @@ def _entry(t: Table, ctx: Context, default_console: tuple[str, ...]) -> Entry:
                 "set manifest (and manifest_sha256), or sha256 = 'sidecar'",
             )
         sha256 = resolve.sha256(t, "sha256", sha256_spec, image, ctx)
+    if mirrors and sha256 is None and (mode is Mode.ram or manifest_sha256 is None):
+        raise t.error(
+            "mirrors",
+            "need a pinned hash (sha256, or manifest in lazy mode): an unpinned mirror could serve any image",
+        )
 
     snapshot = t.get("snapshot")
     console = t.get("console", default_console)
@@ -111,6 +118,7 @@ def _entry(t: Table, ctx: Context, default_console: tuple[str, ...]) -> Entry:
         manifest=manifest,
         manifest_sha256=manifest_sha256,
         snapshot=snapshot,
+        mirrors=mirrors,
         console=console,
         args=args,
     )

@@ -62,6 +62,10 @@ ENTRY_SETTINGS = (
     Setting("manifest", "lazy mode: per-cluster hash manifest, URL or path relative to base_url", metavar="FILE|URL"),
     Setting("manifest_sha256", "SHA-256 of the manifest: 64 hex digits or 'compute' (default)", metavar="HEX"),
     Setting("snapshot", "internal QCOW2 snapshot to boot", metavar="NAME", parse=v.snapshot),
+    Setting(
+        "mirrors", "absolute URL of the same image on another server, tried after image (repeatable; needs a pinned "
+        "sha256, or manifest in lazy mode)", "list", "URL", parse=v.mirror_urls,
+    ),
     Setting("console", "kernel console= value (repeatable)", "list", "CONSOLE", parse=v.kernel_args),
     Setting("args", "extra kernel argument (repeatable)", "list", "ARG", parse=v.kernel_args),
 )
