@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "bootkit.host.cli.pxe",
     "bootkit.host.cli.initrd",
     "bootkit.host.cli.build",
+    "bootkit.host.cli.publish",
     "bootkit.host.cli.status",
 )
 
@@ -46,6 +47,7 @@ COMMANDS = {
     "pxe-config": "bootkit.host.cli.pxe",
     "build-initrd": "bootkit.host.cli.initrd",
     "build-image": "bootkit.host.cli.build",
+    "publish": "bootkit.host.cli.publish",
     "status": "bootkit.host.cli.status",
 }
 
