@@ -95,8 +95,11 @@ def publish(opts: PublishOptions) -> PublishResult:
     if not root.is_dir():
         raise PublishError(f"{opts.docroot}: no such directory")
     stem = image.name[: -len(IMAGE_SUFFIX)]
-    name = docroot.check_name(opts.name or opts.entry or stem, "--name")
-    entry = docroot.check_name(opts.entry or name, "--entry")
+    if opts.entry is not None:
+        docroot.check_name(opts.entry, "--entry")
+    what = "--name" if opts.name or opts.entry else f"{image}: name"
+    name = docroot.check_name(opts.name or opts.entry or stem, what)
+    entry = opts.entry or name
     if opts.mode not in (None, "lazy", "ram"):
         raise PublishError(f"--mode {opts.mode!r}: lazy or ram")
     if opts.prune_keep is not None and opts.toml is None:
