@@ -75,6 +75,7 @@ def make_image(out: Path, seed: int, *, base: Path | None = None, changed: int =
     stem = out.name.removesuffix(".qcow2")
     out.with_name(f"{stem}.vmlinuz").write_bytes(b"kernel %d\n" % seed)
     out.with_name(f"{stem}.initrd").write_bytes(b"initrd %d\n" % seed)
+    out.with_name(f"{stem}.initrd").chmod(0o600)  # as build-initrd writes it
     return out
 
 
@@ -108,6 +109,9 @@ def test_publish_places_content_addressed_files_and_writes_the_entry(
     assert (www / f"{name}.manifest.sha256").read_text() == f"{sha(manifest)}  {name}.manifest\n"
     kernel = f"web-{sha(image.with_name('web-1.vmlinuz'))[:16]}.vmlinuz"
     initrd = f"web-{sha(image.with_name('web-1.initrd'))[:16]}.initrd"
+    # readable by the web server; the 0600 initramfs copied, not linked (the source keeps its mode)
+    assert {p.stat().st_mode & 0o777 for p in www.glob("web-*")} == {0o644}
+    assert image.with_name("web-1.initrd").stat().st_mode & 0o777 == 0o600
     out = capsys.readouterr().out
     assert f"{published} (" in out and f"entry 'web': image = '{name}' (new)" in out
 

@@ -7,9 +7,10 @@ with ``link()``, which fails rather than replace an existing file; an existing f
 only when it has the same bytes (publishing twice is a no-op), otherwise refused.
 
 The bytes come from the source by reflink (``FICLONE``: shares blocks, independent afterwards), else a hard
-link (same file system; build-image replaces its outputs by rename, so the published inode is never
-rewritten), else a copy. A QCOW2 overlay is always copied: its backing file name is rewritten to the base's
-published name first (:mod:`bootkit.host.publish.backing`).
+link (same file system, and only a world-readable source; build-image replaces its outputs by rename, so the
+published inode is never rewritten), else a copy; published files are world-readable (0644). A QCOW2
+overlay is always copied: its backing file name is rewritten to the base's published name first
+(:mod:`bootkit.host.publish.backing`).
 """
 
 from __future__ import annotations
@@ -88,11 +89,14 @@ def place_file(src: Path, dst: Path, sha256: str) -> Placed:
         except OSError:
             tmp.unlink(missing_ok=True)
             try:
+                if src.stat().st_mode & 0o444 != 0o444:
+                    raise PermissionError  # a link would publish it unreadable for the web server
                 os.link(src, tmp)
                 how = "linked"
             except OSError:
                 _copy(src, tmp)
         if how != "linked":
+            os.chmod(tmp, 0o644)  # the web server (another user) reads it; build-initrd writes 0600
             _fsync(tmp)
         return _commit(tmp, dst, sha256, how)
     finally:
@@ -108,6 +112,7 @@ def write_file(dst: Path, sha256: str, fill: Callable[[int], None]) -> Placed:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
+            os.fchmod(fd, 0o644)  # whatever the umask: the web server reads it
             fill(fd)
             os.fsync(fd)
         finally:
