@@ -113,6 +113,45 @@ def test_overlay_holds_only_the_changed_file_and_reads_as_the_new_tree(tmp_path:
     assert uuid_line.search(head).group(0) == uuid_line.search(old).group(0)  # type: ignore[union-attr]
 
 
+def new_raw_disk(src: Path, base: Path, work: Path) -> Path:
+    """The raw disk build-image makes of ``src`` on ``base``, made here step by step with the same library
+    calls (staging, identity, times, ext4 with the base's geometry and identifiers, GPT): what the overlay,
+    read through its backing file, must equal byte for byte."""
+    from bootkit.host.image import delta, disk, tree
+
+    info = delta.read_base(base, base.with_name("overlay.qcow2"))
+    root = work / "stage"
+    root.mkdir()
+    tree.stage_tree(src, root)
+    tree.strip_identity(root)
+    tree.settle_times(root, int(EPOCH))
+    entries, data = tree.count_entries(root)
+    fs_size, inodes = delta.fs_geometry(info, data=data, entries=entries, headroom=256 * MIB, size=None)
+    fs = work / "new.ext4"
+    disk.make_ext4(root, fs, size=fs_size, inodes=inodes, label="root", ids=info.ids, epoch=int(EPOCH))
+    raw = work / "new.raw"
+    disk.assemble_gpt(fs, raw, ids=info.ids, label="root")
+    return raw
+
+
+def test_overlay_with_its_backing_file_is_the_new_raw_disk(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src")
+    out = tmp_path / "out"
+    build(src, "-o", out / "v1.qcow2", "--headroom", "8M")
+    (src / "d2/f03").write_bytes(_noise((src / "d2/f03").stat().st_size, 4242))
+    (src / "d4/new").write_bytes(b"a new file\n")
+    build(src, "-o", out / "v2.qcow2", "--base", out / "v1.qcow2")
+    check(out / "v2.qcow2")
+    raw = new_raw_disk(src, out / "v1.qcow2", tmp_path)
+    compare = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", raw, out / "v2.qcow2"],
+                             capture_output=True, text=True)
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+    # and it is not the base: the compare can fail
+    differs = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", raw, out / "v1.qcow2"],
+                             capture_output=True, text=True)
+    assert differs.returncode == 1, differs.stdout + differs.stderr
+
+
 def test_overlay_is_reproducible(tmp_path: Path) -> None:
     src = make_tree(tmp_path / "src")
     out = tmp_path / "out"
