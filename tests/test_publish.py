@@ -236,6 +236,20 @@ def test_bad_input_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert list(www.iterdir()) == []
 
 
+def test_an_entry_publish_cannot_edit_safely_is_left_alone(tmp_path: Path, site: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    image = make_image(tmp_path / "build" / "web-1.qcow2", 1)
+    text = SITE.replace('args = ["quiet", ', 'args = "quiet"\nold_args = [')
+    site.write_text(text)
+    capsys.readouterr()
+    assert publish(image, tmp_path / "www", "--toml", site, "--entry", "web") == 2
+    assert capsys.readouterr().err == f"error: {site}: entry.web.args: not an array of strings\n"
+    assert site.read_text() == text
+    site.write_text("entry = [{ name = 'web' }]\n" + SITE.split("\n", 1)[1].split("[[entry]]")[0])
+    assert publish(image, tmp_path / "www", "--toml", site, "--entry", "web") == 2
+    assert "'entry' is not an array of tables" in capsys.readouterr().err
+
+
 def test_a_new_toml_is_created_with_base_url(tmp_path: Path) -> None:
     image = make_image(tmp_path / "build" / "web-1.qcow2", 1)
     www = tmp_path / "srv" / "www"

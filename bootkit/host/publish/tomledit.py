@@ -95,6 +95,8 @@ def update_entry(text: str, update: EntryUpdate, where: str) -> tuple[str, list[
         elif old_plain != value:
             table[key] = value
             changes.append(Change(key, old_plain, value))
+    if not isinstance(_plain(table.get("args", [])), list):
+        raise PublishError(f"{where}: entry.{update.name}.args: not an array of strings")
     old_args = [str(a) for a in table.get("args", [])]
     kept = [a for a in old_args if not a.startswith(PIN_PREFIX)]
     new_args = kept + list(update.pins)
