@@ -77,12 +77,15 @@ def _boot(boot_dir: BootDir, site: Path, name: str, known_sha256: str) -> None:
 
 
 @pytest.mark.timeout(3 * BOOT_TIMEOUT)  # two builds and two boots: more than the suite's 600 s per test
-def test_root_tree_to_booting_machines_and_a_delta(boot_dir: BootDir, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_root_tree_to_booting_machines_and_a_delta(boot_dir: BootDir, monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path_factory: pytest.TempPathFactory) -> None:
     require_boot_code()
     # the build epoch stays put when the known file changes (its mtime is clamped): a small overlay
     monkeypatch.setenv("SOURCE_DATE_EPOCH", EPOCH)
     work = boot_dir.path
-    root = work / "root"
+    # the tree (with device nodes) and the images stay out of the directory a failed test keeps as artifacts
+    build = tmp_path_factory.mktemp("pipeline-build")
+    root = build / "root"
     subprocess.run(["cp", "-a", "--reflink=auto", debootstrap_kernel_tree(), root], check=True)
     (root / ".complete").unlink()
     for old in (root / "boot").glob("initrd.img-*"):
@@ -94,7 +97,7 @@ def test_root_tree_to_booting_machines_and_a_delta(boot_dir: BootDir, monkeypatc
         mask.unlink(missing_ok=True)
         mask.symlink_to("/dev/null")
     known1 = _write_known_file(root, "pipeline-1")
-    images = work / "images"
+    images = build / "images"
     www = work / "www"
     www.mkdir()
     site = work / "site.toml"
@@ -122,11 +125,14 @@ def test_root_tree_to_booting_machines_and_a_delta(boot_dir: BootDir, monkeypatc
         assert text.startswith("# written by the test")  # the rest of the file as it was
         mark = len(web.requests_log())
         _boot(boot_dir, site, "pipeline-2", known2)
-        second = _served(web.requests_log()[mark:])
+        log2 = web.requests_log()[mark:]
+        second = _served(log2)
     base_size, overlay_size = base.stat().st_size, overlay.stat().st_size
-    print(f"base {base_size} bytes, overlay {overlay_size} bytes; boot 2 read {second[overlay.name]} bytes of the"
+    print(f"\nbase {base_size} bytes, overlay {overlay_size} bytes; boot 2 read {second[overlay.name]} bytes of the"
           f" overlay and {second[base.name]} of the base (boot 1: {first[base.name]})")
     assert overlay_size < base_size // 20, (overlay_size, base_size)
-    assert 0 < second[overlay.name] <= overlay_size
-    # lazy mode: the base is read again in ranges, never downloaded whole
-    assert second[base.name] < base_size
+    assert 0 < second[overlay.name] <= 2 * overlay_size  # ranges may be read again after eviction
+    # lazy mode: the base is read again, in ranges only (a range may be read twice when the chunk cache
+    # evicted it, so the bytes are no measure of "whole")
+    assert second[base.name] > 0
+    assert not re.search(rf'"GET /{re.escape(base.name)} HTTP/[\d.]+" 200 ', log2), "the base was downloaded whole"
