@@ -83,12 +83,16 @@ def test_fill_from_serve_http_then_the_server_goes(
     store_dir.mkdir()
     raw = (image_dir / "disk.raw").read_bytes()
     caplog.set_level(logging.INFO, logger="bootkit")
+
+    def report(fields: dict[str, Any]) -> None:
+        reports.append(fields)
+        status.update(fill=fields)
+
     with http_server(str(image_dir)) as base:
         source = StreamSource(HTTPSource(base + "disk.qcow2", fast_options(), manifest=manifest))
         image = qcow2.open(source)
         assert image.pread(1 << 20, 4096) == raw[1 << 20 : (1 << 20) + 4096]  # the boot's first read
-        fill = start_fill([source], str(store_dir), rate=0, reserve=0,
-                          report=lambda f: (reports.append(f), status.update(fill=f)))  # fmt: skip
+        fill = start_fill([source], str(store_dir), rate=0, reserve=0, report=report)
         assert fill.done.wait(60)
         assert fill.state is FillState.complete and source.complete
     # the server is gone: every byte of the disk still reads, from the copy in "RAM"
