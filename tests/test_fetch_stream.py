@@ -116,7 +116,8 @@ def test_fill_from_serve_http_then_the_server_goes(
 def test_after_the_fill_no_request_reaches_the_server(faulty: tuple[str, FaultState], tmp_path: Path) -> None:
     url, state = faulty
     source = stream_source(url)
-    fill = start_fill([source], str(tmp_path), rate=0, reserve=0)
+    fill = start_fill([source], str(tmp_path / "run" / "images"), rate=0, reserve=0)  # made on the way
+    assert (tmp_path / "run" / "images").stat().st_mode & 0o777 == 0o700
     assert fill.done.wait(30) and fill.state is FillState.complete
     before = fill_requests(state)
     state.add_faults("/img", *[Fault(status=503)] * 50)  # a server that would fail every request now

@@ -108,8 +108,11 @@ def run_daemon(cfg: BootConfig, stages: Stages, report: Any) -> int:
     if fetcher.streams:
         from bootkit.fetch.stream import start_fill
 
-        fill = start_fill(fetcher.streams, IMAGE_DIR, rate=cfg.fill_rate, reserve=cfg.minmem_mib << 20,
-                          report=lambda fields: status.update(fill=fields))  # fmt: skip
+        try:
+            fill = start_fill(fetcher.streams, IMAGE_DIR, rate=cfg.fill_rate, reserve=cfg.minmem_mib << 20,
+                              report=lambda fields: status.update(fill=fields))  # fmt: skip
+        except Exception as e:  # the root is attached: a fill that cannot start must not take its server down
+            log.warning("fill: WARNING: cannot start (%s: %s): stream mode stays lazy", type(e).__name__, e)
     status.refresh_every(10.0, lambda: counters(image, fetcher, devstats, fill))
     report.send(0, json.dumps({"device": device, "fstype": root.fs.type if root.fs else None}))
     attachment.wait()

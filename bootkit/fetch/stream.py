@@ -402,11 +402,17 @@ def start_fill(
     reserve: int,
     report: Optional[Callable[[Dict[str, Any]], None]] = None,
 ) -> Fill:
-    """Attach a :class:`RamStore` under ``directory`` to each source and start the fill; when the image does
-    not fit, warn once and leave the sources lazy (the returned fill is in state ``lazy`` and never runs)."""
+    """Attach a :class:`RamStore` under ``directory`` (made if missing) to each source and start the fill; when
+    the image does not fit or the copy cannot be made, warn once and leave the sources lazy (the returned fill
+    is in state ``lazy`` and never runs)."""
     fill = Fill(sources, rate, report=report)
-    why = fits(sources, directory, reserve)
     stores: List[RamStore] = []
+    try:
+        # root's only, like ram mode's images: the copy holds every file of the root filesystem
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        why = fits(sources, directory, reserve)
+    except OSError as e:
+        why = f"{directory}: {e.strerror}"
     if why is None:
         try:
             for i, source in enumerate(sources):
