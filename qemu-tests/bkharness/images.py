@@ -411,6 +411,33 @@ def debian_image() -> RootImage:
     return _store(RootImage("debian", raw, 2, known, size))
 
 
+def debian_bulk_image(bulk_mib: int) -> RootImage:
+    """The Debian root plus a ``bulk_mib`` MiB incompressible file at :data:`BULK_FILE`: an image whose size
+    shows in a boot (bench/bootmodes.py). Built like :func:`debian_image`, cached by its own key."""
+    tree = debootstrap_tree()
+    key = hashlib.sha256(
+        (BUILDER_VERSION + f" bulk={bulk_mib} " + (tree / ".complete").read_text()
+         + _tree_digest(ROOTFS_FILES / "common", ROOTFS_FILES / "debian")).encode()
+    ).hexdigest()
+    with _cache_lock():
+        image = _cached("debian-bulk", key)
+        if image is not None:
+            return image
+        out = cache_dir() / "images"
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out, prefix=".debian-bulk-root.") as tmp:
+            root = Path(tmp) / "root"
+            run(["cp", "-a", "--reflink=auto", tree, root])
+            (root / ".complete").unlink()
+            configure_debian_root(root)
+            _replace_file(root / BULK_FILE, known_bytes(f"bulk-{key}", bulk_mib * MIB))
+            known = _write_known_file(root, f"debian-bulk-{key}")
+            size = _round_up(int(_du(root) * 1.3) + 48 * MIB, MIB)
+            raw = out / f"debian-bulk-{key[:16]}.raw"
+            _assemble_into_place(root, raw, size)
+        return _store(RootImage("debian-bulk", raw, 2, known, size))
+
+
 @contextmanager
 def _cache_lock() -> Iterator[None]:
     """One image build at a time per cache (several test runs or a demo may share it)."""
