@@ -9,6 +9,8 @@ The image is the Debian/systemd test root with a bulk file of incompressible dat
 the QCOW2 is larger than 200 MiB. Figures, on the guest's clock (seconds since the kernel started):
 
 * ``root``: bootkit's ``mount:`` line, the root is mounted (what stream mode is about);
+* ``start to root``: from bootkit's ``start:`` line (network up) to its ``mount:`` line: the part of the boot
+  the mode changes, without the kernel's and udev's share, which varies with the host's load under TCG;
 * ``target``: the root's proof ran (multi-user.target reached);
 * ``download``: ram mode only, the duration its ``fetch:`` line reports (the image's download).
 
@@ -40,6 +42,7 @@ MODES = ("ram", "lazy", "stream")
 MEMORY_MIB = 1536
 BOOT_TIMEOUT = 900.0
 
+_START = re.compile(r"bootkit: \[\s*([\d.]+)\] start: ")
 _MOUNT = re.compile(r"bootkit: \[\s*([\d.]+)\] mount: ")
 _DOWNLOAD = re.compile(r"bootkit: \[\s*[\d.]+\] fetch: .*\(([\d.]+) s\)$")
 _FILLED = re.compile(r"bootkit: \[\s*([\d.]+)\] fill complete: ")
@@ -66,14 +69,21 @@ def boot(mode: str, kernel: Any, initrd: Path, qcow2: Path, manifest: Path, imag
     problems = proof.problems(image)
     if problems:
         raise AssertionError(f"{mode}: {problems}")
-    lines = [line.text for line in nb.vm.lines]
+    row = figures(mode, [line.text for line in nb.vm.lines])
+    row["target_s"] = proof.uptime
+    row["range_requests"] = len(re.findall(r'"GET /disk\.qcow2 HTTP/1\.[01]" 206', served))
+    return row
+
+
+def figures(mode: str, lines: Sequence[str]) -> dict[str, Any]:
+    """The guest-clock figures of one boot's console lines (also for a saved serial log)."""
+    start, root = _first(_START, lines), _first(_MOUNT, lines)
     return {
         "mode": mode,
-        "root_s": _first(_MOUNT, lines),
-        "target_s": proof.uptime,
+        "root_s": root,
+        "start_to_root_s": None if start is None or root is None else round(root - start, 2),
         "download_s": _first(_DOWNLOAD, lines) if mode == "ram" else None,
         "fill_complete_s": _first(_FILLED, lines),
-        "range_requests": len(re.findall(r'"GET /disk\.qcow2 HTTP/1\.[01]" 206', served)),
     }
 
 
@@ -101,7 +111,8 @@ def measure(bulk_mib: int = 200, runs: int = 1, modes: Sequence[str] = MODES) ->
         values = [float(r[key]) for r in results[mode] if r[key] is not None]
         return statistics.median(values) if values else None
 
-    medians = {mode: {k: median(mode, k) for k in ("root_s", "target_s", "download_s", "fill_complete_s")}
+    keys = ("root_s", "start_to_root_s", "target_s", "download_s", "fill_complete_s")
+    medians = {mode: {k: median(mode, k) for k in keys}
                for mode in modes}  # fmt: skip
     return {"image": qcow2.name, "image_mib": round(qcow2.stat().st_size / 2**20, 1), "bulk_mib": bulk_mib,
             "memory_mib": MEMORY_MIB, "runs": runs, "medians": medians, "results": results}  # fmt: skip
@@ -110,16 +121,16 @@ def measure(bulk_mib: int = 200, runs: int = 1, modes: Sequence[str] = MODES) ->
 def verdict(medians: dict[str, dict[str, float | None]]) -> list[str]:
     """Issue 16's two targets for stream, as lines (each says met or missed, with the figures)."""
     out = []
-    lazy, stream, ram = (medians.get(m, {}).get("root_s") for m in ("lazy", "stream", "ram"))
+    lazy, stream, ram = (medians.get(m, {}).get("start_to_root_s") for m in ("lazy", "stream", "ram"))
     download = medians.get("ram", {}).get("download_s")
     if lazy and stream:
         ok = stream <= 1.2 * lazy
-        out.append(f"stream root {stream:.2f} s vs lazy {lazy:.2f} s: {stream / lazy:.2f}x "
+        out.append(f"start to root: stream {stream:.2f} s vs lazy {lazy:.2f} s: {stream / lazy:.2f}x "
                    f"(target <= 1.2x): {'met' if ok else 'MISSED'}")  # fmt: skip
     if ram and stream and download:
         gain = ram - stream
         ok = gain >= 0.8 * download
-        out.append(f"stream root {gain:.2f} s earlier than ram, ram's download {download:.2f} s: "
+        out.append(f"start to root: stream {gain:.2f} s earlier than ram, ram's download {download:.2f} s: "
                    f"{gain / download:.0%} of it (target >= 80%): {'met' if ok else 'MISSED'}")  # fmt: skip
     return out
 
@@ -133,11 +144,12 @@ def table(report: dict[str, Any]) -> str:
     lines = [
         f"boot modes, Debian root + {report['bulk_mib']} MiB bulk, {report['image']} ({report['image_mib']} MiB), "
         f"TCG, {report['memory_mib']} MiB, median of {report['runs']} (guest clock, s)",
-        "| mode | root mounted | target reached | ram download | fill complete |",
-        "|---|---|---|---|---|",
+        "| mode | root mounted | start to root | target reached | ram download | fill complete |",
+        "|---|---|---|---|---|---|",
     ]
     for mode, m in report["medians"].items():
-        lines.append(f"| {mode} | {cell(m['root_s'])} | {cell(m['target_s'])} | {cell(m['download_s'])} "
+        lines.append(f"| {mode} | {cell(m['root_s'])} | {cell(m['start_to_root_s'])} | {cell(m['target_s'])} "
+                     f"| {cell(m['download_s'])} "
                      f"| {cell(m['fill_complete_s'])} |")  # fmt: skip
     return "\n".join(lines)
 
