@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bootkit.boot.cmdline import (
+    DEFAULT_FILL_RATE,
     DHCP_NETWORK,
     KNOWN_OPTIONS,
     Arg,
@@ -128,7 +129,7 @@ def test_https_url() -> None:
         ("rd.qcow2.verify=maybe", "rd.qcow2.verify=maybe: expected one of pinned|sidecar|none"),
         ("rd.qcow2.verify=pinned", "rd.qcow2.verify=pinned needs rd.qcow2.sha256"),
         (f"rd.qcow2.sha256={H1} rd.qcow2.verify=sidecar", "a hash is pinned but rd.qcow2.verify=sidecar"),
-        ("rd.qcow2.mode=disk", "rd.qcow2.mode=disk: expected one of ram|lazy"),
+        ("rd.qcow2.mode=disk", "rd.qcow2.mode=disk: expected one of ram|lazy|stream"),
         ("rd.qcow2.mode=lazy rd.qcow2.verify=pinned", "needs rd.qcow2.manifest-sha256"),
         (f"rd.qcow2.manifest={URL}.manifest", "only used with rd.qcow2.mode=lazy"),
         ("rd.qcow2.mode=lazy rd.qcow2.manifest=ftp://x/y", "rd.qcow2.manifest=ftp://x/y: expected an http"),
@@ -389,6 +390,7 @@ def boot_configs(draw: st.DrawFn) -> BootConfig:
         retries=draw(st.integers(0, 1000)),
         timeout=draw(st.floats(min_value=1e-3, max_value=1e6)),
         minmem_mib=draw(st.integers(0, 1 << 20)),
+        fill_rate=draw(st.integers(0, 1 << 40)) if mode is Mode.stream else DEFAULT_FILL_RATE,
         cacert=draw(st.none() | _TEXT.map(lambda p: "/" + p)),
         insecure=draw(st.booleans()),
         debug=draw(st.booleans()),

@@ -267,7 +267,7 @@ def test_wrong_backing_pin_fails_in_lazy_mode(images: Path, base_url: str, tmp_p
          r"hash is pinned with rd\.qcow2\.sha256=\)"),
         ("rd.qcow2.verify=sidecar rd.qcow2.sha256.base.qcow2.manifest=" + "1" * 64,
          r"rd\.qcow2\.sha256\.base\.qcow2\.manifest: matches no file bootkit fetched \(manifests are only read "
-         r"with rd\.qcow2\.mode=lazy\)"),
+         r"with rd\.qcow2\.mode=lazy or stream\)"),
     ],
 )  # fmt: skip
 def test_pin_that_matches_nothing(images: Path, base_url: str, tmp_path: Path, options: str, message: str) -> None:

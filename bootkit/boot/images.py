@@ -2,7 +2,9 @@
 
 ``rd.qcow2.mode=ram`` downloads each file whole into ``/run/bootkit/images`` and checks its SHA-256 before
 anything opens it; ``rd.qcow2.mode=lazy`` reads byte ranges over HTTP and checks every chunk against the file's
-manifest. Where the expected hash comes from is ``rd.qcow2.verify``: pinned on the command line
+manifest; ``rd.qcow2.mode=stream`` reads like lazy and has each file filled into RAM behind the boot
+(:attr:`ImageFetcher.streams`, started by the server once the root is attached: ``bootkit.fetch.stream``).
+Where the expected hash comes from is ``rd.qcow2.verify``: pinned on the command line
 (``rd.qcow2.sha256``, ``rd.qcow2.sha256.<file>``), a sidecar from the same server, or nothing.
 
 ``rd.qcow2.mirror=`` names the same image on other servers (only with a pinned hash, see
@@ -82,7 +84,7 @@ class Verification:
     manifest_option: str = ""
 
     def describe(self, mode: str) -> str:
-        if mode == "lazy" and self.how != "none":
+        if mode != "ram" and self.how != "none":
             return f"chunks by manifest, {'pinned' if self.manifest_sha256 else 'sidecar'}"
         return self.how
 
@@ -101,6 +103,8 @@ class ImageFetcher:
         self.image_dir = image_dir
         self.base_url = cfg.url.rsplit("/", 1)[0] + "/"
         self.sources: List[ByteSource] = []
+        #: stream mode: every file of the chain, for the background fill
+        self.streams: List[Any] = []
         self.verified: Dict[str, str] = {}
         #: the rd.qcow2.sha256.<file> pins that matched a file
         self.pins_used: Set[str] = set()
@@ -131,8 +135,8 @@ class ImageFetcher:
         option = f"rd.qcow2.sha256.{name}"
         if name == _decoded_name(self.cfg.url):
             hint = "that is the image itself, whose hash is pinned with rd.qcow2.sha256="
-        elif name.endswith(".manifest") and self.cfg.mode != "lazy":
-            hint = "manifests are only read with rd.qcow2.mode=lazy"
+        elif name.endswith(".manifest") and not self.cfg.mode.reads_ranges:
+            hint = "manifests are only read with rd.qcow2.mode=lazy or stream"
         elif name.endswith(".manifest") and self.cfg.verify == "none":
             hint = "rd.qcow2.verify=none reads no manifest"
         else:
@@ -166,7 +170,7 @@ class ImageFetcher:
         mirrors = self._mirrors_of(url, top)
         also = f", {len(mirrors)} mirror{'s' if len(mirrors) > 1 else ''}" if mirrors else ""
         self.stages.begin("fetch", f"{url} ({cfg.mode}, verify {check.describe(cfg.mode)}{also})")
-        if cfg.mode == "lazy":
+        if cfg.mode.reads_ranges:
             return self._lazy(url, name, top, check, mirrors)
         from bootkit.fetch import download
 
@@ -205,14 +209,14 @@ class ImageFetcher:
                                 "rd.qcow2.manifest-sha256")  # fmt: skip
         option = f"rd.qcow2.sha256.{name}"
         mname = name + ".manifest"
-        manifest_sha256 = cfg.backing_sha256.get(mname) if cfg.mode == "lazy" else None
+        manifest_sha256 = cfg.backing_sha256.get(mname) if cfg.mode.reads_ranges else None
         pinned = cfg.backing_sha256.get(name)
         how = "pinned" if pinned else "sidecar" if cfg.verify == "pinned" else cfg.verify
         if pinned:
             self.pins_used.add(name)
         if manifest_sha256 and how != "none":
             self.pins_used.add(mname)
-        if cfg.mode == "lazy" or pinned:
+        if cfg.mode.reads_ranges or pinned:
             return Verification(how, pinned, option, manifest_sha256, f"rd.qcow2.sha256.{mname}")
         if cfg.verify == "pinned" and cfg.mode == "ram":
             if not _PINNABLE.match(name):
@@ -237,7 +241,7 @@ class ImageFetcher:
         else:
             return
         self._warned_unauthenticated = True
-        pin = "rd.qcow2.manifest-sha256" if self.cfg.mode == "lazy" else "rd.qcow2.sha256"
+        pin = "rd.qcow2.manifest-sha256" if self.cfg.mode.reads_ranges else "rd.qcow2.sha256"
         self.stages.warn(
             f"hashes fetched over {channel} catch corruption, not an attacker who can replace image and hash "
             f"together: pin {pin} on the command line, or use https with a verified certificate"
@@ -255,7 +259,8 @@ class ImageFetcher:
             msha = check.manifest_sha256
             if msha is None and cfg.verify == "pinned":
                 raise ConfigError(
-                    f"lazy mode with a pinned hash needs the manifest's hash pinned: {check.manifest_option}=<sha256>"
+                    f"{cfg.mode} mode with a pinned hash needs the manifest's hash pinned: "
+                    f"{check.manifest_option}=<sha256>"
                 )
             if msha is None:
                 self._warn_if_unauthenticated(murl)
@@ -267,10 +272,18 @@ class ImageFetcher:
             if check.sha256 and manifest.sha256 != check.sha256:
                 raise BootFailed(f"{murl}: describes an image with sha256 {manifest.sha256}, "
                                  f"{check.option} pins {check.sha256}")  # fmt: skip
-        source = HTTPSource(url, options, manifest=manifest, mirrors=mirrors)
+        remote = HTTPSource(url, options, manifest=manifest, mirrors=mirrors)
+        source: ByteSource = remote
+        how = "read lazily"
+        if cfg.mode == "stream":
+            from bootkit.fetch.stream import StreamSource
+
+            source = StreamSource(remote)
+            self.streams.append(source)
+            how = "read lazily, filled into RAM behind the boot"
         self.verified[url] = "manifest " + (manifest.digest if manifest else "none")
         self.sources.append(source)
-        self.stages.done(f"{name}: {human_size(source.size)}, read lazily "
+        self.stages.done(f"{name}: {human_size(source.size)}, {how} "
                          f"({'chunks verified by manifest' if manifest else 'NOT verified'})")  # fmt: skip
         return source
 

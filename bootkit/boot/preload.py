@@ -62,6 +62,7 @@ BOOTKIT_MODULES: Tuple[str, ...] = (
     "bootkit.fetch.checksums",
     "bootkit.fetch.ranges",
     "bootkit.fetch.rangeclient",
+    "bootkit.fetch.stream",
     "bootkit.boot.main",
 )
 

@@ -231,6 +231,22 @@ class HTTPSource:
             raise self._fill_error
         return True
 
+    # -- for stream mode's fill (bootkit.fetch.stream) --
+
+    def fetch_chunk(self, index: int) -> bytes:
+        """Chunk ``index`` straight from the server, checked against the manifest like every read (raises
+        ``ChunkError`` when it fails twice), without touching the cache or the read-ahead."""
+        return self._fetch_chunk(index)
+
+    def release(self) -> None:
+        """Drop the chunk cache and the idle connections: every read is served from elsewhere from now on."""
+        with self._lock:
+            self._cache.clear()
+            self._cached_bytes = 0
+            clients = list(self._clients.values())
+        for rc in clients:
+            rc.drop_idle()
+
     # -- chunks --
 
     def _chunk(self, index: int) -> bytes:
