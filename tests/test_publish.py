@@ -187,6 +187,21 @@ def test_ram_mode_pins_the_chain_without_manifests(tmp_path: Path, site: Path) -
     load_file(site)
 
 
+def test_stream_mode_pins_the_chain_with_manifests(tmp_path: Path, site: Path) -> None:
+    """Stream mode reads ranges like lazy mode: the entry gets the manifest and the chain's manifest pins."""
+    base = make_image(tmp_path / "build" / "web-1.qcow2", 1)
+    overlay = make_image(tmp_path / "build" / "web-2.qcow2", 2, base=base)
+    www = tmp_path / "www"
+    assert publish(base, www, "--toml", site, "--entry", "web") == 0
+    assert publish(overlay, www, "--toml", site, "--entry", "web", "--mode", "stream") == 0
+    entry = tomllib.loads(site.read_text())["entry"][1]
+    base_pub = f"web-{sha(base)[:16]}.qcow2"
+    assert entry["mode"] == "stream" and entry["manifest"] == entry["image"] + ".manifest"
+    assert len(entry["manifest_sha256"]) == 64
+    assert f"rd.qcow2.sha256.{base_pub}.manifest" in " ".join(entry["args"])
+    load_file(site)
+
+
 def test_an_existing_different_file_is_never_replaced(tmp_path: Path, site: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     image = make_image(tmp_path / "build" / "web-1.qcow2", 1)

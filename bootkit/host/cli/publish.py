@@ -34,7 +34,7 @@ def register(sub: Any) -> None:
                    " image's stem)")
     p.add_argument("--toml", type=Path, metavar="FILE", help="pxe-config description to write the entry into")
     p.add_argument("--entry", metavar="NAME", help="the [[entry]] to write (default: NAME)")
-    p.add_argument("--mode", choices=("lazy", "ram"),
+    p.add_argument("--mode", choices=("lazy", "stream", "ram"),
                    help="the entry's boot mode (default: the entry's current mode, else lazy)")
     p.add_argument("--base-url", metavar="URL", help="creating --toml: the URL DOCROOT is served at")
     p.add_argument("--prune", type=int, metavar="N", help="remove versions of NAME beyond the newest N that no"

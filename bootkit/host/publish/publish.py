@@ -100,8 +100,8 @@ def publish(opts: PublishOptions) -> PublishResult:
     what = "--name" if opts.name or opts.entry else f"{image}: name"
     name = docroot.check_name(opts.name or opts.entry or stem, what)
     entry = opts.entry or name
-    if opts.mode not in (None, "lazy", "ram"):
-        raise PublishError(f"--mode {opts.mode!r}: lazy or ram")
+    if opts.mode not in (None, "lazy", "stream", "ram"):
+        raise PublishError(f"--mode {opts.mode!r}: lazy, stream or ram")
     if opts.prune_keep is not None and opts.toml is None:
         raise PublishError("--prune needs --toml: a version is removed only when no entry references it")
     if opts.prune_keep is not None and opts.prune_keep < 1:
@@ -238,7 +238,8 @@ def _publish_image(image: Path, name: str, rewrite: backing.Rewrite | None, sha:
 
 def _update_toml(toml: Path, text: str, entry: str, mode: str, top: Published, chain: list[Published],
                  files: dict[str, str], root: Path, result: PublishResult) -> None:
-    lazy = mode == "lazy"
+    # lazy and stream mode read ranges, each chunk checked against the manifest
+    lazy = mode in ("lazy", "stream")
     values: dict[str, str | None] = {
         "image": top.name,
         "sha256": top.sha256,
