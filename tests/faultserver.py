@@ -72,6 +72,8 @@ class FaultState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: send ETag (and honour If-Range); False: a server that gives no validator at all
     validators: bool = True
+    #: a dead server: every request (also on a kept-alive connection) is dropped unanswered
+    down: bool = False
 
     def etag(self, path: str) -> str:
         return '"' + hashlib.sha256(self.files[path]).hexdigest()[:16] + '"'
@@ -120,6 +122,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = urllib.parse.urlsplit(self.path).path
         with state.lock:
             state.requests.append(Request(self.command, path, dict(self.headers.items()), proxied))
+            if state.down:
+                self._drop()
+                return
             queue = state.faults.get(path)
             fault = queue.pop(0) if queue else Fault()
             if fault.replace is not None:

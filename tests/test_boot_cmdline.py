@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bootkit.boot.cmdline import (
+    DEFAULT_FILL_RATE,
     DHCP_NETWORK,
     KNOWN_OPTIONS,
     Arg,
@@ -128,7 +129,7 @@ def test_https_url() -> None:
         ("rd.qcow2.verify=maybe", "rd.qcow2.verify=maybe: expected one of pinned|sidecar|none"),
         ("rd.qcow2.verify=pinned", "rd.qcow2.verify=pinned needs rd.qcow2.sha256"),
         (f"rd.qcow2.sha256={H1} rd.qcow2.verify=sidecar", "a hash is pinned but rd.qcow2.verify=sidecar"),
-        ("rd.qcow2.mode=disk", "rd.qcow2.mode=disk: expected one of ram|lazy"),
+        ("rd.qcow2.mode=disk", "rd.qcow2.mode=disk: expected one of ram|lazy|stream"),
         ("rd.qcow2.mode=lazy rd.qcow2.verify=pinned", "needs rd.qcow2.manifest-sha256"),
         (f"rd.qcow2.manifest={URL}.manifest", "only used with rd.qcow2.mode=lazy"),
         ("rd.qcow2.mode=lazy rd.qcow2.manifest=ftp://x/y", "rd.qcow2.manifest=ftp://x/y: expected an http"),
@@ -152,12 +153,43 @@ def test_https_url() -> None:
         ("rd.qcow2.snapshot", "rd.qcow2.snapshot: needs a value"),
         ("rd.qcow2.sha256.base.qcow2=xyz", "expected 64 hexadecimal digits"),
         ("rd.qcow2.sha256.../etc=" + H1, "expected rd.qcow2.sha256.<file name>=<sha256>"),
+        # mirrors: only with a pin (an unpinned mirror could serve any image), URLs by the root= rules
+        (
+            "rd.qcow2.mirror=http://m/disk.qcow2",
+            "rd.qcow2.mirror needs a pinned hash (rd.qcow2.sha256=, with "
+            "rd.qcow2.mode=lazy rd.qcow2.manifest-sha256=), not rd.qcow2.verify=sidecar: an unpinned mirror could serve"
+            " any image",
+        ),
+        ("rd.qcow2.verify=none rd.qcow2.mirror=http://m/disk.qcow2", "not rd.qcow2.verify=none"),
+        (f"rd.qcow2.sha256={H1} rd.qcow2.mirror=ftp://m/disk.qcow2", "rd.qcow2.mirror=ftp://m/disk.qcow2: expected"),
+        (f"rd.qcow2.sha256={H1} rd.qcow2.mirror=http://[fe80::1/x", "rd.qcow2.mirror=http://[fe80::1/x: "),
+        (f"rd.qcow2.sha256={H1} rd.qcow2.mirror", "rd.qcow2.mirror: needs a value"),
+        (f"rd.qcow2.sha256={H1} rd.qcow2.mirror={URL}", f"rd.qcow2.mirror={URL}: given twice (or the same as root=)"),
+        (f"rd.qcow2.sha256={H1} rd.qcow2.mirror=http://m/d rd.qcow2.mirror=http://m/d", "given twice"),
+        (
+            f"rd.qcow2.sha256={H1} rd.qcow2.mirror=http://m/d rd.qcow2.manifest={URL}.manifest",
+            "rd.qcow2.manifest in ram mode needs rd.qcow2.manifest-sha256=<hex>",
+        ),
     ],
 )
 def test_bad_values(extra: str, message: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse(extra)
     assert message in str(e.value)
+
+
+def test_mirrors_repeat_in_order() -> None:
+    mirrors = ("http://[2001:db8::2]:8080/images/disk.qcow2", "https://cache.lab/disk.qcow2")
+    words = " ".join(f"rd.qcow2.mirror={m}" for m in mirrors)
+    cfg = parse(f"rd.qcow2.sha256={H1} {words}")
+    assert cfg.mirrors == mirrors and cfg.verify is Verify.pinned
+    lazy = parse(f"rd.qcow2.mode=lazy rd.qcow2.manifest-sha256={H1} {words}")
+    assert lazy.mirrors == mirrors
+    # ram mode takes a pinned manifest with mirrors: it checks the bytes kept when moving to another mirror
+    ram = parse(f"rd.qcow2.sha256={H1} rd.qcow2.manifest-sha256={H2} {words}")
+    assert ram.manifest_sha256 == H2.lower() and ram.mode is Mode.ram
+    assert parse_cmdline(join_args(ram.to_args())) == ram
+    assert "rd.qcow2.mirror" in KNOWN_OPTIONS
 
 
 @pytest.mark.parametrize("root", ["root=qcow2:", "root=qcow2:ftp://h/x.qcow2", "root=qcow2:http://h/dir/",
@@ -327,19 +359,26 @@ _NETWORK = st.lists(
 def boot_configs(draw: st.DrawFn) -> BootConfig:
     """Every valid configuration: the hashes and modes are drawn together, as the contract ties them."""
     mode = draw(st.sampled_from(Mode))
+    url = draw(_URLS)
     sha256 = manifest = manifest_sha256 = None
+    mirrors: tuple[str, ...] = ()
     if mode is Mode.ram:
         verify = draw(st.sampled_from(Verify))
         if verify is Verify.pinned:
             sha256 = draw(_HEX)
+            mirrors = tuple(draw(st.lists(_URLS.filter(lambda u: u != url), max_size=3, unique=True)))
+            if mirrors:  # a manifest lets a download resume on another mirror
+                manifest_sha256 = draw(st.none() | _HEX)
+                manifest = draw(st.none() | _URLS) if manifest_sha256 else None
     else:
         verify = draw(st.sampled_from(Verify))
         manifest = draw(st.none() | _URLS)
         if verify is Verify.pinned:
             manifest_sha256 = draw(_HEX)
             sha256 = draw(st.none() | _HEX)
+            mirrors = tuple(draw(st.lists(_URLS.filter(lambda u: u != url), max_size=3, unique=True)))
     return BootConfig(
-        url=draw(_URLS),
+        url=url,
         sha256=sha256,
         verify=verify,
         mode=mode,
@@ -351,6 +390,7 @@ def boot_configs(draw: st.DrawFn) -> BootConfig:
         retries=draw(st.integers(0, 1000)),
         timeout=draw(st.floats(min_value=1e-3, max_value=1e6)),
         minmem_mib=draw(st.integers(0, 1 << 20)),
+        fill_rate=draw(st.integers(0, 1 << 40)) if mode is Mode.stream else DEFAULT_FILL_RATE,
         cacert=draw(st.none() | _TEXT.map(lambda p: "/" + p)),
         insecure=draw(st.booleans()),
         debug=draw(st.booleans()),
@@ -359,6 +399,7 @@ def boot_configs(draw: st.DrawFn) -> BootConfig:
         rootflags=draw(st.none() | _TEXT),
         rw=draw(st.booleans()),
         network=draw(_NETWORK),
+        mirrors=mirrors,
     )
 
 

@@ -267,7 +267,7 @@ def test_wrong_backing_pin_fails_in_lazy_mode(images: Path, base_url: str, tmp_p
          r"hash is pinned with rd\.qcow2\.sha256=\)"),
         ("rd.qcow2.verify=sidecar rd.qcow2.sha256.base.qcow2.manifest=" + "1" * 64,
          r"rd\.qcow2\.sha256\.base\.qcow2\.manifest: matches no file bootkit fetched \(manifests are only read "
-         r"with rd\.qcow2\.mode=lazy\)"),
+         r"with rd\.qcow2\.mode=lazy or stream\)"),
     ],
 )  # fmt: skip
 def test_pin_that_matches_nothing(images: Path, base_url: str, tmp_path: Path, options: str, message: str) -> None:
@@ -355,3 +355,57 @@ def test_sidecar_over_https_warns_only_when_insecure(images: Path, tls_cert: tup
         run_prepare(config(f"{base} rd.qcow2.insecure"), tmp_path / "b").close()
     [line] = warnings(console)
     assert re.match(SIDECAR_WARNING.format(channel=r"https with rd\.qcow2\.insecure", pin="sha256"), line), line
+
+
+# -- mirrors (rd.qcow2.mirror=): the primary is dead, the mirror serves the image and its backing file --
+
+
+def dead_base_url() -> str:
+    from fetch_fixtures import free_port
+
+    return f"http://127.0.0.1:{free_port()}/"
+
+
+def test_ram_mode_from_a_mirror(images: Path, base_url: str, tmp_path: Path) -> None:
+    from bootkit.boot.serve import counters
+    from bootkit.boot.status import format_status
+
+    dead = dead_base_url()
+    cfg = config(f"root=qcow2:{dead}top.qcow2 rd.qcow2.mirror={base_url}top.qcow2 "
+                 f"rd.qcow2.sha256={sha256(images / 'top.qcow2')} "
+                 f"rd.qcow2.sha256.base.qcow2={sha256(images / 'base.qcow2')}")  # fmt: skip
+    ready = run_prepare(cfg, tmp_path)
+    try:
+        assert_serves(ready, images / "expected.raw")
+        status = counters(ready.image, ready.fetcher)["mirrors"]
+        # the backing file came from the mirror's directory too: its counters are the last ones recorded
+        assert status[f"{dead}base.qcow2"]["state"] == "dropped"
+        assert status[f"{base_url}base.qcow2"]["bytes"] == (images / "base.qcow2").stat().st_size
+        assert status[f"{base_url}top.qcow2"]["bytes"] == (images / "top.qcow2").stat().st_size
+        text = format_status({"counters": {"mirrors": status}})
+        assert f"\n  mirrors:\n    {base_url}base.qcow2:\n      bad_chunks: 0\n      bytes: " in text
+    finally:
+        ready.close()
+
+
+def test_lazy_mode_from_a_mirror(images: Path, base_url: str, tmp_path: Path, manifests: dict[str, str]) -> None:
+    from bootkit.boot.serve import counters
+
+    dead = dead_base_url()
+    pins = manifests
+    cfg = config(f"root=qcow2:{dead}top.qcow2 rd.qcow2.mirror={base_url}top.qcow2 rd.qcow2.mode=lazy "
+                 f"rd.qcow2.manifest-sha256={pins['top.qcow2']} "
+                 f"rd.qcow2.sha256.base.qcow2.manifest={pins['base.qcow2']}")  # fmt: skip
+    ready = run_prepare(cfg, tmp_path)
+    try:
+        assert_serves(ready, images / "expected.raw")
+        status = counters(ready.image, ready.fetcher)["mirrors"]
+        assert {url: info["state"] for url, info in status.items()} == {
+            f"{dead}top.qcow2": "dropped",
+            f"{base_url}top.qcow2": "healthy",
+            f"{dead}base.qcow2": "dropped",
+            f"{base_url}base.qcow2": "healthy",
+        }
+        assert status[f"{base_url}base.qcow2"]["bytes"] > 0
+    finally:
+        ready.close()

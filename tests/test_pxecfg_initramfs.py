@@ -16,7 +16,7 @@ from initrd_fixtures import contract_json, make_initramfs
 from pxecfg_fixtures import logged_http_server, run_cli
 from testtools import require_tools
 
-from bootkit.boot.cmdline import CONTRACT_FILE, KNOWN_OPTIONS, contract_info, describe_contract
+from bootkit.boot.cmdline import CONTRACT_FILE, CONTRACT_VERSION, KNOWN_OPTIONS, contract_info, describe_contract
 from bootkit.host.kernelpkg import Kernel
 from bootkit.host.pxecfg.check import InitrdContract, read_contract
 from bootkit.host.pxecfg.initramfs import UnreadableInitramfs
@@ -103,8 +103,8 @@ def test_check_refuses_an_option_the_initramfs_does_not_know(
                                    "--no-grub-images")  # fmt: skip
         assert status == 1
         assert out.splitlines() == [
-            f"{server.url}initrd.img: this initramfs (contract 1) does not know rd.qcow2.snapshot, which entry "
-            "'snap' passes: rebuild it with bootkit build-initrd"
+            f"{server.url}initrd.img: this initramfs (contract {CONTRACT_VERSION}) does not know rd.qcow2.snapshot, "
+            "which entry 'snap' passes: rebuild it with bootkit build-initrd"
         ]
         assert f"nothing written to {out_dir}" in err
         assert not out_dir.exists()
@@ -113,7 +113,7 @@ def test_check_refuses_an_option_the_initramfs_does_not_know(
         status, out, err = run_cli(capsys, "pxe-config", str(path), "--out", str(out_dir), "--check",
                                    "--no-grub-images")  # fmt: skip
         assert (status, out) == (0, ""), err
-        assert "understands command-line contract 1" in err
+        assert f"understands command-line contract {CONTRACT_VERSION}" in err
 
 
 def test_check_reports_an_initramfs_from_before_the_contract(
@@ -165,7 +165,9 @@ def test_build_initrd_records_and_prints_the_contract(tmp_path: Path, debian_ker
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[1] == describe_contract()
-    assert describe_contract().startswith("kernel command-line contract 1: root=qcow2:<URL> rd.qcow2.sha256 ")
+    assert describe_contract().startswith(
+        f"kernel command-line contract {CONTRACT_VERSION}: root=qcow2:<URL> rd.qcow2.sha256 "
+    )
     # bootkit's reader and dracut's own lsinitrd find the same file in the zstd-compressed image
     assert _contract(out) == EXPECTED
     listed = subprocess.run(["lsinitrd", "-f", CONTRACT_FILE, str(out)], capture_output=True, check=True).stdout

@@ -12,6 +12,7 @@ import pytest
 from pxecfg_fixtures import run_cli
 from testtools import require_tools
 
+from bootkit.host.pxecfg.cmdline import kernel_args
 from bootkit.host.pxecfg.load import load_file
 from bootkit.host.pxecfg.model import Mode
 
@@ -64,6 +65,10 @@ ERRORS = [
     (ENTRY + 'args = ["a b"]\n', "entry.a.args", "single words"),
     (ENTRY + 'args = "quiet"\n', "entry.a.args", "expected an array of strings"),
     (ENTRY + 'manifest_sha256 = "compute"\n', "entry.a.manifest_sha256", "given without manifest"),
+    (ENTRY + 'sha256 = "sidecar"\nmirrors = ["http://m/d.qcow2"]\n', "entry.a.mirrors", "an unpinned mirror"),
+    (ENTRY + 'mode = "lazy"\nmirrors = ["http://m/d.qcow2"]\n', "entry.a.mirrors", "need a pinned hash"),
+    (ENTRY + 'mirrors = ["ftp://m/d.qcow2"]\n', "entry.a.mirrors", "not an http:// or https:// URL of a file"),
+    (ENTRY + 'mirrors = ["http://m/d", "http://m/d"]\n', "entry.a.mirrors", "named twice"),
     (ENTRY.replace('docroot = "www"\n', ""), "entry.a.sha256", "'compute' needs"),
     (ENTRY.replace('base_url = "http://10.0.0.1:8080/"\n', "").replace('docroot = "www"\n', ""),
      "entry.a.kernel", "base_url is not set"),
@@ -136,6 +141,23 @@ def test_manifest_hash_is_computed_in_lazy_mode(tmp_path: Path, docroot: Path) -
     assert entry.mode is Mode.lazy
     assert entry.sha256 is None
     assert entry.manifest_sha256 == hashlib.sha256(b"manifest\n").hexdigest()
+
+
+def test_mirrors_reach_the_kernel_command_line(tmp_path: Path, docroot: Path) -> None:
+    mirrors = 'mirrors = ["http://10.0.0.2/images/disk.qcow2", "http://[2001:db8::3]:8080/disk.qcow2"]\n'
+    config = load_file(_write(tmp_path, ENTRY + mirrors))
+    entry = config.entries[0]
+    assert entry.mirrors == ("http://10.0.0.2/images/disk.qcow2", "http://[2001:db8::3]:8080/disk.qcow2")
+    args = kernel_args(entry)
+    assert [a for a in args if a.startswith("rd.qcow2.mirror=")] == [
+        "rd.qcow2.mirror=http://10.0.0.2/images/disk.qcow2",
+        "rd.qcow2.mirror=http://[2001:db8::3]:8080/disk.qcow2",
+    ]
+    lazy = load_file(_write(tmp_path, ENTRY + mirrors + 'mode = "lazy"\nmanifest = "images/disk.manifest"\n'))
+    assert lazy.entries[0].mirrors == entry.mirrors and lazy.entries[0].manifest_sha256 is not None
+    # ram mode takes a manifest with mirrors: a download that moves to another mirror keeps what it checked
+    ram = load_file(_write(tmp_path, ENTRY + mirrors + 'manifest = "images/disk.manifest"\n'))
+    assert "rd.qcow2.manifest-sha256=" + hashlib.sha256(b"manifest\n").hexdigest() in kernel_args(ram.entries[0])
 
 
 def test_pinned_hash_is_normalised_and_sidecar_pins_nothing(tmp_path: Path, docroot: Path) -> None:

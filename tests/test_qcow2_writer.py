@@ -325,8 +325,8 @@ def test_cli_writes_an_image_and_says_what_it_wrote(disks: dict[str, Path], tmp_
         (["RAW", "--level", "40"], "error: zstd level 40 is out of range (-131072..22)\n"),
         (["RAW", "--compress", "deflate", "--level", "13"],
          "error: deflate level 13 is out of range (libdeflate: 0..12)\n"),
-        (["RAW", "--base", "SMALL"],
-         f"error: backing image SMALL has a virtual size of {MIB} bytes, the input {DISK}: they must match\n"),
+        (["RAW", "--base", "LARGE"],
+         f"error: backing image LARGE has a virtual size of {2 * DISK} bytes, more than the input's {DISK}\n"),
         (["RAW", "--base", "RAW"],
          "error: RAW: not a qcow2 image (magic is b'\\x00\\x00\\x00\\x00', expected b'QFI\\xfb')\n"),
     ],
@@ -336,9 +336,9 @@ def test_cli_writes_an_image_and_says_what_it_wrote(disks: dict[str, Path], tmp_
 def test_bad_input_is_one_error_line_and_exit_2(
     disks: dict[str, Path], tmp_path: Path, args: list[str], message: str
 ) -> None:
-    small = tmp_path / "small.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(small), "1M"], check=True)
-    names = {"RAW": str(disks["old"]), "SMALL": str(small)}
+    large = tmp_path / "large.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(large), str(2 * DISK)], check=True)
+    names = {"RAW": str(disks["old"]), "LARGE": str(large)}
     argv = [names.get(a, a) for a in args]
     out = tmp_path / "out.qcow2"
     proc = subprocess.run([sys.executable, "-m", "bootkit", "compress", *argv, "-o", str(out)], capture_output=True,
@@ -348,7 +348,7 @@ def test_bad_input_is_one_error_line_and_exit_2(
         expected = expected.replace(f" {key}", f" {value}")
     assert (proc.returncode, proc.stderr) == (2, expected)
     assert not out.exists()
-    assert os.listdir(tmp_path) == ["small.qcow2"]  # no temporary file left behind
+    assert os.listdir(tmp_path) == ["large.qcow2"]  # no temporary file left behind
 
 
 def test_api_errors_are_bootkit_errors(disks: dict[str, Path], tmp_path: Path) -> None:

@@ -27,13 +27,13 @@ import enum
 import re
 import shlex
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union, cast
 
 from bootkit.boot.urlhost import BadHost, split_authority
 from bootkit.errors import ConfigError
 
 #: bumped when an option is added or changes meaning; the options themselves are listed in KNOWN_OPTIONS
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2
 #: where ``bootkit build-initrd`` puts :func:`contract_info` inside the initramfs (no leading slash: a cpio name)
 CONTRACT_FILE = "usr/lib/bootkit/bootkit-contract.json"
 
@@ -45,6 +45,9 @@ NEAR_PREFIX = "rd.qcow"
 DEFAULT_RETRIES = 3
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MINMEM_MIB = 128
+#: stream mode's background fill, bytes per second (``rd.qcow2.fill-rate``, 0: no cap): about half a 1 GbE link,
+#: so that the fill of one machine leaves room on a shared link (the boot's own reads pre-empt it anyway)
+DEFAULT_FILL_RATE = 64 << 20
 
 #: a SHA-256 as text: 64 hexadecimal digits, either case (normalised to lower case where stored)
 HEX64 = re.compile(r"[0-9a-fA-F]{64}")
@@ -68,10 +71,17 @@ class _Choice(str, enum.Enum):
 
 
 class Mode(_Choice):
-    """How the initramfs uses the image: ``ram`` downloads it whole first, ``lazy`` reads ranges on demand."""
+    """How the initramfs uses the image: ``ram`` downloads it whole first, ``lazy`` reads ranges on demand,
+    ``stream`` reads ranges on demand while it fills the whole image into RAM behind the boot."""
 
     ram = "ram"
     lazy = "lazy"
+    stream = "stream"
+
+    @property
+    def reads_ranges(self) -> bool:
+        """Whether the image is read by range requests, each chunk checked against a manifest."""
+        return self is not Mode.ram
 
 
 class Verify(_Choice):
@@ -190,9 +200,16 @@ _VALUED = (
     "timeout",
     "minmem",
     "cacert",
+    "fill-rate",
 )
+#: options that may be given more than once, each adding a value (in the order written)
+_REPEATABLE = ("mirror",)
 #: every option this initramfs understands, as written on the command line
-KNOWN_OPTIONS: Tuple[str, ...] = (*(PREFIX + o for o in _VALUED + _FLAGS), PREFIX + "sha256.<file>")
+KNOWN_OPTIONS: Tuple[str, ...] = (
+    *(PREFIX + o for o in _VALUED + _FLAGS),
+    PREFIX + "sha256.<file>",
+    *(PREFIX + o for o in _REPEATABLE),
+)
 
 
 def contract_info() -> Dict[str, object]:
@@ -258,6 +275,8 @@ class BootConfig:
     timeout: float = DEFAULT_TIMEOUT
     minmem_mib: int = DEFAULT_MINMEM_MIB
     cacert: Optional[str] = None
+    #: stream mode: bytes per second the background fill may take (0: no cap)
+    fill_rate: int = DEFAULT_FILL_RATE
     insecure: bool = False
     debug: bool = False
     #: pinned hashes of backing files, by file name (``rd.qcow2.sha256.<file>=``)
@@ -268,6 +287,9 @@ class BootConfig:
     rw: bool = False
     #: dracut's network options (``ip=``, ``rd.neednet=``) as written; bootkit passes them by
     network: Tuple[Arg, ...] = ()
+    #: ``rd.qcow2.mirror=`` (repeatable): absolute URLs of the same image on other servers, tried after ``url``;
+    #: only with a pinned hash or manifest, which every mirror's bytes are checked against
+    mirrors: Tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> Optional[BootConfig]:
@@ -312,8 +334,11 @@ class BootConfig:
             args.append(f"{PREFIX}minmem={self.minmem_mib}")
         if self.cacert is not None:
             args.append(f"{PREFIX}cacert={self.cacert}")
+        if self.fill_rate != DEFAULT_FILL_RATE:
+            args.append(f"{PREFIX}fill-rate={self.fill_rate}")
         args += [PREFIX + name for name in _FLAGS if getattr(self, name)]
         args += [f"{PREFIX}sha256.{name}={h}" for name, h in sorted(self.backing_sha256.items())]
+        args += [f"{PREFIX}mirror={m}" for m in self.mirrors]
         if self.rootfstype is not None:
             args.append(f"rootfstype={self.rootfstype}")
         if self.rootflags is not None:
@@ -386,6 +411,12 @@ def _url(option: str, value: str) -> str:
     return value
 
 
+def check_url(option: str, value: str) -> str:
+    """``value`` if it is a URL the initramfs takes for ``option`` (``root=qcow2:``, ``rd.qcow2.mirror=``), else
+    ConfigError naming ``option``; for ``pxe-config``, which checks a setting before it writes the option."""
+    return _url(option, value)
+
+
 def parse_root(option: str, value: str) -> RootSpec:
     """``N`` | ``LABEL=..`` | ``UUID=..`` | ``PARTUUID=..``."""
     if re.fullmatch(r"[0-9]+", value) and int(value) > 0:
@@ -411,6 +442,17 @@ def parse_overlay(option: str, value: str) -> Overlay:
     raise ConfigError(f"{option}={value}: expected tmpfs, tmpfs:size=<N[k|m|g]|P%> or none")
 
 
+_RATE = re.compile(r"^([0-9]+)([kKmMgG]?)$")
+
+
+def parse_rate(option: str, value: str) -> int:
+    """``0`` (no cap), ``500k``, ``20M``, ``1G``, ``1048576``: bytes per second, binary suffixes."""
+    m = _RATE.match(value)
+    if not m:
+        raise ConfigError(f"{option}={value}: expected bytes per second, e.g. 20M, 500k or 0 (no cap)")
+    return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2).lower()]
+
+
 def _unknown(keys: List[str]) -> ConfigError:
     by_lower = {k.lower(): k for k in KNOWN_OPTIONS}
     names = []
@@ -432,6 +474,7 @@ def parse_cmdline(text: str) -> Optional[BootConfig]:
     backing: Dict[str, str] = {}
     unknown: List[str] = []
     network: List[Arg] = []
+    mirrors: List[str] = []
     rw = False
     for word in split_cmdline(text):
         key, sep, value = word.partition("=")
@@ -456,6 +499,10 @@ def parse_cmdline(text: str) -> Optional[BootConfig]:
                 if not _BACKING_NAME.match(fname) or val is None:
                     raise ConfigError(f"{word}: expected {PREFIX}sha256.<file name>=<sha256>")
                 backing[fname] = _hex64(key, val)
+            elif name == "mirror":
+                if not val:
+                    raise ConfigError(f"{key}: needs a value ({key}=...)")
+                mirrors.append(_url(key, val))
             elif name in _FLAGS:
                 values[name] = _flag(key, val)
             elif name in _VALUED:
@@ -471,7 +518,7 @@ def parse_cmdline(text: str) -> Optional[BootConfig]:
         raise _unknown(unknown)
     if url is None:
         return None
-    return _build(url, values, backing, rw, tuple(network))
+    return _build(url, values, backing, rw, tuple(network), tuple(mirrors))
 
 
 def _choice(option: str, value: str, kind: type[_Choice]) -> _Choice:
@@ -512,24 +559,57 @@ def _parse_value(option: str, name: str, value: str) -> object:
         return value
     if name == "snapshot":
         return value
+    if name == "fill-rate":
+        return parse_rate(option, value)
     raise AssertionError(name)
 
 
+def _check_mirrors(url: str, mirrors: Tuple[str, ...], verify: object) -> None:
+    """Mirrors only with a pinned hash: a sidecar would come from the primary (a dead primary fails the boot
+    anyway) or from a mirror (which could then serve any image); ``none`` checks nothing at all."""
+    if not mirrors:
+        return
+    if verify is not Verify.pinned:
+        raise ConfigError(
+            f"{PREFIX}mirror needs a pinned hash ({PREFIX}sha256=, with {PREFIX}mode=lazy {PREFIX}manifest-sha256=),"
+            f" not {PREFIX}verify={verify}: an unpinned mirror could serve any image"
+        )
+    seen = {url}
+    for m in mirrors:
+        if m in seen:
+            raise ConfigError(f"{PREFIX}mirror={m}: given twice (or the same as root=)")
+        seen.add(m)
+
+
 def _build(
-    url: str, values: Dict[str, object], backing: Dict[str, str], rw: bool, network: Tuple[Arg, ...]
+    url: str,
+    values: Dict[str, object],
+    backing: Dict[str, str],
+    rw: bool,
+    network: Tuple[Arg, ...],
+    mirrors: Tuple[str, ...] = (),
 ) -> BootConfig:
     sha256 = values.get("sha256")
-    mode = values.get("mode", Mode.ram)
+    mode = cast(Mode, values.get("mode", Mode.ram))
     verify = values.get("verify")
     if verify is None:
         verify = Verify.pinned if sha256 or values.get("manifest-sha256") else Verify.sidecar
-    if mode is not Mode.lazy and (values.get("manifest") or values.get("manifest-sha256")):
-        raise ConfigError(f"{PREFIX}manifest and {PREFIX}manifest-sha256 are only used with {PREFIX}mode=lazy")
+    # ram mode reads a manifest only to keep the bytes it has when a download moves to another mirror
+    if not mode.reads_ranges and not mirrors and (values.get("manifest") or values.get("manifest-sha256")):
+        raise ConfigError(
+            f"{PREFIX}manifest and {PREFIX}manifest-sha256 are only used with {PREFIX}mode=lazy or stream"
+            f" (or with {PREFIX}mirror=, to resume a download on another mirror)"
+        )
+    if not mode.reads_ranges and values.get("manifest") and not values.get("manifest-sha256"):
+        raise ConfigError(f"{PREFIX}manifest in ram mode needs {PREFIX}manifest-sha256=<hex>")
+    if mode is not Mode.stream and "fill-rate" in values:
+        raise ConfigError(f"{PREFIX}fill-rate is only used with {PREFIX}mode=stream")
+    _check_mirrors(url, mirrors, verify)
     if verify is Verify.pinned and mode is Mode.ram and not sha256:
         raise ConfigError(f"{PREFIX}verify=pinned needs {PREFIX}sha256=<hex>")
-    if verify is Verify.pinned and mode is Mode.lazy and not values.get("manifest-sha256"):
+    if verify is Verify.pinned and mode.reads_ranges and not values.get("manifest-sha256"):
         raise ConfigError(
-            f"{PREFIX}verify=pinned with {PREFIX}mode=lazy needs {PREFIX}manifest-sha256=<hex> "
+            f"{PREFIX}verify=pinned with {PREFIX}mode={mode} needs {PREFIX}manifest-sha256=<hex> "
             "(lazy mode checks every chunk against the manifest, whose hash is pinned)"
         )
     if verify is not Verify.pinned and (sha256 or values.get("manifest-sha256")):
@@ -538,7 +618,7 @@ def _build(
         url=url,
         sha256=sha256,  # type: ignore[arg-type]
         verify=verify,  # type: ignore[arg-type]
-        mode=mode,  # type: ignore[arg-type]
+        mode=mode,
         root=values.get("root", RootSpec()),  # type: ignore[arg-type]
         overlay=values.get("overlay", Overlay()),  # type: ignore[arg-type]
         manifest=values.get("manifest"),  # type: ignore[arg-type]
@@ -548,6 +628,7 @@ def _build(
         timeout=values.get("timeout", DEFAULT_TIMEOUT),  # type: ignore[arg-type]
         minmem_mib=values.get("minmem", DEFAULT_MINMEM_MIB),  # type: ignore[arg-type]
         cacert=values.get("cacert"),  # type: ignore[arg-type]
+        fill_rate=values.get("fill-rate", DEFAULT_FILL_RATE),  # type: ignore[arg-type]
         insecure=bool(values.get("insecure", False)),
         debug=bool(values.get("debug", False)),
         backing_sha256=backing,
@@ -555,4 +636,5 @@ def _build(
         rootflags=values.get("rootflags"),  # type: ignore[arg-type]
         rw=rw,
         network=network,
+        mirrors=mirrors,
     )

@@ -2,8 +2,13 @@
 
 ``rd.qcow2.mode=ram`` downloads each file whole into ``/run/bootkit/images`` and checks its SHA-256 before
 anything opens it; ``rd.qcow2.mode=lazy`` reads byte ranges over HTTP and checks every chunk against the file's
-manifest. Where the expected hash comes from is ``rd.qcow2.verify``: pinned on the command line
+manifest; ``rd.qcow2.mode=stream`` reads like lazy and has each file filled into RAM behind the boot
+(:attr:`ImageFetcher.streams`, started by the server once the root is attached: ``bootkit.fetch.stream``).
+Where the expected hash comes from is ``rd.qcow2.verify``: pinned on the command line
 (``rd.qcow2.sha256``, ``rd.qcow2.sha256.<file>``), a sidecar from the same server, or nothing.
+
+``rd.qcow2.mirror=`` names the same image on other servers (only with a pinned hash, see
+``bootkit.boot.cmdline``); a backing file comes from each mirror's own directory, as from the primary's.
 
 Runs inside the initramfs: standard library only, Python >= 3.9.
 """
@@ -16,7 +21,7 @@ import re
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from bootkit.boot.cmdline import BootConfig
 from bootkit.boot.stages import BootFailed, Stages
@@ -79,7 +84,7 @@ class Verification:
     manifest_option: str = ""
 
     def describe(self, mode: str) -> str:
-        if mode == "lazy" and self.how != "none":
+        if mode != "ram" and self.how != "none":
             return f"chunks by manifest, {'pinned' if self.manifest_sha256 else 'sidecar'}"
         return self.how
 
@@ -98,9 +103,13 @@ class ImageFetcher:
         self.image_dir = image_dir
         self.base_url = cfg.url.rsplit("/", 1)[0] + "/"
         self.sources: List[ByteSource] = []
+        #: stream mode: every file of the chain, for the background fill
+        self.streams: List[Any] = []
         self.verified: Dict[str, str] = {}
         #: the rd.qcow2.sha256.<file> pins that matched a file
         self.pins_used: Set[str] = set()
+        #: per-mirror counters of finished downloads (ram mode), by URL
+        self._mirror_results: Dict[str, Dict[str, object]] = {}
         self._warned_unauthenticated = False
 
     def top(self) -> ByteSource:
@@ -126,8 +135,8 @@ class ImageFetcher:
         option = f"rd.qcow2.sha256.{name}"
         if name == _decoded_name(self.cfg.url):
             hint = "that is the image itself, whose hash is pinned with rd.qcow2.sha256="
-        elif name.endswith(".manifest") and self.cfg.mode != "lazy":
-            hint = "manifests are only read with rd.qcow2.mode=lazy"
+        elif name.endswith(".manifest") and not self.cfg.mode.reads_ranges:
+            hint = "manifests are only read with rd.qcow2.mode=lazy or stream"
         elif name.endswith(".manifest") and self.cfg.verify == "none":
             hint = "rd.qcow2.verify=none reads no manifest"
         else:
@@ -138,13 +147,31 @@ class ImageFetcher:
         for source in self.sources:
             source.close()
 
+    def mirror_status(self) -> Dict[str, Dict[str, object]]:
+        """Per-mirror state and counters (bytes, errors, bad chunks), by URL; empty without mirrors."""
+        result = dict(self._mirror_results)
+        for source in self.sources:
+            mirrors = getattr(source, "mirrors", None)
+            if mirrors is not None and len(mirrors) > 1:
+                result.update(mirrors.describe())
+        return result
+
+    def _mirrors_of(self, url: str, top: bool) -> Tuple[str, ...]:
+        """The same file on the mirrors: the image itself, or a backing file from each mirror's directory."""
+        if top:
+            return self.cfg.mirrors
+        name = url.rsplit("/", 1)[1]
+        return tuple(m.rsplit("/", 1)[0] + "/" + name for m in self.cfg.mirrors)
+
     def _get(self, url: str, name: str, *, top: bool) -> ByteSource:
         """Fetch ``url``; ``name`` is its decoded file name, which pins and console lines use."""
         cfg = self.cfg
         check = self._verification(name, top)
-        self.stages.begin("fetch", f"{url} ({cfg.mode}, verify {check.describe(cfg.mode)})")
-        if cfg.mode == "lazy":
-            return self._lazy(url, name, top, check)
+        mirrors = self._mirrors_of(url, top)
+        also = f", {len(mirrors)} mirror{'s' if len(mirrors) > 1 else ''}" if mirrors else ""
+        self.stages.begin("fetch", f"{url} ({cfg.mode}, verify {check.describe(cfg.mode)}{also})")
+        if cfg.mode.reads_ranges:
+            return self._lazy(url, name, top, check, mirrors)
         from bootkit.fetch import download
 
         if check.how == "sidecar":
@@ -152,13 +179,19 @@ class ImageFetcher:
         self._make_image_dir()
         # on disk under the URL's own last segment (%-encoded, so never a path outside the directory)
         dest = os.path.join(self.image_dir, posixpath.basename(urllib.parse.urlsplit(url).path))
-        result = download(url, dest, _fetch_options(cfg, check.sha256, check.how))
+        manifest = None
+        if mirrors and check.manifest_sha256:  # lets the download keep what it has when it moves to a mirror
+            murls = [cfg.manifest or url + ".manifest", *(m + ".manifest" for m in mirrors)]
+            manifest = _load_manifest(murls, _fetch_options(cfg, None, "none"), check.manifest_sha256)
+        result = download(url, dest, _fetch_options(cfg, check.sha256, check.how), mirrors=mirrors, manifest=manifest)
+        self._mirror_results.update(result.mirrors)
         # the directory is 0700 already; the file is private too, like the root filesystem's own files
         os.chmod(result.path, 0o600)
         self.verified[url] = result.sha256
         rate = result.size / max(time.monotonic() - self.stages.started, 1e-3)
+        source_note = f", from {result.url}" if result.url != url else ""
         self.stages.done(f"{name}: {human_size(result.size)} at {human_size(rate)}/s, sha256 {result.sha256} "
-                         f"({'NOT verified' if check.how == 'none' else check.how})")  # fmt: skip
+                         f"({'NOT verified' if check.how == 'none' else check.how}{source_note})")  # fmt: skip
         source = FileSource(result.path)
         self.sources.append(source)
         return source
@@ -176,14 +209,14 @@ class ImageFetcher:
                                 "rd.qcow2.manifest-sha256")  # fmt: skip
         option = f"rd.qcow2.sha256.{name}"
         mname = name + ".manifest"
-        manifest_sha256 = cfg.backing_sha256.get(mname) if cfg.mode == "lazy" else None
+        manifest_sha256 = cfg.backing_sha256.get(mname) if cfg.mode.reads_ranges else None
         pinned = cfg.backing_sha256.get(name)
         how = "pinned" if pinned else "sidecar" if cfg.verify == "pinned" else cfg.verify
         if pinned:
             self.pins_used.add(name)
         if manifest_sha256 and how != "none":
             self.pins_used.add(mname)
-        if cfg.mode == "lazy" or pinned:
+        if cfg.mode.reads_ranges or pinned:
             return Verification(how, pinned, option, manifest_sha256, f"rd.qcow2.sha256.{mname}")
         if cfg.verify == "pinned" and cfg.mode == "ram":
             if not _PINNABLE.match(name):
@@ -208,14 +241,14 @@ class ImageFetcher:
         else:
             return
         self._warned_unauthenticated = True
-        pin = "rd.qcow2.manifest-sha256" if self.cfg.mode == "lazy" else "rd.qcow2.sha256"
+        pin = "rd.qcow2.manifest-sha256" if self.cfg.mode.reads_ranges else "rd.qcow2.sha256"
         self.stages.warn(
             f"hashes fetched over {channel} catch corruption, not an attacker who can replace image and hash "
             f"together: pin {pin} on the command line, or use https with a verified certificate"
         )
 
-    def _lazy(self, url: str, name: str, top: bool, check: Verification) -> ByteSource:
-        from bootkit.fetch import HTTPSource, Manifest
+    def _lazy(self, url: str, name: str, top: bool, check: Verification, mirrors: Sequence[str]) -> ByteSource:
+        from bootkit.fetch import HTTPSource
         from bootkit.fetch.download import sidecar_checksum
 
         cfg = self.cfg
@@ -226,23 +259,47 @@ class ImageFetcher:
             msha = check.manifest_sha256
             if msha is None and cfg.verify == "pinned":
                 raise ConfigError(
-                    f"lazy mode with a pinned hash needs the manifest's hash pinned: {check.manifest_option}=<sha256>"
+                    f"{cfg.mode} mode with a pinned hash needs the manifest's hash pinned: "
+                    f"{check.manifest_option}=<sha256>"
                 )
             if msha is None:
                 self._warn_if_unauthenticated(murl)
                 msha, _where = sidecar_checksum(murl, options)
-            manifest = Manifest.load(murl, options, sha256=msha)
+            # pinned, so any mirror may supply it; a sidecar hash comes from the primary only (no mirrors then)
+            manifest = _load_manifest([murl, *(m + ".manifest" for m in mirrors)], options, msha)
             # an image pin cannot check chunks (lazy mode never reads the whole file); it must agree with the
             # manifest's whole-image hash, so one command line pins both modes and a wrong pin fails here
             if check.sha256 and manifest.sha256 != check.sha256:
                 raise BootFailed(f"{murl}: describes an image with sha256 {manifest.sha256}, "
                                  f"{check.option} pins {check.sha256}")  # fmt: skip
-        source = HTTPSource(url, options, manifest=manifest)
+        remote = HTTPSource(url, options, manifest=manifest, mirrors=mirrors)
+        source: ByteSource = remote
+        how = "read lazily"
+        if cfg.mode == "stream":
+            from bootkit.fetch.stream import StreamSource
+
+            source = StreamSource(remote)
+            self.streams.append(source)
+            how = "read lazily, filled into RAM behind the boot"
         self.verified[url] = "manifest " + (manifest.digest if manifest else "none")
         self.sources.append(source)
-        self.stages.done(f"{name}: {human_size(source.size)}, read lazily "
+        self.stages.done(f"{name}: {human_size(source.size)}, {how} "
                          f"({'chunks verified by manifest' if manifest else 'NOT verified'})")  # fmt: skip
         return source
+
+
+def _load_manifest(urls: Sequence[str], options: Any, sha256: str) -> Any:
+    """The manifest from the first of ``urls`` that has it with the pinned hash; else the first one's error."""
+    from bootkit.fetch import Manifest
+
+    first: Optional[BaseException] = None
+    for url in urls:
+        try:
+            return Manifest.load(url, options, sha256=sha256)
+        except Exception as e:  # the next mirror may have it; the first error is the one to report
+            first = first or e
+    assert first is not None
+    raise first
 
 
 def _decoded_name(url: str) -> str:

@@ -55,12 +55,14 @@ BOOTKIT_MODULES: Tuple[str, ...] = (
     "bootkit.fetch.errors",
     "bootkit.fetch.lazy",
     "bootkit.fetch.manifest",
+    "bootkit.fetch.mirrors",
     "bootkit.fetch.options",
     "bootkit.fetch.progress",
     "bootkit.fetch.room",
     "bootkit.fetch.checksums",
     "bootkit.fetch.ranges",
     "bootkit.fetch.rangeclient",
+    "bootkit.fetch.stream",
     "bootkit.boot.main",
 )
 

@@ -71,7 +71,7 @@ def run_daemon(cfg: BootConfig, stages: Stages, report: Any) -> int:
     status = StatusFile()
     try:
         daemon.harden()
-        if cfg.mode == "ram":
+        if cfg.mode in ("ram", "stream"):
             grow_run(cfg)
         ready = prepare(cfg, stages)
         image, fetcher, root = ready.image, ready.fetcher, ready.root
@@ -104,7 +104,16 @@ def run_daemon(cfg: BootConfig, stages: Stages, report: Any) -> int:
         timeline=stages.timeline,
         counters=counters(image, fetcher, devstats),
     )
-    status.refresh_every(10.0, lambda: counters(image, fetcher, devstats))
+    fill = None
+    if fetcher.streams:
+        from bootkit.fetch.stream import start_fill
+
+        try:
+            fill = start_fill(fetcher.streams, IMAGE_DIR, rate=cfg.fill_rate, reserve=cfg.minmem_mib << 20,
+                              report=lambda fields: status.update(fill=fields))  # fmt: skip
+        except Exception as e:  # the root is attached: a fill that cannot start must not take its server down
+            log.warning("fill: WARNING: cannot start (%s: %s): stream mode stays lazy", type(e).__name__, e)
+    status.refresh_every(10.0, lambda: counters(image, fetcher, devstats, fill))
     report.send(0, json.dumps({"device": device, "fstype": root.fs.type if root.fs else None}))
     attachment.wait()
     return 0
@@ -127,8 +136,11 @@ class DeviceStats:
         return {k: int(values[i]) for k, i in _BLOCK_STAT_FIELDS if i < len(values)}
 
 
-def counters(image: Any, fetcher: ImageFetcher, device: Optional[DeviceStats] = None) -> Dict[str, Any]:
-    """Cache counters of the reader, request counters of the device, HTTP counters in lazy mode."""
+def counters(
+    image: Any, fetcher: ImageFetcher, device: Optional[DeviceStats] = None, fill: Any = None
+) -> Dict[str, Any]:
+    """Cache counters of the reader, request counters of the device, HTTP counters in lazy and stream mode,
+    and the bytes stream mode has filled into RAM so far."""
     result: Dict[str, Any] = {}
     if hasattr(image, "cache_stats"):
         result.update(image.cache_stats())
@@ -138,4 +150,9 @@ def counters(image: Any, fetcher: ImageFetcher, device: Optional[DeviceStats] = 
         stats = getattr(source, "stats", None)
         if stats:
             result.update({f"http_{k}": v for k, v in dict(stats).items()})
+    mirrors = fetcher.mirror_status()
+    if mirrors:
+        result["mirrors"] = mirrors
+    if fill is not None:
+        result.update(fill_bytes=fill.filled, fill_total=fill.total)
     return result

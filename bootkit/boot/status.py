@@ -14,7 +14,7 @@ import contextlib
 import json
 import os
 import threading
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from bootkit.errors import BootkitError
 
@@ -81,13 +81,17 @@ def read_status(path: Optional[os.PathLike[str]] = None) -> Dict[str, Any]:
 
 
 def format_status(data: Dict[str, Any]) -> str:
-    """Human-readable lines, one ``key: value`` per field, counters indented."""
-    lines = []
-    for key in sorted(data):
-        value = data[key]
-        if isinstance(value, dict):
-            lines.append(f"{key}:")
-            lines += [f"  {k}: {v}" for k, v in sorted(value.items())]
-        else:
-            lines.append(f"{key}: {value}")
+    """Human-readable lines, one ``key: value`` per field, nested fields (counters, each mirror) indented."""
+    lines: List[str] = []
+
+    def add(fields: Dict[str, Any], indent: str) -> None:
+        for key in sorted(fields):
+            value = fields[key]
+            if isinstance(value, dict):
+                lines.append(f"{indent}{key}:")
+                add(value, indent + "  ")
+            else:
+                lines.append(f"{indent}{key}: {value}")
+
+    add(data, "")
     return "".join(line + "\n" for line in lines)

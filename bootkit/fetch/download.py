@@ -7,6 +7,12 @@ and, when that filesystem lives in RAM (tmpfs, ramfs), ``MemAvailable`` minus a 
 ``If-Range``, so a file that changed on the server restarts from zero instead of being spliced; a server that
 sends neither ETag nor Last-Modified gives nothing to put in ``If-Range``, so its downloads restart from zero.
 
+With mirrors (the same file on other servers, only with a pinned hash), a failed attempt moves on to the next
+mirror, and so does a file that hashes wrong (each mirror is blamed at most once). ``If-Range`` cannot carry
+over (each server has its own ETags), so the bytes already received are kept only when a manifest can check
+them, chunk by chunk, up to the last good chunk; without one the next mirror starts from zero. The attempts
+stay bounded by the same retry limit, and the pinned hash checks the whole file.
+
 Runs inside the initramfs: standard library only, Python >= 3.9.
 """
 
@@ -17,10 +23,10 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from bootkit.errors import BootkitError
+from bootkit.errors import BootkitError, UsageError
 from bootkit.fetch import client
 from bootkit.fetch.checksums import sidecar_checksum as sidecar_checksum  # re-exported: boot.main uses it
 from bootkit.fetch.errors import (
@@ -30,6 +36,8 @@ from bootkit.fetch.errors import (
     SizeMismatch,
     TransientError,
 )
+from bootkit.fetch.manifest import Manifest
+from bootkit.fetch.mirrors import Mirror, MirrorSet
 from bootkit.fetch.options import FetchOptions
 from bootkit.fetch.progress import Progress, human_duration
 from bootkit.fetch.ranges import content_range, if_range_validator
@@ -48,12 +56,14 @@ MAX_RESTARTS = 3
 
 @dataclass(frozen=True)
 class DownloadResult:
-    """A verified file: where it is, how big, its SHA-256 and the URL it came from."""
+    """A verified file: where it is, how big, its SHA-256 and the URL it came from (the mirror that finished)."""
 
     path: str
     size: int
     sha256: str
     url: str
+    #: per-mirror state and counters (``MirrorSet.describe``), when mirrors were given
+    mirrors: Dict[str, Dict[str, object]] = field(default_factory=dict)
 
 
 # -- the hash-and-write stage ------------------------------------------------------------------------------
@@ -121,11 +131,15 @@ class _Sink:
 
     def restart(self) -> None:
         """Forget everything written: the file starts again from zero."""
+        self.rewind(0, hashlib.sha256())
+
+    def rewind(self, size: int, hasher: Any) -> None:
+        """Keep only the first ``size`` bytes, whose hash so far is ``hasher``."""
         self.flush()
-        os.ftruncate(self.fd, 0)
-        os.lseek(self.fd, 0, os.SEEK_SET)
-        self.hasher = hashlib.sha256()
-        self.written = 0
+        os.ftruncate(self.fd, size)
+        os.lseek(self.fd, size, os.SEEK_SET)
+        self.hasher = hasher
+        self.written = size
 
     def close(self) -> None:
         with self._cond:
@@ -165,8 +179,19 @@ class _Sink:
 class _Download:
     """The state of one download: the .part file, what has been written, what the server announced."""
 
-    def __init__(self, url: str, dest: str, options: FetchOptions) -> None:
+    def __init__(
+        self, url: str, dest: str, options: FetchOptions, mirrors: MirrorSet, manifest: Optional[Manifest] = None
+    ) -> None:
         self.url = url
+        self.mirrors = mirrors
+        self.mirror = mirrors.primary
+        #: mirrors that answered with an error no retry mends (404, another file)
+        self.dead: Set[str] = set()
+        #: mirrors that failed since the last counted attempt: a round of all of them counts as one
+        self.round: Set[str] = set()
+        self.manifest = manifest
+        #: the bytes in the file were checked against the manifest when the download moved to another mirror
+        self.prefix_checked = False
         self.dest = dest
         self.part = dest + ".part"
         self.options = options
@@ -175,6 +200,8 @@ class _Download:
         self.budget: Optional[int] = None
         self.restarts = 0
         self.progress = Progress(url, None, options.progress_interval)
+        #: the file's size when the current mirror took over (its byte counter starts there)
+        self.mirror_start = 0
 
     def run(self, expected: Optional[str], expected_from: str) -> DownloadResult:
         try:
@@ -185,6 +212,9 @@ class _Download:
         try:
             self._transfer(sink)
             sink.flush()
+            while expected is not None and sink.hasher.hexdigest() != expected and self._after_mismatch(sink):
+                self._transfer(sink)
+                sink.flush()
         finally:
             sink.close()
         try:
@@ -213,7 +243,9 @@ class _Download:
             self.dest,
             self.url,
         )
-        return DownloadResult(self.dest, sink.written, digest, self.url)
+        self.mirrors.add_bytes(self.mirror, sink.written - self.mirror_start)
+        mirrors = self.mirrors.describe() if len(self.mirrors) > 1 else {}
+        return DownloadResult(self.dest, sink.written, digest, self.url, mirrors)
 
     def _transfer(self, sink: _Sink) -> None:
         retry = client.Retry(self.url, self.options)
@@ -225,15 +257,92 @@ class _Download:
             except Exception as e:  # classify decides what is retried
                 retry.check_deadline()
                 error = client.classify(e, self.url, self.options.timeout)
+                if len(self.mirrors) > 1:
+                    counted = self._next_mirror(sink, error)
+                    if counted is None:
+                        continue
+                    error = counted
                 if not isinstance(error, TransientError):
                     raise error from e
                 sink.flush()  # count what reached the file before deciding on progress
                 retry.failed(error, progressed=sink.written > before)
 
+    def _after_mismatch(self, sink: _Sink) -> bool:
+        """The whole file hashed wrong: with another mirror left, blame the current one (the bytes before it took
+        over were checked against the manifest, or there were none) and start again from zero on the next."""
+        if len(self.mirrors) == 1:
+            return False
+        self.dead.add(self.mirror.url)
+        following = self.mirrors.next_after(self.mirror, self.dead)
+        if following is None:
+            return False
+        self.mirrors.add_bytes(self.mirror, sink.written - self.mirror_start)
+        what = f"{self.url}: the file does not match the pinned SHA-256"
+        self.mirrors.corrupt(self.mirror, what)
+        self._restart(sink, f"{what}; asking mirror {following.url}", changed=False)
+        self.mirror, self.url = following, following.url
+        return True
+
+    def _next_mirror(self, sink: _Sink, error: BootkitError) -> Optional[BootkitError]:
+        """After a failed attempt: move to the next mirror. None: it has not failed in this round, ask it at once;
+        else the error that counts as one failed attempt (a round of all mirrors: transient while a mirror is left
+        that no permanent error ruled out, else the last error), naming every mirror's last error."""
+        sink.flush()
+        self.mirrors.add_bytes(self.mirror, max(sink.written - self.mirror_start, 0))
+        self.mirrors.failed(self.mirror, error)
+        self.round.add(self.mirror.url)
+        if not isinstance(error, TransientError):
+            self.dead.add(self.mirror.url)
+        servers = f"{len(self.mirrors)} servers of {self.mirrors.primary.url}"
+        following = self.mirrors.next_after(self.mirror, self.dead)
+        if following is None:
+            return type(error)(f"all {servers} failed: {self.mirrors.summary()}")
+        if following is not self.mirror:
+            self._switch(sink, following)
+        if following.url not in self.round:
+            return None
+        self.round = set()
+        # the line that ends the download, if this was the last attempt, names every mirror's last error
+        return TransientError(f"{servers}: {self.mirrors.summary()}")
+
+    def _switch(self, sink: _Sink, mirror: Mirror) -> None:
+        """Continue on ``mirror``: from the last chunk the manifest vouches for, else from zero."""
+        log.warning("fetch: moving from %s to mirror %s", self.url, mirror.url)
+        if sink.written and self.manifest is not None:
+            kept = self._check_prefix(sink, self.manifest)
+            log.info("fetch: %s received earlier match the manifest; the rest comes from %s", human_size(kept),
+                     mirror.url)  # fmt: skip
+            self.validator = None
+            self.prefix_checked = True
+        elif sink.written:
+            self._restart(sink, "another mirror's copy cannot be spliced to these bytes without a manifest", False)
+        self.mirror = mirror
+        self.url = mirror.url
+        self.mirror_start = sink.written
+
+    def _check_prefix(self, sink: _Sink, manifest: Manifest) -> int:
+        """Cut the file back to its longest prefix of whole chunks that match ``manifest``; returns its size."""
+        sink.flush()
+        hasher = hashlib.sha256()
+        kept = 0
+        with open(self.part, "rb") as f:
+            for index in range(manifest.chunk_count):
+                offset, length = manifest.chunk_span(index)
+                if offset + length > sink.written:
+                    break
+                data = f.read(length)
+                if not manifest.check(index, data):
+                    log.warning("fetch: chunk %d received earlier does not match the manifest", index)
+                    break
+                hasher.update(data)
+                kept = offset + length
+        sink.rewind(kept, hasher)
+        return kept
+
     def _attempt(self, sink: _Sink, retry: client.Retry) -> bool:
         """One request; True when the whole file is in. False: ask again at once (restart from zero)."""
         sink.flush()
-        if sink.written and not self.validator:
+        if sink.written and not self.validator and not self.prefix_checked:
             # without If-Range, a file replaced by one of the same size would be spliced: half of each version
             self._restart(sink, "the server sends neither ETag nor Last-Modified, so it cannot resume safely", False)
         offset = sink.written
@@ -253,6 +362,8 @@ class _Download:
                 if changed:
                     self._restart(sink, changed)
                     return False
+                if self.validator is None:  # resumed on another mirror: its own validator from now on
+                    self.validator = if_range_validator(response)
                 log.info("fetch: resuming at %s of %s (%s)", human_size(offset), human_size(self.size or 0), self.url)
             elif offset and response.status == 416:
                 return self._restart_after_416(response, sink)
@@ -321,6 +432,8 @@ class _Download:
                 raise RemoteChanged(f"{self.url}: changed on the server {self.restarts} times during the download")
         log.warning("fetch: restarting from zero: %s (%s)", why, self.url)
         sink.restart()
+        self.mirror_start = 0
+        self.prefix_checked = False
         self.size = None
         self.validator = None
 
@@ -374,13 +487,28 @@ def _cut(conn: Any) -> None:
             pass
 
 
-def download(url: str, dest: str, options: FetchOptions) -> DownloadResult:
+def download(
+    url: str,
+    dest: str,
+    options: FetchOptions,
+    *,
+    mirrors: Sequence[str] = (),
+    manifest: Optional[Manifest] = None,
+) -> DownloadResult:
     """Download ``url`` to ``dest``, verified as ``options`` says; raises a FetchError subclass on failure.
 
     The bytes go to ``dest + ".part"``, which is renamed to ``dest`` only once verified; on failure it is
     removed. Progress lines go to the ``bootkit`` logger every ``options.progress_interval`` seconds.
+    ``mirrors``: the same file on other servers (only with a pinned hash); ``manifest``: lets a download that
+    moves to another mirror keep the bytes it has (checked chunk by chunk) instead of starting from zero.
     """
     client.parse_url(url)
+    for mirror in mirrors:
+        client.parse_url(mirror)
+    if mirrors and options.verify != "pinned":
+        raise UsageError(f"{url}: mirrors need a pinned hash (verify=pinned): a mirror could serve any file")
+    if manifest is not None and options.sha256 is not None and manifest.sha256 != options.sha256:
+        raise UsageError(f"{url}: the manifest describes sha256 {manifest.sha256}, not the pinned {options.sha256}")
     expected: Optional[str] = None
     expected_from = "not verified"
     if options.verify == "pinned":
@@ -391,7 +519,7 @@ def download(url: str, dest: str, options: FetchOptions) -> DownloadResult:
         log.info("fetch: expecting SHA-256 %s %s", expected, expected_from)
     else:
         log.warning("fetch: %s will not be verified (verify=none)", url)
-    job = _Download(url, dest, options)
+    job = _Download(url, dest, options, MirrorSet([url, *mirrors]), manifest)
     try:
         return job.run(expected, expected_from)
     except BaseException:

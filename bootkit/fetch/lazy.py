@@ -9,24 +9,31 @@ reported as ``ChunkError`` (the NBD server answers EIO) -- never served.
 ``start_background_fill(path)`` streams the whole image into a local file meanwhile; chunks already written
 are read from it, and once it is complete every read comes from it and the network is no longer needed.
 
+With ``mirrors`` (the same file on other servers), chunk requests go to the healthy mirror with the fewest
+requests in flight, and a mirror that fails, is slow or serves a chunk that fails the manifest is left alone
+for a while (``bootkit.fetch.mirrors``): a bad chunk costs a request to another mirror, never a wrong byte.
+
 Runs inside the initramfs: standard library only, Python >= 3.9.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import http.client
 import os
 import socket
 import threading
+import time
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from bootkit.errors import BootkitError, UsageError
 from bootkit.fetch import client
 from bootkit.fetch.errors import ChunkError, SizeMismatch, TransientError
 from bootkit.fetch.manifest import DEFAULT_CHUNK_SIZE, Manifest
+from bootkit.fetch.mirrors import Mirror, MirrorSet
 from bootkit.fetch.options import FetchOptions
 from bootkit.fetch.progress import Progress, human_duration
 from bootkit.fetch.rangeclient import RangeClient
@@ -53,7 +60,9 @@ class HTTPSource:
     """A read-only, thread-safe ByteSource (``name``, ``size``, ``pread``, ``close``) over HTTP range requests.
 
     ``manifest`` is required unless ``options.verify == "none"``; ``options.sha256`` is not used here (the
-    boot configuration pins the manifest's hash instead, see ``Manifest.load``).
+    boot configuration pins the manifest's hash instead, see ``Manifest.load``). ``mirrors``: URLs of the same
+    file on other servers (only with a manifest: without one nothing could tell a mirror's bytes from any other
+    file's); ``self.mirrors`` holds their state and counters.
     """
 
     def __init__(
@@ -66,7 +75,10 @@ class HTTPSource:
         manifest: Optional[Manifest] = None,
         readahead: int = DEFAULT_READAHEAD,
         connections: int = DEFAULT_CONNECTIONS,
+        mirrors: Sequence[str] = (),
     ) -> None:
+        if mirrors and manifest is None:
+            raise UsageError(f"{url}: mirrors need a manifest: every chunk from a mirror must be verified")
         if manifest is None and options.verify != "none":
             raise UsageError(f"{url}: lazy mode verifies chunks with a manifest; give one, or use verify=none")
         if manifest is not None:
@@ -86,8 +98,9 @@ class HTTPSource:
         self._inflight: Dict[int, Future[bytes]] = {}
         self._last_chunk = -2
         self._closed = False
-        self._server = RangeClient(url, options)
-        self._size = self._server.size
+        self.mirrors = MirrorSet([url, *mirrors])
+        self._clients: Dict[str, RangeClient] = {}
+        self._size = self._open_first().size
         if manifest is not None and manifest.size != self._size:
             raise SizeMismatch(f"{url}: the server has {self._size} bytes, the manifest says {manifest.size}")
         self._executor = ThreadPoolExecutor(max_workers=max(1, connections), thread_name_prefix="fetch-ahead")
@@ -145,7 +158,10 @@ class HTTPSource:
             if self._closed:
                 return
             self._closed = True
-        self._server.close()
+        with self._lock:
+            clients = list(self._clients.values())
+        for rc in clients:
+            rc.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         with self._lock:  # read-ahead cancelled before it started: nobody else will answer its waiters
             pending = list(self._inflight.values())
@@ -214,6 +230,22 @@ class HTTPSource:
         if self._fill_error is not None:
             raise self._fill_error
         return True
+
+    # -- for stream mode's fill (bootkit.fetch.stream) --
+
+    def fetch_chunk(self, index: int) -> bytes:
+        """Chunk ``index`` straight from the server, checked against the manifest like every read (raises
+        ``ChunkError`` when it fails twice), without touching the cache or the read-ahead."""
+        return self._fetch_chunk(index)
+
+    def release(self) -> None:
+        """Drop the chunk cache and the idle connections: every read is served from elsewhere from now on."""
+        with self._lock:
+            self._cache.clear()
+            self._cached_bytes = 0
+            clients = list(self._clients.values())
+        for rc in clients:
+            rc.drop_idle()
 
     # -- chunks --
 
@@ -296,28 +328,103 @@ class HTTPSource:
         return offset, min(self.chunk_size, self._size - offset)
 
     def _fetch_chunk(self, index: int) -> bytes:
-        """One chunk, retried on transient errors, checked against the manifest (fetched twice at most)."""
+        """One chunk, retried on transient errors, checked against the manifest.
+
+        One server: a bad chunk is fetched once more, then ChunkError. Mirrors: each bad chunk demotes the mirror
+        that sent it and is asked of another one, until every mirror (at least two requests) sent it bad.
+        """
         offset, length = self._span(index)
         retry = client.Retry(self.name, self.options)
-        bad = 0
+        bad: List[Mirror] = []
+        error: Optional[BootkitError] = None
         while True:
+            mirror = self.mirrors.pick(avoid=bad)
+            if mirror is None:
+                if error is not None:  # every server failed a request: wait (and count the attempt)
+                    retry.failed(self._all_failed(error))
+                mirror = self.mirrors.pick(avoid=bad, force=True)
+                assert mirror is not None
+            started = time.monotonic()
             try:
-                data = self._server.get(offset, length)
+                data = self._client(mirror).get(offset, length)
             except Exception as e:  # classify decides what is retried
-                retry.failed(client.classify(e, self.name, self.options.timeout))
+                error = client.classify(e, mirror.url, self.options.timeout)
+                self.mirrors.failed(mirror, error)
                 continue
+            error = None
             with self._lock:
                 self.stats["requests"] += 1
                 self.stats["bytes"] += length
             if self.manifest is None or self.manifest.check(index, data):
+                self.mirrors.succeeded(mirror, length, time.monotonic() - started)
                 return data
-            bad += 1
+            bad.append(mirror)
             with self._lock:
                 self.stats["bad_chunks"] += 1
-            what = f"{self.name}: chunk {index} (bytes {offset}-{offset + length - 1}) does not match the manifest"
-            if bad >= 2:
-                raise ChunkError(f"{what}, also when fetched again; not served")
+            what = f"{mirror.url}: chunk {index} (bytes {offset}-{offset + length - 1}) does not match the manifest"
+            self.mirrors.corrupt(mirror, what)
+            if len(bad) >= max(2, len(self.mirrors)):
+                raise ChunkError(f"{what}, also when fetched again{self._from_all()}; not served")
             log.warning("fetch: %s; fetching it again", what)
+
+    def _from_all(self) -> str:
+        return f" from all {len(self.mirrors)} mirrors" if len(self.mirrors) > 1 else ""
+
+    def _all_failed(self, error: BootkitError) -> BootkitError:
+        """The error that ends a fetch: with mirrors, of the same kind, naming every mirror's last error."""
+        if len(self.mirrors) == 1:
+            return error
+        return type(error)(f"all {len(self.mirrors)} servers of {self.name} failed: {self.mirrors.summary()}")
+
+    # -- servers --
+
+    def _open_first(self) -> RangeClient:
+        """Probe the servers in order until one answers; its size is the file's. One server retries as always;
+        with mirrors each probe is one attempt, and a round in which none answered counts as a failed attempt."""
+        if len(self.mirrors) == 1:
+            rc = RangeClient(self.name, self.options)
+            self._clients[self.name] = rc
+            return rc
+        retry = client.Retry(self.name, self.options)
+        once = dataclasses.replace(self.options, retries=0)
+        while True:
+            error: Optional[BootkitError] = None
+            for mirror in self.mirrors.mirrors:
+                try:
+                    rc = RangeClient(mirror.url, once)
+                except BootkitError as e:
+                    error = e
+                    self.mirrors.failed(mirror, e)
+                    continue
+                self._clients[mirror.url] = rc
+                return rc
+            assert error is not None
+            retry.failed(self._all_failed(error if isinstance(error, TransientError) else TransientError(str(error))))
+
+    def _client(self, mirror: Mirror) -> RangeClient:
+        """The range client of ``mirror``, probed on first use: it must have the same size as the first."""
+        with self._lock:
+            rc = self._clients.get(mirror.url)
+        if rc is not None:
+            return rc
+        rc = RangeClient(mirror.url, dataclasses.replace(self.options, retries=0))
+        if rc.size != self._size:
+            rc.close()
+            raise SizeMismatch(f"{mirror.url}: has {rc.size} bytes, {self.name} has {self._size}: not the same file")
+        with self._lock:
+            closed = self._closed
+            existing = self._clients.setdefault(mirror.url, rc) if not closed else rc
+        if closed or existing is not rc:
+            rc.close()
+        if closed:
+            raise TransientError(f"{self.name}: source closed")
+        return existing
+
+    def _drop_idle(self) -> None:
+        with self._lock:
+            clients = list(self._clients.values())
+        for rc in clients:
+            rc.drop_idle()
 
     # -- background fill thread --
 
@@ -342,7 +449,9 @@ class HTTPSource:
                 except Exception as e:  # classify decides what is retried
                     if self._closed:
                         return
-                    retry.failed(client.classify(e, self.name, self.options.timeout), progressed=index > before)
+                    error = client.classify(e, self.name, self.options.timeout)
+                    if len(self.mirrors) == 1 or self.mirrors.pick_url(()) is None:
+                        retry.failed(self._all_failed(error), progressed=index > before)
                     index = before
                     while index < self._chunks and self._have[index]:
                         index += 1
@@ -352,7 +461,7 @@ class HTTPSource:
                 self._local = True
                 self._cache.clear()
                 self._cached_bytes = 0
-            self._server.drop_idle()
+            self._drop_idle()
             log.info(
                 "fill: %s complete in %s: reads now come from %s (%s)",
                 human_size(self._size),
@@ -378,10 +487,17 @@ class HTTPSource:
     def _fill_stream(self, index: int, progress: Progress) -> int:
         """Stream from chunk ``index`` to the end into the local file; returns the next chunk to fetch."""
         offset = index * self.chunk_size
-        conn = self._server.connect()
+        mirror = self.mirrors.pick(force=True)
+        assert mirror is not None
+        try:
+            server = self._client(mirror)
+            conn = server.connect()
+        except Exception as e:
+            self.mirrors.failed(mirror, client.classify(e, mirror.url, self.options.timeout))
+            raise
         self._fill_conn = conn
         try:
-            response = self._server.open_from(conn, offset)
+            response = server.open_from(conn, offset)
             buf = bytearray(self.chunk_size)
             while index < self._chunks and not self._closed:
                 _, length = self._span(index)
@@ -390,17 +506,27 @@ class HTTPSource:
                 while got < length:
                     n = response.readinto(view[got:])
                     if not n:
-                        raise TransientError(f"{self.name}: connection closed early in chunk {index}")
+                        raise TransientError(f"{mirror.url}: connection closed early in chunk {index}")
                     got += n
                 if not self._have[index]:
                     if self.manifest is not None and hashlib.sha256(view).digest() != self.manifest.chunks[index]:
                         with self._lock:
                             self.stats["bad_chunks"] += 1
+                        what = f"{mirror.url}: chunk {index} does not match the manifest"
+                        self.mirrors.corrupt(mirror, what)  # the stream ends here: its server is demoted
+                        log.warning("fill: %s; fetching it again", what)
                         self._store(index, self._fetch_chunk(index))  # fetched again, or ChunkError
+                        return index + 1
                     else:
                         self._store(index, view)  # type: ignore[arg-type]
+                        self.mirrors.add_bytes(mirror, length)
                 index += 1
                 progress.update(index * self.chunk_size if index < self._chunks else self._size)
+        except Exception as e:
+            self.mirrors.failed(mirror, client.classify(e, mirror.url, self.options.timeout))
+            raise
+        else:
+            self.mirrors.released(mirror)
             return index
         finally:
             self._fill_conn = None

@@ -240,7 +240,7 @@ def write_qcow2(
     larger and a third faster than QEMU's 3; deflate: libdeflate 2, smaller and faster than QEMU's zlib 6, or
     zlib 6 without libdeflate).
     ``cluster_size``: a power of two from 4 KiB to 2 MiB. ``threads``: compressing threads (None: one per
-    core). ``backing``: an existing QCOW2 image of the same virtual size, read with
+    core). ``backing``: an existing QCOW2 image of at most the input's virtual size, read with
     ``bootkit.qcow2.open``; only clusters that differ from it are written, and the image records it as its
     backing file (format qcow2) under ``backing_name`` (default: its path relative to ``dst``'s directory, a
     plain name when both are in one directory). ``progress`` is called after each chunk.
@@ -322,11 +322,12 @@ def _open_backing(
     if not encoded or len(encoded) > QCOW_MAX_BACKING_NAME or b"\0" in encoded:
         raise UsageError(f"backing file name {name!r} must be 1..{QCOW_MAX_BACKING_NAME} bytes without NUL")
     base = open_image(path)
-    if base.virtual_size != virtual_size:
+    if base.virtual_size > virtual_size:
         size = base.virtual_size
         base.close()
+        # a smaller overlay would cut the disk short; a larger one reads zeros past the backing image's end
         raise UsageError(
-            f"backing image {path} has a virtual size of {size} bytes, the input {virtual_size}: they must match"
+            f"backing image {path} has a virtual size of {size} bytes, more than the input's {virtual_size}"
         )
     if "/" in name:
         # bootkit's reader follows a backing name only inside the image's directory (unless told otherwise)
@@ -419,7 +420,8 @@ class _Job:
         if task.has_data:
             self.inp.readinto(offset, view)
         if self.base is not None:
-            n = min(size, self.virtual_size - offset)
+            # past the end of a smaller backing image the disk reads as zeros (QEMU's rule)
+            n = max(0, min(size, self.base.virtual_size - offset))
             self.base.readinto(offset, memoryview(old)[:n])
             old[n:size] = _ZEROS[: size - n]
         out: List[Cluster] = []

@@ -270,6 +270,36 @@ def busybox_image() -> RootImage:
     return _store(RootImage("busybox", raw, 2, known, size))
 
 
+#: where the stream-mode root keeps its bulk file (incompressible, so that the image has some size)
+BULK_FILE = "usr/share/bootkit-proof/bulk.bin"
+
+
+def stream_image(bulk_mib: int = 32) -> tuple[RootImage, str]:
+    """The busybox root plus a ``bulk_mib`` MiB bulk file and the after-fill proof (qemu-tests/rootfs/stream:
+    its /sbin/init runs it, then the busybox root's own init); returns the image and the bulk file's sha256."""
+    trees = _tree_digest(*(ROOTFS_FILES / part for part in ("common", "busybox", "stream")))
+    key = hashlib.sha256(f"{BUILDER_VERSION} bulk={bulk_mib} {trees}".encode() + BUSYBOX.read_bytes()).hexdigest()
+    bulk = known_bytes(f"bulk-{key}", bulk_mib * MIB)
+    bulk_sha256 = hashlib.sha256(bulk).hexdigest()
+    with _cache_lock():
+        image = _cached("stream", key)
+        if image is not None:
+            return image, bulk_sha256
+        out = cache_dir() / "images"
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out, prefix=".stream-root.") as tmp:
+            root = Path(tmp)
+            build_busybox_root(root)
+            (root / "sbin" / "init").rename(root / "sbin" / "init.proof")
+            _copy_tree(ROOTFS_FILES / "stream", root)
+            _replace_file(root / BULK_FILE, bulk)
+            known = _write_known_file(root, f"stream-{key}")
+            size = 24 * MIB + _round_up(bulk_mib * MIB * 9 // 8, MIB)
+            raw = out / f"stream-{key[:16]}.raw"
+            _assemble_into_place(root, raw, size)
+        return _store(RootImage("stream", raw, 2, known, size)), bulk_sha256
+
+
 # -- Debian -------------------------------------------------------------------------------------------------
 def debian_mirror() -> str:
     """The Debian mirror from the host's apt sources (one-line or deb822 format), else deb.debian.org."""
@@ -379,6 +409,33 @@ def debian_image() -> RootImage:
         raw = out / f"debian-{key[:16]}.raw"
         _assemble_into_place(root, raw, size)
     return _store(RootImage("debian", raw, 2, known, size))
+
+
+def debian_bulk_image(bulk_mib: int) -> RootImage:
+    """The Debian root plus a ``bulk_mib`` MiB incompressible file at :data:`BULK_FILE`: an image whose size
+    shows in a boot (bench/bootmodes.py). Built like :func:`debian_image`, cached by its own key."""
+    tree = debootstrap_tree()
+    key = hashlib.sha256(
+        (BUILDER_VERSION + f" bulk={bulk_mib} " + (tree / ".complete").read_text()
+         + _tree_digest(ROOTFS_FILES / "common", ROOTFS_FILES / "debian")).encode()
+    ).hexdigest()
+    with _cache_lock():
+        image = _cached("debian-bulk", key)
+        if image is not None:
+            return image
+        out = cache_dir() / "images"
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out, prefix=".debian-bulk-root.") as tmp:
+            root = Path(tmp) / "root"
+            run(["cp", "-a", "--reflink=auto", tree, root])
+            (root / ".complete").unlink()
+            configure_debian_root(root)
+            _replace_file(root / BULK_FILE, known_bytes(f"bulk-{key}", bulk_mib * MIB))
+            known = _write_known_file(root, f"debian-bulk-{key}")
+            size = _round_up(int(_du(root) * 1.3) + 48 * MIB, MIB)
+            raw = out / f"debian-bulk-{key[:16]}.raw"
+            _assemble_into_place(root, raw, size)
+        return _store(RootImage("debian-bulk", raw, 2, known, size))
 
 
 @contextmanager

@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bkharness.guest import HOST_FROM_GUEST
@@ -33,6 +33,14 @@ class WebServer:
     root: Path
     port: int
     log_path: Path
+    #: the server's process, for :meth:`stop`
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
+
+    def stop(self) -> None:
+        """Stop the server now, under a running guest (stream mode's test); leaving the context is then a no-op."""
+        if self.process is None:
+            raise RuntimeError(f"the server on port {self.port} cannot be stopped early")
+        _stop(self.process)
 
     @property
     def url(self) -> str:
@@ -97,7 +105,7 @@ def http_server(root: Path, *, log_dir: Path) -> Iterator[WebServer]:
     try:
         port = _read_port(proc, timeout=30)
         _wait_listening(port, proc, 30, "bootkit serve-http")
-        yield WebServer(root, port, log_path)
+        yield WebServer(root, port, log_path, proc)
     finally:
         _stop(proc)
         if proc.stdout is not None:

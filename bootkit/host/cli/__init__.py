@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "bootkit.host.cli.initrd",
     "bootkit.host.cli.build",
     "bootkit.host.cli.uki",
+    "bootkit.host.cli.publish",
     "bootkit.host.cli.status",
 )
 
@@ -49,6 +50,7 @@ COMMANDS = {
     "image": "bootkit.host.cli.build",
     "build-image": "bootkit.host.cli.build",
     "build-uki": "bootkit.host.cli.uki",
+    "publish": "bootkit.host.cli.publish",
     "status": "bootkit.host.cli.status",
 }
 

@@ -52,8 +52,11 @@ def _options(p: Any) -> None:
     p.add_argument("--headroom", type=parse_size, default=None, metavar="SIZE",
                    help="free space to leave when --size is not given (default: 256M)")
     p.add_argument("--compress", default="zstd", choices=("zstd", "deflate", "none"), help="default: zstd")
-    p.add_argument("--cluster-size", type=parse_size, default=65536, metavar="SIZE",
-                   help="QCOW2 cluster size, 4K to 2M, a power of two (default: 64K)")
+    p.add_argument("--cluster-size", type=parse_size, default=None, metavar="SIZE",
+                   help="QCOW2 cluster size, 4K to 2M, a power of two (default: 64K; with --base: the base's)")
+    p.add_argument("--base", type=Path, metavar="OLD.qcow2",
+                   help="write an overlay on OLD (in the output's directory): only the clusters that differ;"
+                   " OLD's identifiers and file-system size are kept")
     p.add_argument("--seed", metavar="TEXT",
                    help="seed for the file system UUID, hash seed and GPT GUIDs (default: the tree's digest)")
     p.add_argument("--keep-identity", action="store_true",
@@ -103,6 +106,7 @@ def _build_image(args: argparse.Namespace) -> int:
             systemd=args.systemd,
             epoch=_epoch(),
             platform=None if args.platform is None else Platform.parse(args.platform),
+            base=args.base,
         )
     )
     print(describe(result))

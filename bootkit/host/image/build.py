@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bootkit.errors import UsageError
-from bootkit.host.image import disk, tree
+from bootkit.host.image import delta, disk, tree
 from bootkit.host.image.oci import Platform
 from bootkit.log import human_size, log
 from bootkit.qcow2.writer import Compression, WriteProgress
 
 DEFAULT_HEADROOM = 256 << 20
+DEFAULT_CLUSTER_SIZE = 64 << 10
 
 
 class KernelError(UsageError):
@@ -45,7 +46,8 @@ class BuildOptions:
     size: int | None = None
     headroom: int = DEFAULT_HEADROOM
     compression: Compression = Compression.zstd
-    cluster_size: int = 64 << 10
+    #: None: 64 KiB, or the base's with ``base``
+    cluster_size: int | None = None
     #: seed for every UUID (None: the tree's content digest)
     seed: str | None = None
     keep_identity: bool = False
@@ -57,6 +59,8 @@ class BuildOptions:
     epoch: int | None = None
     #: the image to take from an OCI index or docker-archive (None: linux/amd64; a root tree refuses one)
     platform: Platform | None = None
+    #: build an overlay on this image (``--base``): only the clusters that differ (``delta``)
+    base: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,16 @@ def build_image(opts: BuildOptions) -> BuildResult:
         # the work directory and the outputs would be copied into the image (cp: "into itself")
         raise UsageError(f"-o {opts.output}: the output must not be inside SOURCE {opts.source}")
     image.parent.mkdir(parents=True, exist_ok=True)
+    base: delta.BaseImage | None = None
+    cluster_size = opts.cluster_size or DEFAULT_CLUSTER_SIZE
+    if opts.base is not None:
+        if opts.seed is not None:
+            raise UsageError("--seed and --base contradict each other: an overlay keeps its base's identifiers")
+        base = delta.read_base(opts.base, image)
+        cluster_size = delta.check_cluster_size(base, opts.cluster_size)
+        delta.check_size(base, opts.size)
+        log.info("build-image: overlay on %s (%s, %d KiB clusters): its identifiers and file-system geometry"
+                 " are kept", base.name, human_size(base.virtual_size), cluster_size >> 10)
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix=f".{image.name}.build-", dir=image.parent))
     try:
@@ -116,31 +130,49 @@ def build_image(opts: BuildOptions) -> BuildResult:
         epoch = opts.epoch if opts.epoch is not None else tree.newest_mtime(root)
         if opts.epoch is not None:
             tree.settle_times(root, epoch)  # the digest sees the clamped times
-        log.info("build-image: hashing the tree")
-        seed = opts.seed if opts.seed is not None else tree.tree_digest(root)
+        if base is not None:
+            seed = f"the identifiers of {base.name}"  # the tree's digest would be unused
+        elif opts.seed is not None:
+            seed = opts.seed
+        else:
+            log.info("build-image: hashing the tree")
+            seed = tree.tree_digest(root)
         tree.settle_times(root, epoch)
-        ids = disk.DiskIds.from_seed(seed)
-        inodes, data = tree.count_entries(root)
-        fs_size = opts.size if opts.size is not None else disk.fs_size_for(data, inodes, opts.headroom)
+        entries, data = tree.count_entries(root)
+        if base is None:
+            ids = disk.DiskIds.from_seed(seed)
+            fs_size = opts.size if opts.size is not None else disk.fs_size_for(data, entries, opts.headroom)
+            inodes = max(entries + entries // 4 + 1024, 4096)
+        else:
+            ids = base.ids
+            fs_size, inodes = delta.fs_geometry(base, data=data, entries=entries, headroom=opts.headroom,
+                                                size=opts.size)
+            if fs_size > base.fs_size:
+                log.info("build-image: the tree does not fit in the base's %s file system: the overlay grows the"
+                         " disk (fewer clusters stay shared)", human_size(base.fs_size))
         fs_size = (fs_size + disk.MIB - 1) // disk.MIB * disk.MIB
         log.info("build-image: ext4 '%s' of %s for %d entries, %s of data", opts.label, human_size(fs_size),
-                 inodes, human_size(data))
+                 entries, human_size(data))
         fs_image = work / "root.ext4"
-        disk.make_ext4(root, fs_image, size=fs_size, inodes=max(inodes + inodes // 4 + 1024, 4096),
-                       label=opts.label, ids=ids, epoch=epoch)
+        disk.make_ext4(root, fs_image, size=fs_size, inodes=inodes, label=opts.label, ids=ids, epoch=epoch)
         disk.log_fs(fs_image)
         raw = work / "disk.raw"
         disk_size = disk.assemble_gpt(fs_image, raw, ids=ids, label=opts.label)
         fs_image.unlink()
-        log.info("build-image: writing QCOW2 (%s, %d KiB clusters)", opts.compression.value, opts.cluster_size >> 10)
+        log.info("build-image: writing QCOW2 (%s, %d KiB clusters)", opts.compression.value, cluster_size >> 10)
         from bootkit.qcow2 import write_qcow2
 
         work_image = work / image.name
-        written = write_qcow2(raw, work_image, compression=opts.compression.value, cluster_size=opts.cluster_size,
-                              progress=_WriteMeter())
+        written = write_qcow2(raw, work_image, compression=opts.compression.value, cluster_size=cluster_size,
+                              backing=None if base is None else base.path,
+                              backing_name=None if base is None else base.name, progress=_WriteMeter())
         log.info("build-image: QCOW2 %s for a %s disk (%d clusters with data) in %.1f s",
                  human_size(written.file_size), human_size(written.virtual_size), written.clusters_written,
                  written.seconds)
+        if base is not None:
+            log.info("build-image: %d of %d clusters differ from %s (%d kept from it, %d zeroed)",
+                     written.clusters_written + written.clusters_zero, written.clusters_total, base.name,
+                     written.clusters_same, written.clusters_zero)
         raw.unlink()
         staged: list[tuple[Path, Path]] = [(work_image, image)]
         if kernel is not None:

@@ -28,6 +28,7 @@ def boot_config(entry: Entry) -> BootConfig:
         manifest=None if entry.manifest is None else entry.manifest.url,
         manifest_sha256=entry.manifest_sha256,
         snapshot=entry.snapshot,
+        mirrors=entry.mirrors,
         # With a tmpfs overlay the root is writable, so say so: without rw, dracut mounts it read-only and
         # systemd leaves a root that has no fstab entry as it found it.
         rw=entry.overlay.kind is OverlayKind.tmpfs,

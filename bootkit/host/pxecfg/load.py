@@ -67,15 +67,19 @@ def _entry(t: Table, ctx: Context, default_console: tuple[str, ...]) -> Entry:
 
     # What pins the image's bytes (the rules of the command-line contract, bootkit/boot/cmdline.py, which
     # parses every generated line below): ram mode hashes the whole download (a pinned sha256, or the .sha256
-    # sidecar next to the image); lazy mode checks each chunk it reads against a manifest whose own hash is
-    # pinned, or uses the sidecar.
+    # sidecar next to the image); lazy and stream mode check each chunk they read against a manifest whose own
+    # hash is pinned, or uses the sidecar.
     manifest = None
     manifest_sha256 = None
     manifest_value = t.get("manifest")
     manifest_hash_spec = t.get("manifest_sha256")
+    mirrors: tuple[str, ...] = t.get("mirrors", ())
     if manifest_value is not None:
-        if mode is not Mode.lazy:
-            raise t.error("manifest", f"contradicts mode = {mode.value!r}: a manifest verifies lazy reads only")
+        # with mirrors, ram mode uses a manifest to keep what it has when a download moves to another mirror
+        if not mode.reads_ranges and not mirrors:
+            raise t.error(
+                "manifest", f"contradicts mode = {mode.value!r}: a manifest verifies lazy and stream reads only"
+            )
         manifest = resolve.artifact(t, "manifest", manifest_value, ctx, http_only=False)
         manifest_sha256 = resolve.sha256(t, "manifest_sha256", manifest_hash_spec or "compute", manifest, ctx)
     elif manifest_hash_spec is not None:
@@ -86,13 +90,19 @@ def _entry(t: Table, ctx: Context, default_console: tuple[str, ...]) -> Entry:
         if manifest is not None:
             raise t.error("sha256", "'sidecar' contradicts manifest: the manifest's pinned hash verifies lazy reads")
     elif sha256_spec is not None:
-        if mode is Mode.lazy and manifest is None:
+        if mode.reads_ranges and manifest is None:
             raise t.error(
                 "sha256",
-                "a pinned image hash cannot be checked in lazy mode (the image is never read whole): "
+                f"a pinned image hash cannot be checked in {mode.value} mode (chunks are used before the whole "
+                "image could be hashed): "
                 "set manifest (and manifest_sha256), or sha256 = 'sidecar'",
             )
         sha256 = resolve.sha256(t, "sha256", sha256_spec, image, ctx)
+    if mirrors and sha256 is None and (mode is Mode.ram or manifest_sha256 is None):
+        raise t.error(
+            "mirrors",
+            "need a pinned hash (sha256, or manifest in lazy mode): an unpinned mirror could serve any image",
+        )
 
     snapshot = t.get("snapshot")
     console = t.get("console", default_console)
@@ -111,6 +121,7 @@ def _entry(t: Table, ctx: Context, default_console: tuple[str, ...]) -> Entry:
         manifest=manifest,
         manifest_sha256=manifest_sha256,
         snapshot=snapshot,
+        mirrors=mirrors,
         console=console,
         args=args,
     )

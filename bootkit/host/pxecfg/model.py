@@ -99,6 +99,8 @@ class Entry:
     manifest_sha256: str | None = None
     #: internal QCOW2 snapshot to boot instead of the active state
     snapshot: str | None = None
+    #: absolute URLs of the same image on other servers (``rd.qcow2.mirror=``); only with a pinned hash
+    mirrors: tuple[str, ...] = ()
     console: tuple[str, ...] = ()
     args: tuple[str, ...] = ()
 

@@ -51,7 +51,8 @@ ENTRY_SETTINGS = (
         "'sidecar' (the initramfs checks <image URL>.sha256)",
         metavar="HEX|compute|sidecar",
     ),
-    Setting("mode", "ram: download the whole image first (default); lazy: read ranges on demand", metavar="MODE",
+    Setting("mode", "ram: download the whole image first (default); lazy: read ranges on demand; stream: read "
+            "ranges on demand and fill the whole image into RAM behind the boot", metavar="MODE",
             parse=v.choice(Mode)),
     Setting(
         "root", "root filesystem: auto (default), partition number, LABEL=.., UUID=.., PARTUUID=..", metavar="ROOT",
@@ -59,9 +60,14 @@ ENTRY_SETTINGS = (
     ),
     Setting("overlay", "writable layer: tmpfs (default) or none", metavar="KIND", parse=v.choice(OverlayKind)),
     Setting("overlay_size", "tmpfs overlay size (2G, 25%%)", metavar="SIZE", parse=v.overlay_size),
-    Setting("manifest", "lazy mode: per-cluster hash manifest, URL or path relative to base_url", metavar="FILE|URL"),
+    Setting("manifest", "lazy and stream mode: per-chunk hash manifest, URL or path relative to base_url",
+            metavar="FILE|URL"),
     Setting("manifest_sha256", "SHA-256 of the manifest: 64 hex digits or 'compute' (default)", metavar="HEX"),
     Setting("snapshot", "internal QCOW2 snapshot to boot", metavar="NAME", parse=v.snapshot),
+    Setting(
+        "mirrors", "absolute URL of the same image on another server, tried after image (repeatable; needs a pinned "
+        "sha256, or manifest in lazy mode)", "list", "URL", parse=v.mirror_urls,
+    ),
     Setting("console", "kernel console= value (repeatable)", "list", "CONSOLE", parse=v.kernel_args),
     Setting("args", "extra kernel argument (repeatable)", "list", "ARG", parse=v.kernel_args),
 )

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from bootkit.boot.cmdline import Overlay, OverlayKind, RootSpec, parse_root, valid_tmpfs_size
+from bootkit.boot.cmdline import Overlay, OverlayKind, RootSpec, check_url, parse_root, valid_tmpfs_size
 from bootkit.errors import ConfigError
 from bootkit.host.pxecfg.model import Bootloader
 
@@ -85,6 +85,20 @@ def kernel_args(values: Sequence[str]) -> tuple[str, ...]:
     for v in values:
         if not ARG.match(v):
             raise BadValue(f"{v!r}: kernel arguments here are single words of [A-Za-z0-9_.,:/=+@%?&~!*()[]-]")
+    return tuple(values)
+
+
+def mirror_urls(values: Sequence[str]) -> tuple[str, ...]:
+    """Absolute http(s) URLs of the same image on other servers, each a single kernel-argument word."""
+    for v in values:
+        if not ARG.match(v):
+            raise BadValue(f"{v!r}: a mirror URL here is a single word of [A-Za-z0-9_.,:/=+@%?&~!*()[]-]")
+        try:
+            check_url("mirror", v)
+        except ConfigError:
+            raise BadValue(f"{v!r} is not an http:// or https:// URL of a file") from None
+    if len(set(values)) != len(values):
+        raise BadValue("a mirror is named twice")
     return tuple(values)
 
 
