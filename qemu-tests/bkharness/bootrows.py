@@ -190,15 +190,22 @@ def _same_data(image: images.RootImage) -> Callable[[Proof], list[str]]:
 _DRACUT_ARGS = ("rd.shell=0", "rd.emergency=poweroff", "rd.skipfsck")
 
 
+#: on the local-disk floors' line: the Debian root's systemd would otherwise find the disk's ESP through
+#: systemd-gpt-auto-generator and wait 90 s for its device (no vfat module in the root); the network rows
+#: have no local disk, so nothing there waits for it
+_LOCAL_ARGS = ("systemd.gpt_auto=0",)
+
+
 def boot_floor_a(setup: Setup, row: Row, d: Path) -> Result:
     cpio = tiny_initramfs(d / "local.cpio", LOCAL_DISK_INIT, kmoddir=setup.kernel.kmoddir, modules=LOCAL_MODULES)
-    with qemu_direct(setup.kernel.vmlinuz, cpio, " ".join(GUEST_KERNEL_ARGS), disks=[setup.image.raw],
+    args = [*GUEST_KERNEL_ARGS, *_LOCAL_ARGS]
+    with qemu_direct(setup.kernel.vmlinuz, cpio, " ".join(args), disks=[setup.image.raw],
                      memory_mib=MEMORY_MIB, log_dir=d, name=row.key) as vm:
         return _finish(vm, _same_data(setup.image), row.label)
 
 
 def boot_floor_b(setup: Setup, row: Row, d: Path) -> Result:
-    args = [*GUEST_KERNEL_ARGS, *_DRACUT_ARGS, f"root=/dev/vda{setup.image.root_partition}", "rw"]
+    args = [*GUEST_KERNEL_ARGS, *_DRACUT_ARGS, *_LOCAL_ARGS, f"root=/dev/vda{setup.image.root_partition}", "rw"]
     with qemu_direct(setup.kernel.vmlinuz, setup.initrd(row.kind, row.systemd), " ".join(args),
                      disks=[setup.image.raw], memory_mib=MEMORY_MIB, log_dir=d, name=row.key) as vm:
         return _finish(vm, _same_data(setup.image), row.label)
