@@ -178,7 +178,7 @@ def chunks_needed(image: Path, reads: list[tuple[int, int]]) -> set[int]:
         def close(self) -> None:
             pass
 
-    with qcow2.open(Recording()) as img:  # type: ignore[arg-type]
+    with qcow2.open(Recording()) as img:
         for offset, length in reads:
             img.pread(offset, length)
     return needed
