@@ -275,8 +275,9 @@ class HTTPSource:
             self._cached_bytes -= len(old)
 
     def _read_ahead(self, first: int, last: int) -> None:
-        """When a read moves on from a chunk read just before into the next one, fetch the next ``ahead_limit``
-        chunks on the worker threads: those not cached, not on their way, and within the read-ahead budget."""
+        """When a read moves on from a chunk read just before into the next one, fetch the chunks after it on the
+        worker threads (1, 2, 4, ... as the run grows, at most ``ahead_limit``): those not cached, not on their
+        way, and within the read-ahead budget."""
         with self._lock:
             before = [self._recent[i] for i in range(first - 1, last) if i in self._recent]
             onward = last not in self._recent and bool(before)
