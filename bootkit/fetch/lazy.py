@@ -1,13 +1,16 @@
 """Lazy mode: a byte source for the QCOW2 reader backed by HTTP range requests.
 
 The image is read in fixed chunks (1 MiB by default, the manifest's chunk size when there is one). Chunks live
-in an in-RAM LRU cache bounded in bytes; concurrent readers of one chunk share a single request; sequential
-access triggers read-ahead on a few keep-alive connections. Each request is retried like a download, and each
-chunk is checked against the ``Manifest`` before anyone sees it: a bad chunk is fetched once more, then
-reported as ``ChunkError`` (the NBD server answers EIO) -- never served.
+in an in-RAM cache bounded in bytes; concurrent readers of one chunk share a single request; a read that moves
+on into the next chunk triggers read-ahead on a few keep-alive connections. Each request is retried like a
+download, and each chunk is checked against the ``Manifest`` before anyone sees it: a bad chunk is fetched once
+more, then reported as ``ChunkError`` (the NBD server answers EIO) -- never served.
 
-``start_background_fill(path)`` streams the whole image into a local file meanwhile; chunks already written
-are read from it, and once it is complete every read comes from it and the network is no longer needed.
+The cache has two parts within one byte budget, so that guessing never costs what was read: chunks someone
+read (least recently used evicted first), and read-ahead chunks nobody read yet (at most half the budget; a
+reader moves them to the first part). Read-ahead never evicts another read-ahead chunk that lies ahead of a
+reader, and never claims a chunk that is cached or on its way. So a chunk is fetched again only after it left
+the cache, which needs more distinct chunks read than the budget holds.
 
 With ``mirrors`` (the same file on other servers), chunk requests go to the healthy mirror with the fewest
 requests in flight, and a mirror that fails, is slow or serves a chunk that fails the manifest is left alone
@@ -20,10 +23,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
-import http.client
-import os
-import socket
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
@@ -35,14 +34,14 @@ from bootkit.fetch.errors import ChunkError, SizeMismatch, TransientError
 from bootkit.fetch.manifest import DEFAULT_CHUNK_SIZE, Manifest
 from bootkit.fetch.mirrors import Mirror, MirrorSet
 from bootkit.fetch.options import FetchOptions
-from bootkit.fetch.progress import Progress, human_duration
 from bootkit.fetch.rangeclient import RangeClient
-from bootkit.fetch.room import check_fits, local_error
 from bootkit.log import human_size, log
 
 DEFAULT_CACHE_BYTES = 64 << 20
 DEFAULT_READAHEAD = 8
 DEFAULT_CONNECTIONS = 4
+#: how many recent readers' positions read-ahead follows (the NBD server reads on several threads)
+STREAMS = 16
 
 
 def _settle(future: Future[bytes], data: bytes = b"", error: Optional[BaseException] = None) -> None:
@@ -93,10 +92,14 @@ class HTTPSource:
         self.cache_bytes = cache_bytes
         self.stats: Dict[str, int] = collections.Counter()
         self._lock = threading.Lock()
+        # chunks someone read, least recently used first; read-ahead chunks nobody read yet, oldest first
         self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._ahead: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._cached_bytes = 0
         self._inflight: Dict[int, Future[bytes]] = {}
-        self._last_chunk = -2
+        self._ahead_inflight = 0
+        # the last chunk of each recent read -> how many chunks in a row led there; most recent last
+        self._recent: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._closed = False
         self.mirrors = MirrorSet([url, *mirrors])
         self._clients: Dict[str, RangeClient] = {}
@@ -105,15 +108,8 @@ class HTTPSource:
             raise SizeMismatch(f"{url}: the server has {self._size} bytes, the manifest says {manifest.size}")
         self._executor = ThreadPoolExecutor(max_workers=max(1, connections), thread_name_prefix="fetch-ahead")
         self._chunks = (self._size + self.chunk_size - 1) // self.chunk_size
-        # background fill: which chunks are in the local file, and the file once complete
-        self._have = bytearray(self._chunks)
-        self._fill_fd = -1
-        self._fill_part = ""
-        self._fill_thread: Optional[threading.Thread] = None
-        self._fill_conn: Optional[http.client.HTTPConnection] = None
-        self._fill_error: Optional[BaseException] = None
-        self._local = False
-        self.fill_done = threading.Event()
+        #: read-ahead chunks fetched or on their way but not read yet: at most half of the cache
+        self.ahead_limit = min(readahead, cache_bytes // self.chunk_size // 2)
         log.info(
             "fetch: reading %s lazily (%s, chunks of %s, %s)",
             url,
@@ -139,8 +135,6 @@ class HTTPSource:
         end = min(offset + length, self._size)
         if offset >= end:
             return b""
-        if self._local:
-            return os.pread(self._fill_fd, end - offset, offset)
         first, last = offset // self.chunk_size, (end - 1) // self.chunk_size
         self._read_ahead(first, last)
         if first == last:
@@ -167,22 +161,6 @@ class HTTPSource:
             pending = list(self._inflight.values())
         for future in pending:
             _settle(future, error=TransientError(f"{self.name}: source closed"))
-        fill_conn = self._fill_conn
-        if fill_conn is not None and fill_conn.sock is not None:
-            try:
-                fill_conn.sock.shutdown(socket.SHUT_RDWR)  # wakes the fill thread out of its read
-            except OSError:
-                pass
-        if self._fill_thread is not None:
-            self._fill_thread.join()
-        if self._fill_fd >= 0:
-            os.close(self._fill_fd)
-            self._fill_fd = -1
-            if not self._local:
-                try:
-                    os.unlink(self._fill_part)
-                except FileNotFoundError:
-                    pass
 
     def __enter__(self) -> HTTPSource:
         return self
@@ -193,55 +171,39 @@ class HTTPSource:
     def __repr__(self) -> str:
         return f"HTTPSource({self.name!r})"
 
-    # -- background fill --
-
-    def start_background_fill(self, path: str) -> None:
-        """Start copying the whole image to ``path`` (via ``path.part``) in a background thread.
-
-        Raises NotEnoughSpace at once if it cannot fit (same rule as ``download``). ``fill_done`` is set when
-        the copy is complete (``filled`` is then True) or has failed (``wait_filled`` raises the error; reads
-        carry on over the network).
-        """
-        with self._lock:
-            if self._fill_thread is not None:
-                raise UsageError(f"{self.name}: background fill already started")
-            check_fits(self.name, self._size, path, self.options.reserve_bytes)
-            self._fill_part = path + ".part"
-            try:
-                fd = os.open(self._fill_part, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-                os.ftruncate(fd, self._size)
-            except OSError as e:
-                raise local_error(e, self.name, f"cannot create {self._fill_part}") from e
-            self._fill_fd = fd
-            self._fill_thread = threading.Thread(target=self._fill, args=(path,), name="fetch-fill", daemon=True)
-        self._fill_thread.start()
-
-    @property
-    def filled(self) -> bool:
-        """True once every read comes from the complete local copy."""
-        return self._local
-
-    def wait_filled(self, timeout: Optional[float] = None) -> bool:
-        """Wait for the background fill; True when complete, False on timeout; raises the fill's error."""
-        if self._fill_thread is None:
-            raise UsageError(f"{self.name}: no background fill was started")
-        if not self.fill_done.wait(timeout):
-            return False
-        if self._fill_error is not None:
-            raise self._fill_error
-        return True
-
     # -- for stream mode's fill (bootkit.fetch.stream) --
 
     def fetch_chunk(self, index: int) -> bytes:
-        """Chunk ``index`` straight from the server, checked against the manifest like every read (raises
-        ``ChunkError`` when it fails twice), without touching the cache or the read-ahead."""
+        """Chunk ``index`` for a copy kept elsewhere: from the cache or a request on its way if it is there (a
+        read-ahead chunk leaves the cache: the copy has it now), else straight from the server, checked against
+        the manifest like every read (raises ``ChunkError`` when it fails twice), without caching it."""
+        with self._lock:
+            data = self._cache.get(index)
+            if data is None:
+                data = self._ahead.pop(index, None)
+                if data is not None:
+                    self._cached_bytes -= len(data)
+            if data is not None:
+                self.stats["cache_hits"] += 1
+                return data
+            waiting = self._inflight.get(index)
+        if waiting is not None:
+            try:
+                data = waiting.result()
+            except BootkitError:  # a read-ahead that failed: this caller asks again
+                return self._fetch_chunk(index)
+            with self._lock:
+                dropped = self._ahead.pop(index, None)
+                if dropped is not None:
+                    self._cached_bytes -= len(dropped)
+            return data
         return self._fetch_chunk(index)
 
     def release(self) -> None:
         """Drop the chunk cache and the idle connections: every read is served from elsewhere from now on."""
         with self._lock:
             self._cache.clear()
+            self._ahead.clear()
             self._cached_bytes = 0
             clients = list(self._clients.values())
         for rc in clients:
@@ -250,62 +212,96 @@ class HTTPSource:
     # -- chunks --
 
     def _chunk(self, index: int) -> bytes:
-        """Chunk ``index``: from the cache, the local copy, a request already on its way, or a new request."""
+        """Chunk ``index``: from the cache, a request already on its way, or a new request."""
         with self._lock:
-            data = self._cache.get(index)
+            data = self._use(index)
             if data is not None:
-                self._cache.move_to_end(index)
                 self.stats["cache_hits"] += 1
                 return data
-            local = bool(self._have[index])
             waiting = self._inflight.get(index)
-            if not local and waiting is None:
+            if waiting is None:
                 mine: Future[bytes] = Future()
                 self._inflight[index] = mine
-        if local:
-            offset, length = self._span(index)
-            return os.pread(self._fill_fd, length, offset)
-        if waiting is not None:
-            return waiting.result()
-        return self._fetch_as_owner(index, mine)
+        if waiting is None:
+            return self._fetch_as_owner(index, mine, ahead=False)
+        data = waiting.result()
+        with self._lock:  # a read-ahead chunk that arrived for this reader: it is read now
+            self._use(index)
+        return data
 
-    def _fetch_as_owner(self, index: int, future: Future[bytes]) -> bytes:
+    def _use(self, index: int) -> Optional[bytes]:
+        """Under the lock: chunk ``index`` from the cache, now the most recently read one; None if absent."""
+        data = self._cache.get(index)
+        if data is not None:
+            self._cache.move_to_end(index)
+            return data
+        data = self._ahead.pop(index, None)
+        if data is not None:
+            self._cache[index] = data  # its bytes are counted already
+            self.stats["readahead_used"] += 1
+        return data
+
+    def _fetch_as_owner(self, index: int, future: Future[bytes], ahead: bool) -> bytes:
         try:
             data = self._fetch_chunk(index)
         except BaseException as e:
             with self._lock:
                 self._inflight.pop(index, None)
+                if ahead:
+                    self._ahead_inflight -= 1
             _settle(future, error=e)
             raise
         with self._lock:
             self._inflight.pop(index, None)
-            self._cache_put(index, data)
+            if ahead:
+                self._ahead_inflight -= 1
+            if not self._closed:
+                self._cache_put(index, data, ahead)
         _settle(future, data)
         return data
 
-    def _cache_put(self, index: int, data: bytes) -> None:
-        """Insert under the lock, evicting the least recently used chunks beyond ``cache_bytes``."""
-        if index in self._cache:
+    def _cache_put(self, index: int, data: bytes, ahead: bool) -> None:
+        """Insert under the lock; beyond ``cache_bytes``, evict the least recently read chunks (never the
+        unread read-ahead ones: there are at most ``ahead_limit`` of them, and one chunk always stays)."""
+        if index in self._cache or index in self._ahead:
             return
-        self._cache[index] = data
+        (self._ahead if ahead else self._cache)[index] = data
         self._cached_bytes += len(data)
-        while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+        while self._cached_bytes > self.cache_bytes and len(self._cache) > (0 if ahead else 1):
             _, old = self._cache.popitem(last=False)
+            self._cached_bytes -= len(old)
+        while self._cached_bytes > self.cache_bytes and len(self._ahead) > (1 if ahead else 0):
+            _, old = self._ahead.popitem(last=False)  # a cache smaller than two chunks
             self._cached_bytes -= len(old)
 
     def _read_ahead(self, first: int, last: int) -> None:
-        """After sequential access, fetch the next ``readahead`` chunks on the worker threads."""
+        """When a read moves on from a chunk read just before into the next one, fetch the chunks after it on the
+        worker threads (1, 2, 4, ... as the run grows, at most ``ahead_limit``): those not cached, not on their
+        way, and within the read-ahead budget."""
         with self._lock:
-            sequential = first in (self._last_chunk, self._last_chunk + 1)
-            self._last_chunk = last
-            if not sequential or not self.readahead or self._closed:
+            before = [self._recent[i] for i in range(first - 1, last) if i in self._recent]
+            onward = last not in self._recent and bool(before)
+            run = self._recent.pop(last, 0) or (max(before, default=0) + last - first + 1)
+            self._recent[last] = run
+            if len(self._recent) > STREAMS:
+                self._recent.popitem(last=False)
+            if not onward or not self.ahead_limit or self._closed:
                 return
+            # the window doubles with the run (1, 2, 4, ... chunks): a short run cannot fetch much it won't read
+            depth = min(self.ahead_limit, 1 << min(run - 2, 16))
+            window = range(last + 1, min(last + 1 + depth, self._chunks))
             claimed = []
-            for index in range(last + 1, min(last + 1 + self.readahead, self._chunks)):
-                if index in self._cache or index in self._inflight or self._have[index]:
+            for index in window:
+                if index in self._cache:
+                    self._cache.move_to_end(index)  # about to be read: evict others first
                     continue
+                if index in self._ahead or index in self._inflight:
+                    continue
+                if len(self._ahead) + self._ahead_inflight >= self.ahead_limit and not self._retire_stale(window):
+                    break
                 future: Future[bytes] = Future()
                 self._inflight[index] = future
+                self._ahead_inflight += 1
                 claimed.append((index, future))
         for index, future in claimed:
             try:
@@ -313,11 +309,25 @@ class HTTPSource:
             except RuntimeError:  # closed meanwhile
                 with self._lock:
                     self._inflight.pop(index, None)
+                    self._ahead_inflight -= 1
                 _settle(future, error=TransientError(f"{self.name}: source closed"))
+
+    def _retire_stale(self, window: range) -> bool:
+        """Under the lock: move the oldest unread read-ahead chunk that lies ahead of no recent reader (a guess
+        that did not come true yet) to the cache's least recently read end, where it stays until the budget
+        needs its room; False if every one is still ahead of a reader."""
+        for index in self._ahead:
+            if index in window or any(index - d in self._recent for d in range(1, self.ahead_limit + 1)):
+                continue
+            self._cache[index] = self._ahead.pop(index)
+            self._cache.move_to_end(index, last=False)
+            self.stats["readahead_retired"] += 1
+            return True
+        return False
 
     def _prefetch(self, index: int, future: Future[bytes]) -> None:
         try:
-            self._fetch_as_owner(index, future)
+            self._fetch_as_owner(index, future, ahead=True)
             with self._lock:
                 self.stats["readahead"] += 1
         except BaseException as e:  # the reader that needs the chunk will see it again
@@ -419,115 +429,3 @@ class HTTPSource:
         if closed:
             raise TransientError(f"{self.name}: source closed")
         return existing
-
-    def _drop_idle(self) -> None:
-        with self._lock:
-            clients = list(self._clients.values())
-        for rc in clients:
-            rc.drop_idle()
-
-    # -- background fill thread --
-
-    def _fill(self, path: str) -> None:
-        progress = Progress(self.name, self._size, self.options.progress_interval, label="fill")
-        try:
-            with self._lock:  # what the cache holds already need not be fetched again
-                cached = list(self._cache.items())
-            for index, data in cached:
-                self._store(index, data)
-            retry = client.Retry(self.name, self.options)
-            index = 0
-            while index < self._chunks:
-                if self._closed:
-                    return
-                if self._have[index]:
-                    index += 1
-                    continue
-                before = index
-                try:
-                    index = self._fill_stream(index, progress)
-                except Exception as e:  # classify decides what is retried
-                    if self._closed:
-                        return
-                    error = client.classify(e, self.name, self.options.timeout)
-                    if len(self.mirrors) == 1 or self.mirrors.pick_url(()) is None:
-                        retry.failed(self._all_failed(error), progressed=index > before)
-                    index = before
-                    while index < self._chunks and self._have[index]:
-                        index += 1
-            os.fsync(self._fill_fd)
-            os.rename(self._fill_part, path)
-            with self._lock:
-                self._local = True
-                self._cache.clear()
-                self._cached_bytes = 0
-            self._drop_idle()
-            log.info(
-                "fill: %s complete in %s: reads now come from %s (%s)",
-                human_size(self._size),
-                human_duration(progress.elapsed()),
-                path,
-                self.name,
-            )
-        except BaseException as e:  # reported through wait_filled
-            self._fill_error = e if isinstance(e, BootkitError) else client.classify(e, self.name, self.options.timeout)
-            if not self._closed:
-                log.error("fill: %s; reads carry on over the network", self._fill_error)
-        finally:
-            self.fill_done.set()
-
-    def _store(self, index: int, data: bytes) -> None:
-        if not self._have[index]:
-            try:
-                os.pwrite(self._fill_fd, data, index * self.chunk_size)
-            except OSError as e:
-                raise local_error(e, self.name, f"cannot write {self._fill_part}") from e
-            self._have[index] = 1
-
-    def _fill_stream(self, index: int, progress: Progress) -> int:
-        """Stream from chunk ``index`` to the end into the local file; returns the next chunk to fetch."""
-        offset = index * self.chunk_size
-        mirror = self.mirrors.pick(force=True)
-        assert mirror is not None
-        try:
-            server = self._client(mirror)
-            conn = server.connect()
-        except Exception as e:
-            self.mirrors.failed(mirror, client.classify(e, mirror.url, self.options.timeout))
-            raise
-        self._fill_conn = conn
-        try:
-            response = server.open_from(conn, offset)
-            buf = bytearray(self.chunk_size)
-            while index < self._chunks and not self._closed:
-                _, length = self._span(index)
-                view = memoryview(buf)[:length]
-                got = 0
-                while got < length:
-                    n = response.readinto(view[got:])
-                    if not n:
-                        raise TransientError(f"{mirror.url}: connection closed early in chunk {index}")
-                    got += n
-                if not self._have[index]:
-                    if self.manifest is not None and hashlib.sha256(view).digest() != self.manifest.chunks[index]:
-                        with self._lock:
-                            self.stats["bad_chunks"] += 1
-                        what = f"{mirror.url}: chunk {index} does not match the manifest"
-                        self.mirrors.corrupt(mirror, what)  # the stream ends here: its server is demoted
-                        log.warning("fill: %s; fetching it again", what)
-                        self._store(index, self._fetch_chunk(index))  # fetched again, or ChunkError
-                        return index + 1
-                    else:
-                        self._store(index, view)  # type: ignore[arg-type]
-                        self.mirrors.add_bytes(mirror, length)
-                index += 1
-                progress.update(index * self.chunk_size if index < self._chunks else self._size)
-        except Exception as e:
-            self.mirrors.failed(mirror, client.classify(e, mirror.url, self.options.timeout))
-            raise
-        else:
-            self.mirrors.released(mirror)
-            return index
-        finally:
-            self._fill_conn = None
-            conn.close()
