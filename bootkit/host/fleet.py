@@ -94,6 +94,10 @@ def parse_report(body: bytes) -> dict[str, Any]:
         raise BadReport(f"stages: expected an object of at most {MAX_STAGES} stages")
     report["stages"] = {_text("stages", k, _STAGE): _number(f"stages.{k}", v) for k, v in stages.items()}
     report["uptime"] = _number("uptime", data.get("uptime"))
+    misplaced = ("time_to_root",) if result == "failed" else ("stage", "cause")
+    for name in misplaced:
+        if name in data:
+            raise BadReport(f"{name}: not part of a report whose result is {result}")
     if result == "failed":
         stage = data.get("stage")
         report["stage"] = None if stage is None else _text("stage", stage, _STAGE)
