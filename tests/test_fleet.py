@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -295,3 +296,61 @@ def test_failed_boot_reports_its_failed_line(receiver: tuple[str, Path], tmp_pat
 def test_bad_report_json_names_the_field() -> None:
     with pytest.raises(BadReport, match=r"^mac: "):
         parse_report(json.dumps({**_valid(), "mac": "x"}).encode())
+
+
+# --- pxe-config: the report key ---------------------------------------------------------------------------
+
+PXE = """\
+base_url = "http://10.0.0.1:8080/"
+docroot = "www"
+{top}
+[[entry]]
+name = "a"
+kernel = "vmlinuz"
+initrd = "initrd.img"
+image = "disk.qcow2"
+{entry}
+[[entry]]
+name = "b"
+kernel = "vmlinuz"
+initrd = "initrd.img"
+image = "disk.qcow2"
+"""
+
+
+def _pxe(tmp_path: Path, top: str = "", entry: str = "") -> Path:
+    www = tmp_path / "www"
+    www.mkdir(exist_ok=True)
+    for name in ("vmlinuz", "initrd.img", "disk.qcow2"):
+        (www / name).write_bytes(name.encode())
+    path = tmp_path / "pxe.toml"
+    path.write_text(PXE.format(top=top, entry=entry))
+    return path
+
+
+def test_pxe_config_report_key_top_level_and_per_entry(tmp_path: Path) -> None:
+    from bootkit.host.pxecfg.cmdline import kernel_args
+    from bootkit.host.pxecfg.load import load_file
+
+    def reports(path: Path) -> list[list[str]]:
+        return [[a for a in kernel_args(e) if a.startswith("rd.qcow2.report=")] for e in load_file(path).entries]
+
+    assert reports(_pxe(tmp_path)) == [[], []]
+    top = 'report = "http://10.0.0.1:8070/report"'
+    assert reports(_pxe(tmp_path, top=top)) == [["rd.qcow2.report=http://10.0.0.1:8070/report"]] * 2
+    own = 'report = "http://[2001:db8::1]:8070/report"'
+    assert reports(_pxe(tmp_path, top=top, entry=own)) == [
+        ["rd.qcow2.report=http://[2001:db8::1]:8070/report"],
+        ["rd.qcow2.report=http://10.0.0.1:8070/report"],
+    ]
+
+
+@pytest.mark.parametrize(("top", "entry", "key"), [
+    ('report = "ftp://10.0.0.1/report"', "", "report"),
+    ("", 'report = "http://10.0.0.1/a b"', "entry.a.report"),
+])  # fmt: skip
+def test_pxe_config_refuses_a_bad_report_url(tmp_path: Path, top: str, entry: str, key: str) -> None:
+    from bootkit.host.pxecfg.load import load_file
+
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}.*(not an http|single word)"):
+        load_file(_pxe(tmp_path, top=top, entry=entry))
