@@ -227,6 +227,8 @@ def format_fleet(reports: list[dict[str, Any]]) -> str:
             ttr = r.get("time_to_root")
             what = f"ok      root after {ttr:.1f} s" if ttr is not None else "ok"
         else:
-            what = f"FAILED  at {r.get('stage') or '?'}: {r['cause']}"
+            cause = str(r["cause"])
+            # the cause is the console's FAILED line, which names the stage itself
+            what = cause if cause.startswith("FAILED at ") else f"FAILED at {r.get('stage') or '?'}: {cause}"
         lines.append(f"{who}  {when}  {r['mode']}  {what}")
     return "".join(line + "\n" for line in lines)
