@@ -354,3 +354,22 @@ def test_pxe_config_refuses_a_bad_report_url(tmp_path: Path, top: str, entry: st
 
     with pytest.raises(ConfigError, match=rf"{re.escape(key)}.*(not an http|single word)"):
         load_file(_pxe(tmp_path, top=top, entry=entry))
+
+
+def test_fleet_collect_command_receives_until_stopped(tmp_path: Path) -> None:
+    """``bootkit fleet collect`` as a user runs it: it names its URL on stderr, stores what it is sent."""
+    proc = subprocess.Popen([sys.executable, "-m", "bootkit", "fleet", "collect", "--bind", "127.0.0.1:0",
+                             str(tmp_path)], stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        m = re.search(r"receiving reports at (http://127\.0\.0\.1:[0-9]+/report) ", line)
+        assert m, line
+        assert post(m.group(1), build_report(IMAGE, "stream", {"mount": 2.0}, None, MAC, None)) == 200
+        assert [r["mode"] for r in read_reports(tmp_path)] == ["stream"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    bad = subprocess.run([sys.executable, "-m", "bootkit", "fleet", "collect", "--bind", "nowhere", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert (bad.returncode, bad.stderr) == (2, "error: --bind nowhere: expected HOST:PORT\n")
