@@ -186,7 +186,7 @@ def serve_reports(directory: Path, host: str = "127.0.0.1", port: int = 0) -> It
     server_class = type("Server", (http.server.ThreadingHTTPServer,), {"address_family": family})
     server = server_class((host, port), handler)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, name="fleet-collect", daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.1,), name="fleet-collect", daemon=True)
     thread.start()
     try:
         name, bound = str(server.server_address[0]), server.server_address[1]
