@@ -204,11 +204,14 @@ _VALUED = (
 )
 #: options that may be given more than once, each adding a value (in the order written)
 _REPEATABLE = ("mirror",)
+#: valued options added after the first contract-2 release, listed last in KNOWN_OPTIONS (added, not reshuffled)
+_VALUED_LATER = ("report",)
 #: every option this initramfs understands, as written on the command line
 KNOWN_OPTIONS: Tuple[str, ...] = (
     *(PREFIX + o for o in _VALUED + _FLAGS),
     PREFIX + "sha256.<file>",
     *(PREFIX + o for o in _REPEATABLE),
+    *(PREFIX + o for o in _VALUED_LATER),
 )
 
 
@@ -290,6 +293,8 @@ class BootConfig:
     #: ``rd.qcow2.mirror=`` (repeatable): absolute URLs of the same image on other servers, tried after ``url``;
     #: only with a pinned hash or manifest, which every mirror's bytes are checked against
     mirrors: Tuple[str, ...] = ()
+    #: ``rd.qcow2.report=``: where the boot POSTs its stage timeline and result (``bootkit fleet collect``)
+    report: Optional[str] = None
 
     @classmethod
     def parse(cls, text: str) -> Optional[BootConfig]:
@@ -339,6 +344,8 @@ class BootConfig:
         args += [PREFIX + name for name in _FLAGS if getattr(self, name)]
         args += [f"{PREFIX}sha256.{name}={h}" for name, h in sorted(self.backing_sha256.items())]
         args += [f"{PREFIX}mirror={m}" for m in self.mirrors]
+        if self.report is not None:
+            args.append(f"{PREFIX}report={self.report}")
         if self.rootfstype is not None:
             args.append(f"rootfstype={self.rootfstype}")
         if self.rootflags is not None:
@@ -505,7 +512,7 @@ def parse_cmdline(text: str) -> Optional[BootConfig]:
                 mirrors.append(_url(key, val))
             elif name in _FLAGS:
                 values[name] = _flag(key, val)
-            elif name in _VALUED:
+            elif name in _VALUED or name in _VALUED_LATER:
                 if not val:
                     raise ConfigError(f"{key}: needs a value ({key}=...)")
                 values[name] = _parse_value(key, name, val)
@@ -539,7 +546,7 @@ def _parse_value(option: str, name: str, value: str) -> object:
         return parse_root(option, value)
     if name == "overlay":
         return parse_overlay(option, value)
-    if name == "manifest":
+    if name in ("manifest", "report"):
         return _url(option, value)
     if name == "retries":
         return _int(option, value, 0)
@@ -637,4 +644,5 @@ def _build(
         rw=rw,
         network=network,
         mirrors=mirrors,
+        report=values.get("report"),  # type: ignore[arg-type]
     )

@@ -43,9 +43,10 @@ from typing import Optional, Sequence  # noqa: E402
 
 from bootkit.boot.cmdline import BootConfig, parse_cmdline  # noqa: E402
 from bootkit.boot.mount import mount_root, wait_for  # noqa: E402
+from bootkit.boot.report import daemon_timeline, send_report  # noqa: E402
 from bootkit.boot.serve import run_daemon  # noqa: E402
 from bootkit.boot.stages import Stages, leave_failure, setup_console  # noqa: E402
-from bootkit.boot.status import RUN_DIR  # noqa: E402
+from bootkit.boot.status import RUN_DIR, STATUS_FILE  # noqa: E402
 from bootkit.errors import BootkitError, ConfigError  # noqa: E402
 from bootkit.log import log, safe_text  # noqa: E402
 
@@ -64,6 +65,7 @@ def boot(cfg: BootConfig, newroot: str, unit: Optional[str]) -> int:
         os._exit(run_daemon(cfg, stages, report))
     code, line = daemon.wait_daemon(fd)
     if code != 0:
+        send_report(cfg, stages.timeline, failed=line)
         return leave_failure(line)
     try:
         info = json.loads(line)
@@ -76,8 +78,11 @@ def boot(cfg: BootConfig, newroot: str, unit: Optional[str]) -> int:
             shutil.copy(unit, "/run/systemd/system/")
         stages.done(what)
     except BootkitError as e:
-        return leave_failure(stages.failed(str(e)))
+        line = stages.failed(str(e))
+        send_report(cfg, {**daemon_timeline(STATUS_FILE), **stages.timeline}, failed=line)
+        return leave_failure(line)
     log.info("[%8.2f] ready: root mounted, switching root", time.monotonic())
+    send_report(cfg, {**daemon_timeline(STATUS_FILE), **stages.timeline})
     return 0
 
 

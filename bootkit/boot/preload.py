@@ -33,6 +33,7 @@ BOOTKIT_MODULES: Tuple[str, ...] = (
     "bootkit.boot.images",
     "bootkit.boot.mount",
     "bootkit.boot.serve",
+    "bootkit.boot.report",
     "bootkit.qcow2",
     "bootkit.qcow2.chain",
     "bootkit.qcow2.compress",

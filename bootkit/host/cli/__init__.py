@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "bootkit.host.cli.uki",
     "bootkit.host.cli.publish",
     "bootkit.host.cli.status",
+    "bootkit.host.cli.fleet",
 )
 
 #: which module registers each subcommand: ``bootkit convert`` imports only the reader's CLI module, not the
@@ -52,6 +53,7 @@ COMMANDS = {
     "build-uki": "bootkit.host.cli.uki",
     "publish": "bootkit.host.cli.publish",
     "status": "bootkit.host.cli.status",
+    "fleet": "bootkit.host.cli.fleet",
 }
 
 _SIZE = re.compile(r"(\d+)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)

@@ -29,6 +29,7 @@ def boot_config(entry: Entry) -> BootConfig:
         manifest_sha256=entry.manifest_sha256,
         snapshot=entry.snapshot,
         mirrors=entry.mirrors,
+        report=entry.report,
         # With a tmpfs overlay the root is writable, so say so: without rw, dracut mounts it read-only and
         # systemd leaves a root that has no fstab entry as it found it.
         rw=entry.overlay.kind is OverlayKind.tmpfs,

@@ -50,7 +50,7 @@ from bootkit.host.pxecfg.table import Origin, Table
 # -- the tables ----------------------------------------------------------------------------------------------
 
 
-def _entry(t: Table, ctx: Context, default_console: tuple[str, ...]) -> Entry:
+def _entry(t: Table, ctx: Context, default_console: tuple[str, ...], default_report: str | None = None) -> Entry:
     name = t.get("name", FLAGS_ENTRY_NAME if ctx.origin.file is None else None)
     if name is None:
         raise t.error("name", "missing (required)")
@@ -107,6 +107,7 @@ def _entry(t: Table, ctx: Context, default_console: tuple[str, ...]) -> Entry:
     snapshot = t.get("snapshot")
     console = t.get("console", default_console)
     args = t.get("args", ())
+    report = t.get("report", default_report)
     t.finish()
     return Entry(
         name=name,
@@ -124,6 +125,7 @@ def _entry(t: Table, ctx: Context, default_console: tuple[str, ...]) -> Entry:
         mirrors=mirrors,
         console=console,
         args=args,
+        report=report,
     )
 
 
@@ -248,6 +250,7 @@ def _config(top: Table, base_dir: Path) -> Config:
             raise top.error("docroot", "given without base_url (the URL it is served at)")
     bootloaders = top.get("bootloaders", frozenset(Bootloader))
     console = top.get("console", ())
+    report = top.get("report")
     timeout = top.get("timeout", DEFAULT_TIMEOUT)
     ctx = Context(origin=origin, base_url=base_url, docroot=docroot, bootloaders=bootloaders)
 
@@ -256,7 +259,7 @@ def _config(top: Table, base_dir: Path) -> Config:
         raise top.error("entry", "missing: describe at least one [[entry]]")
     entries: dict[str, Entry] = {}
     for i, t in enumerate(entry_tables):
-        entry = _entry(t, ctx, console)
+        entry = _entry(t, ctx, console, report)
         if entry.name in entries:
             raise ConfigError(f"{origin.where((f'entry[{i}]', 'name'))}: {entry.name!r} is used by another entry too")
         entries[entry.name] = entry

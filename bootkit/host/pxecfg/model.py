@@ -103,6 +103,8 @@ class Entry:
     mirrors: tuple[str, ...] = ()
     console: tuple[str, ...] = ()
     args: tuple[str, ...] = ()
+    #: where the machine POSTs its boot report (``rd.qcow2.report=``); None: no report
+    report: str | None = None
 
     @property
     def initrd_name(self) -> str:

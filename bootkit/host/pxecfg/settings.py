@@ -70,6 +70,8 @@ ENTRY_SETTINGS = (
     ),
     Setting("console", "kernel console= value (repeatable)", "list", "CONSOLE", parse=v.kernel_args),
     Setting("args", "extra kernel argument (repeatable)", "list", "ARG", parse=v.kernel_args),
+    Setting("report", "URL machines POST their boot report to (rd.qcow2.report=; bootkit fleet collect)",
+            metavar="URL", parse=v.report_url),
 )
 
 MACHINE_SETTINGS = (
@@ -116,6 +118,8 @@ TOP_SETTINGS = (
             parse=v.non_negative),
     Setting("console", "kernel console= values for entries that set none (repeatable)", "list", "CONSOLE",
             parse=v.kernel_args),
+    Setting("report", "report URL for entries that set none (bootkit fleet collect's POST /report URL)",
+            metavar="URL", parse=v.report_url),
     Setting("bootloaders", "bootloaders to configure: ipxe, grub (default both; the flag repeats)", "list", "NAME",
             parse=v.bootloaders),
     Setting("entry", "boot entries (array of tables)", "tables", settings=ENTRY_SETTINGS),

@@ -102,6 +102,17 @@ def mirror_urls(values: Sequence[str]) -> tuple[str, ...]:
     return tuple(values)
 
 
+def report_url(value: str) -> str:
+    """Where machines POST their boot reports (``rd.qcow2.report=``): an http(s) URL, one kernel-argument word."""
+    if not ARG.match(value):
+        raise BadValue(f"{value!r}: a report URL here is a single word of [A-Za-z0-9_.,:/=+@%?&~!*()[]-]")
+    try:
+        check_url("report", value)
+    except ConfigError:
+        raise BadValue(f"{value!r} is not an http:// or https:// URL (e.g. http://10.0.0.1:8070/report)") from None
+    return value
+
+
 def root(value: str) -> RootSpec:
     """``auto``, a partition number, ``LABEL=..``, ``UUID=..`` or ``PARTUUID=..``, as the initramfs reads it."""
     if value == "auto":
