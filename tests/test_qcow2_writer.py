@@ -394,3 +394,40 @@ def test_layout_packs_compressed_clusters_like_qcow2_alloc_bytes() -> None:
     assert entry & ((1 << csize_shift) - 1) == b
     assert (entry >> csize_shift) & ((1 << 4) - 1) == ((b + 3000 - 1) >> 9) - (b >> 9)
     assert entry >> 62 == 1  # QCOW_OFLAG_COMPRESSED, never QCOW_OFLAG_COPIED
+
+
+@pytest.mark.parametrize("compression", ("zstd", "deflate"))
+def test_identical_clusters_are_stored_once(tmp_path: Path, compression: str) -> None:
+    """Clusters that compress to the same bytes share one copy: each L2 entry points at it, its host clusters
+    count one reference per entry (qemu-img check: no error, no leak), and QEMU and bootkit read every copy."""
+    cs = 65536
+    repeated = text(cs, 20)
+    raw = tmp_path / "dup.raw"
+    # 48 copies of one cluster, one other cluster between, then 16 more copies and a cluster of noise
+    raw.write_bytes(repeated * 48 + text(cs, 21) + repeated * 16 + noise(cs, 22))
+    out = tmp_path / "dup.qcow2"
+    r = write_qcow2(raw, out, compression=compression, cluster_size=cs)
+    qemu_check(out)
+    qemu_compare(raw, out)
+    assert bootkit_reads(out) == raw.read_bytes()
+    assert r.clusters_compressed == 65 and r.clusters_uncompressed == 1
+    # header, L2, L1, refcounts, the noise, and two compressed clusters, not 65 of them
+    single = write_qcow2(BytesSource(repeated), tmp_path / "one.qcow2", compression=compression, cluster_size=cs)
+    assert r.file_size < single.file_size + 5 * cs
+    with qcow2.open(out) as im:
+        assert im.pread(47 * cs, cs) == repeated and im.pread(49 * cs, 2 * cs) == repeated * 2
+
+
+def test_layout_shares_a_compressed_cluster_up_to_the_refcount_limit() -> None:
+    """Sharing adds one reference to every host cluster the compressed bytes touch, and is refused (nothing
+    counted) when one of them is at the 16-bit maximum."""
+    from bootkit.qcow2.layout import MAX_REFCOUNT, Layout
+
+    layout = Layout(12)
+    layout.place_compressed(3000)
+    b = layout.place_compressed(3000)  # clusters 1 and 2
+    assert layout.share_compressed(b, 3000)
+    assert list(layout.refcounts) == [1, 3, 2]
+    layout.refcounts[2] = MAX_REFCOUNT
+    assert not layout.share_compressed(b, 3000)
+    assert list(layout.refcounts) == [1, 3, MAX_REFCOUNT]

@@ -104,6 +104,16 @@ class Layout:
         self._ref(start >> self.cluster_bits, (start + size - 1) >> self.cluster_bits)
         return start
 
+    def share_compressed(self, offset: int, size: int) -> bool:
+        """One more reference to the compressed cluster placed at ``offset`` (another guest cluster with the
+        same bytes points at it); False, and nothing counted, when a host cluster it touches is at
+        MAX_REFCOUNT."""
+        first, last = offset >> self.cluster_bits, (offset + size - 1) >> self.cluster_bits
+        if any(self.refcounts[i] >= MAX_REFCOUNT for i in range(first, last + 1)):
+            return False
+        self._ref(first, last)
+        return True
+
     def refcounts_at(self, offset: int) -> int:
         index = offset >> self.cluster_bits
         return self.refcounts[index] if index < len(self.refcounts) else 0

