@@ -20,17 +20,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bootkit.boot.cmdline import BootConfig, join_args
+from bootkit.boot.cmdline import BootConfig, Loader
 from bootkit.errors import ConfigError
 from bootkit.host.pxecfg import resolve
 from bootkit.host.pxecfg import values as parse
-from bootkit.host.pxecfg.cmdline import MAX_CMDLINE, kernel_args
+from bootkit.host.pxecfg.cmdline import MAX_CMDLINE, kernel_cmdline, network_choices
 from bootkit.host.pxecfg.model import (
     Bootloader,
     Config,
     Dhcp,
     DhcpMode,
     Entry,
+    IpConfig,
     Machine,
     Mode,
     OverlayKind,
@@ -48,7 +49,7 @@ from bootkit.host.pxecfg.table import Origin, Table
 # -- the tables ----------------------------------------------------------------------------------------------
 
 
-def _entry(t: Table, ctx: Context, default_console: tuple[str, ...]) -> Entry:
+def _entry(t: Table, ctx: Context, default_console: tuple[str, ...], default_ip: IpConfig) -> Entry:
     name = t.get("name", FLAGS_ENTRY_NAME if ctx.origin.file is None else None)
     if name is None:
         raise t.error("name", "missing (required)")
@@ -95,6 +96,7 @@ def _entry(t: Table, ctx: Context, default_console: tuple[str, ...]) -> Entry:
     snapshot = t.get("snapshot")
     console = t.get("console", default_console)
     args = t.get("args", ())
+    ip = t.get("ip", default_ip)
     t.finish()
     return Entry(
         name=name,
@@ -111,6 +113,7 @@ def _entry(t: Table, ctx: Context, default_console: tuple[str, ...]) -> Entry:
         snapshot=snapshot,
         console=console,
         args=args,
+        ip=ip,
     )
 
 
@@ -123,8 +126,12 @@ def _machine(t: Table, entries: dict[str, Entry], default: str, timeout: int) ->
         raise t.error("default", f"no entry named {machine_default!r} (entries: {', '.join(entries)})")
     machine_timeout = t.get("timeout", timeout)
     args = t.get("args", ())
+    ip = t.get("ip")
+    hostname = t.get("hostname")
     t.finish()
-    return Machine(mac=mac, default=machine_default, timeout=machine_timeout, args=args, name=name)
+    return Machine(
+        mac=mac, default=machine_default, timeout=machine_timeout, args=args, name=name, ip=ip, hostname=hostname
+    )
 
 
 def _dhcp(t: Table, bootloaders: frozenset[Bootloader]) -> Dhcp:
@@ -176,24 +183,33 @@ def _dhcp(t: Table, bootloaders: frozenset[Bootloader]) -> Dhcp:
     )
 
 
-def _check_cmdline(origin: Origin, entry: Entry, machine: Machine | None) -> None:
-    """The longest line a bootloader passes (iPXE's, with ``initrd=NAME``) must fit the kernel's buffer, and
-    the initramfs must accept it as booting this entry's image."""
+def _check_cmdline(origin: Origin, entry: Entry, machine: Machine | None, bootloaders: frozenset[Bootloader]) -> None:
+    """Every line a bootloader may pass (iPXE's with ``initrd=NAME``; each network it may pick at boot, with the
+    widest values it can fill in) must fit the kernel's buffer, and the initramfs must accept it as booting
+    this entry's image."""
     where = origin.where(("entry", entry.name, "args") if machine is None else ("machine", machine.mac, "args"))
-    line = join_args(kernel_args(entry, machine, initrd_name=entry.initrd_name))
-    if len(line) >= MAX_CMDLINE:
-        raise ConfigError(
-            f"{where}: the kernel command line of entry {entry.name!r} would be {len(line)} bytes; "
-            f"the kernel keeps {MAX_CMDLINE - 1}"
-        )
-    try:
-        parsed = BootConfig.parse(line)
-    except ConfigError as e:
-        raise ConfigError(
-            f"{where}: the initramfs would refuse the command line of entry {entry.name!r}: {e}"
-        ) from None
-    if parsed is None or parsed.url != entry.image.url:
-        raise ConfigError(f"{where}: a root= argument replaces root=qcow2:{entry.image.url} of entry {entry.name!r}")
+    for loader in Loader:
+        if Bootloader(loader.value) not in bootloaders:
+            continue
+        for network in network_choices(entry, machine, loader):
+            if network is None:
+                continue
+            line = kernel_cmdline(entry, machine, network=network, initrd_name=entry.initrd_name)
+            if len(line) >= MAX_CMDLINE:
+                raise ConfigError(
+                    f"{where}: the kernel command line of entry {entry.name!r} would be {len(line)} bytes; "
+                    f"the kernel keeps {MAX_CMDLINE - 1}"
+                )
+            try:
+                parsed = BootConfig.parse(line)
+            except ConfigError as e:
+                raise ConfigError(
+                    f"{where}: the initramfs would refuse the command line of entry {entry.name!r}: {e}"
+                ) from None
+            if parsed is None or parsed.url != entry.image.url:
+                raise ConfigError(
+                    f"{where}: a root= argument replaces root=qcow2:{entry.image.url} of entry {entry.name!r}"
+                )
 
 
 def _config(top: Table, base_dir: Path) -> Config:
@@ -210,6 +226,7 @@ def _config(top: Table, base_dir: Path) -> Config:
     bootloaders = top.get("bootloaders", frozenset(Bootloader))
     console = top.get("console", ())
     timeout = top.get("timeout", DEFAULT_TIMEOUT)
+    default_ip = top.get("ip", IpConfig.lease)
     ctx = Context(origin=origin, base_url=base_url, docroot=docroot, bootloaders=bootloaders)
 
     entry_tables = top.tables("entry")
@@ -217,7 +234,7 @@ def _config(top: Table, base_dir: Path) -> Config:
         raise top.error("entry", "missing: describe at least one [[entry]]")
     entries: dict[str, Entry] = {}
     for i, t in enumerate(entry_tables):
-        entry = _entry(t, ctx, console)
+        entry = _entry(t, ctx, console, default_ip)
         if entry.name in entries:
             raise ConfigError(f"{origin.where((f'entry[{i}]', 'name'))}: {entry.name!r} is used by another entry too")
         entries[entry.name] = entry
@@ -233,9 +250,9 @@ def _config(top: Table, base_dir: Path) -> Config:
         machines[machine.mac] = machine
 
     for entry in entries.values():
-        _check_cmdline(origin, entry, None)
+        _check_cmdline(origin, entry, None, bootloaders)
         for machine in machines.values():
-            _check_cmdline(origin, entry, machine)
+            _check_cmdline(origin, entry, machine, bootloaders)
 
     dhcp_table = top.table("dhcp")
     dhcp = None if dhcp_table is None else _dhcp(dhcp_table, bootloaders)

@@ -64,6 +64,18 @@ class DhcpMode(enum.StrEnum):
     full = "full"
 
 
+class IpConfig(enum.StrEnum):
+    """Where the initramfs gets its network configuration (the ``ip`` key; docs/pxe.md, "The lease").
+
+    ``lease``: the boot loader hands over the lease it booted with (iPXE: address, netmask, gateway, DNS;
+    GRUB, which has no variables for all of them: DHCP on the boot interface only); ``dhcp``: ``ip=dhcp``,
+    DHCP in the initramfs on every interface, as before the lease was handed over.
+    """
+
+    lease = "lease"
+    dhcp = "dhcp"
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A file the boot fetches over HTTP; ``path`` is the same file on this machine, when known."""
@@ -101,6 +113,8 @@ class Entry:
     snapshot: str | None = None
     console: tuple[str, ...] = ()
     args: tuple[str, ...] = ()
+    #: the entry's ``ip`` (or the top-level one); a machine's own ``ip`` wins over it
+    ip: IpConfig = IpConfig.lease
 
     @property
     def initrd_name(self) -> str:
@@ -120,6 +134,10 @@ class Machine:
     args: tuple[str, ...] = ()
     #: a human name, written as a comment next to the machine's section
     name: str | None = None
+    #: overrides every entry's ``ip`` on this machine
+    ip: IpConfig | None = None
+    #: the host name the initramfs sets (``ip=``'s hostname field): from here, never from DHCP
+    hostname: str | None = None
 
     @property
     def hexhyp(self) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bootkit.host.pxecfg import values as v
-from bootkit.host.pxecfg.model import Bootloader, DhcpMode, Mode, OverlayKind
+from bootkit.host.pxecfg.model import Bootloader, DhcpMode, IpConfig, Mode, OverlayKind
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,11 @@ class Setting:
     def flag(self) -> str:
         return "--" + self.key.replace("_", "-")
 
+
+IP_HELP = (
+    "network of the initramfs: lease (default: the boot loader's lease, boot interface only) or dhcp "
+    "(ip=dhcp on every interface); a machine's ip wins over its entry's, an entry's over the top level's"
+)
 
 ENTRY_SETTINGS = (
     Setting("name", "entry name: menu id, iPXE label, GRUB id (default 'qcow2' in flags mode)", metavar="NAME",
@@ -64,6 +69,7 @@ ENTRY_SETTINGS = (
     Setting("snapshot", "internal QCOW2 snapshot to boot", metavar="NAME", parse=v.snapshot),
     Setting("console", "kernel console= value (repeatable)", "list", "CONSOLE", parse=v.kernel_args),
     Setting("args", "extra kernel argument (repeatable)", "list", "ARG", parse=v.kernel_args),
+    Setting("ip", IP_HELP, metavar="lease|dhcp", parse=v.choice(IpConfig)),
 )
 
 MACHINE_SETTINGS = (
@@ -73,6 +79,9 @@ MACHINE_SETTINGS = (
     Setting("timeout", "menu timeout for this machine", "int", "SECONDS", parse=v.non_negative),
     Setting("args", "extra kernel arguments for this machine, after the entry's", "list", "ARG",
             parse=v.kernel_args),
+    Setting("ip", IP_HELP, metavar="lease|dhcp", parse=v.choice(IpConfig)),
+    Setting("hostname", "host name the initramfs sets (letters, digits, '-'; never taken from DHCP)",
+            metavar="NAME", parse=v.hostname),
 )
 
 DHCP_SETTINGS = (
@@ -110,6 +119,7 @@ TOP_SETTINGS = (
             parse=v.kernel_args),
     Setting("bootloaders", "bootloaders to configure: ipxe, grub (default both; the flag repeats)", "list", "NAME",
             parse=v.bootloaders),
+    Setting("ip", IP_HELP, metavar="lease|dhcp", parse=v.choice(IpConfig)),
     Setting("entry", "boot entries (array of tables)", "tables", settings=ENTRY_SETTINGS),
     Setting("machine", "per-machine overrides (array of tables)", "tables", settings=MACHINE_SETTINGS),
     Setting("dhcp", "dnsmasq configuration (table); without it no dnsmasq.conf is written", "table",
