@@ -1,15 +1,17 @@
 """The boot loader's lease handed over to the initramfs, and only the boot NIC brought up (docs/pxe.md,
 "The lease"; docs/initramfs.md, "Network bring-up time").
 
-Two boots, each a full netboot to the root's proof:
+Three boots, each a full netboot to the root's proof:
 
-* BIOS iPXE, systemd initramfs, Debian root, three NICs: the boot NIC on QEMU's user network, whose DHCP server also
-  hands out a hostile host name and domain; a second NIC on a restricted user network of its own (a DHCP
-  server answers there too, so DHCP on it would show as an address); a third on an empty hub. The kernel
+* BIOS iPXE, systemd initramfs, Debian root, three NICs: the boot NIC on QEMU's user network, whose DHCP
+  server also hands out a hostile host name and domain; a second NIC on a restricted user network of its own
+  (a DHCP server answers there too, so DHCP on it would show as an address); a third on an empty hub. The kernel
   line carries the lease iPXE got (and nothing of the hostile strings), the initramfs configures the boot
   NIC from it, statically, and no other NIC.
-* BIOS GRUB, shell initramfs, busybox root: GRUB has no netmask or gateway variable, so the line asks for DHCP on the
-  boot interface (pinned by GRUB's ``net_default_mac``), and only that interface gets an address.
+* BIOS GRUB, shell initramfs, busybox root: GRUB has no netmask or gateway variable, so the line asks for
+  DHCP on the boot interface (pinned by GRUB's ``net_default_mac``), and only that interface gets an address.
+* UEFI iPXE, shell initramfs, busybox root: the lease handed over on the other firmware, configured
+  statically by network-legacy without its duplicate-address wait.
 
 Evidence on the console: the kernel's ``Command line:``, and bootkit's ``bootkit: address: <if> <addr>
 static|dynamic`` lines (dracut-module/90bootkit/bootkit-netinfo.sh), printed before the boot code starts.
@@ -116,3 +118,18 @@ def test_grub_dhcp_on_the_boot_interface_only(kernel: Any, shell_initrd: Path, b
     words = command_line(boot.vm).split()
     assert "ifname=bootnet:52:54:00:12:34:56" in words and "ip=:::::bootnet:dhcp" in words, words
     assert addresses(boot.vm) == [("bootnet", "10.0.2.15/24", "dynamic")], boot.vm.output[-4000:]
+
+
+def test_uefi_ipxe_lease_shell_initramfs(kernel: Any, shell_initrd: Path, busybox_root: RootImage,
+                                         boot_dir: BootDir) -> None:
+    """OVMF with QEMU's EFI iPXE ROM hands its lease over too; the shell initramfs configures it statically,
+    with no duplicate-address wait for it (the arping wrapper) and no DHCP client."""
+    image = qcow2_image(busybox_root.raw, compression="zstd")
+    with netboot(kernel, shell_initrd, image, work=boot_dir.path, firmware=Firmware.uefi, name="uefi-ipxe-lease",
+                 boot_timeout=BOOT_TIMEOUT) as boot:
+        boot_dir.prove(boot.vm, busybox_root, BOOT_TIMEOUT, firmware="uefi", loader="ipxe", mode="ram",
+                       compression="zstd", root="busybox", initrd="shell", network="lease")
+    words = command_line(boot.vm).split()
+    assert "ip=10.0.2.15::10.0.2.2:255.255.255.0::bootnet:none:10.0.2.3" in words, words
+    assert addresses(boot.vm) == [("bootnet", "10.0.2.15/24", "static")], boot.vm.output[-4000:]
+    assert not boot.vm.seen(r"Duplicate address detected|dhclient"), boot.vm.output[-4000:]
