@@ -173,7 +173,7 @@ class Arg:
 #: what ``pxe-config`` asks dracut for today: DHCP in the initramfs
 DHCP_NETWORK: Tuple[Arg, ...] = (Arg.of("ip=dhcp"), Arg.of("rd.neednet=1"))
 #: dracut's network options, kept in :attr:`BootConfig.network` as given (dracut, not bootkit, reads them)
-NETWORK_KEYS = ("ip", "rd.neednet")
+NETWORK_KEYS = ("ip", "rd.neednet", "vlan", "bond")
 
 #: options that take no value (a bare ``rd.qcow2.debug`` means on; ``=0``/``=1`` work as well)
 _FLAGS = ("insecure", "debug")

@@ -8,15 +8,20 @@ initramfs, owned by :mod:`bootkit.boot.cmdline`: an entry becomes a :class:`~boo
 
 from __future__ import annotations
 
-from bootkit.boot.cmdline import DHCP_NETWORK, BootConfig, Loader, OverlayKind, Verify, join_args
-from bootkit.host.pxecfg.model import Entry, Machine
+from bootkit.boot.cmdline import BootConfig, Loader, OverlayKind, Verify, join_args
+from bootkit.host.pxecfg.model import Entry, Machine, Network
 
 #: x86 COMMAND_LINE_SIZE (arch/x86/include/asm/setup.h): longer lines are cut by the kernel
 MAX_CMDLINE = 2048
 
 
-def boot_config(entry: Entry) -> BootConfig:
-    """What the initramfs is asked for when it boots ``entry``."""
+def network(entry: Entry, machine: Machine | None = None) -> Network:
+    """The network ``machine`` boots ``entry`` with: the machine's keys over the entry's (over the top's ``ip``)."""
+    return entry.network if machine is None else machine.network.over(entry.network)
+
+
+def boot_config(entry: Entry, machine: Machine | None = None) -> BootConfig:
+    """What the initramfs is asked for when ``machine`` (None: any machine) boots ``entry``."""
     return BootConfig(
         url=entry.image.url,
         sha256=entry.sha256,
@@ -31,7 +36,8 @@ def boot_config(entry: Entry) -> BootConfig:
         # With a tmpfs overlay the root is writable, so say so: without rw, dracut mounts it read-only and
         # systemd leaves a root that has no fstab entry as it found it.
         rw=entry.overlay.kind is OverlayKind.tmpfs,
-        network=DHCP_NETWORK,
+        # dracut's ip=, vlan=, bond= (bootkit/host/pxecfg/network.py): plain ip=dhcp without VLAN or bond
+        network=network(entry, machine).args(),
     )
 
 
@@ -47,7 +53,7 @@ def kernel_args(
     args: list[str] = []
     if initrd_name is not None:
         args.append(f"initrd={initrd_name}")
-    args += boot_config(entry).to_args(loader)
+    args += boot_config(entry, machine).to_args(loader)
     args += [f"console={c}" for c in entry.console]
     args += entry.args
     if machine is not None:

@@ -22,10 +22,12 @@ from typing import Any
 
 from bootkit.boot.cmdline import BootConfig, join_args
 from bootkit.errors import ConfigError
+from bootkit.host.pxecfg import network as net
 from bootkit.host.pxecfg import resolve
 from bootkit.host.pxecfg import values as parse
 from bootkit.host.pxecfg.cmdline import MAX_CMDLINE, kernel_args
 from bootkit.host.pxecfg.model import (
+    Artifact,
     Bootloader,
     Config,
     Dhcp,
@@ -33,6 +35,7 @@ from bootkit.host.pxecfg.model import (
     Entry,
     Machine,
     Mode,
+    Network,
     OverlayKind,
 )
 from bootkit.host.pxecfg.resolve import Context
@@ -48,7 +51,20 @@ from bootkit.host.pxecfg.table import Origin, Table
 # -- the tables ----------------------------------------------------------------------------------------------
 
 
-def _entry(t: Table, ctx: Context, default_console: tuple[str, ...]) -> Entry:
+def _network(t: Table) -> Network:
+    """The ``ip``, ``vlan`` and ``bond`` keys of one table (each None when absent)."""
+    return Network(ip=t.get("ip"), vlan=t.get("vlan"), bond=t.get("bond"))
+
+
+def _check_network(t: Table, own: Network, network: Network, urls: tuple[str, ...]) -> None:
+    """``network`` (``own`` over what the level below gave) must fit together and reach ``urls``; an error is
+    reported as the key of this table that made it so."""
+    t.check("vlan" if own.vlan is not None else "bond", net.combine, network)
+    for url in urls:
+        t.check("ip" if own.ip is not None else "image", net.reachable, network, url)
+
+
+def _entry(t: Table, ctx: Context, default_console: tuple[str, ...], top: Network) -> Entry:
     name = t.get("name", FLAGS_ENTRY_NAME if ctx.origin.file is None else None)
     if name is None:
         raise t.error("name", "missing (required)")
@@ -95,6 +111,9 @@ def _entry(t: Table, ctx: Context, default_console: tuple[str, ...]) -> Entry:
     snapshot = t.get("snapshot")
     console = t.get("console", default_console)
     args = t.get("args", ())
+    own = _network(t)
+    network = own.over(top)
+    _check_network(t, own, network, _fetched_by_initramfs(image, manifest))
     t.finish()
     return Entry(
         name=name,
@@ -111,7 +130,12 @@ def _entry(t: Table, ctx: Context, default_console: tuple[str, ...]) -> Entry:
         snapshot=snapshot,
         console=console,
         args=args,
+        network=network,
     )
+
+
+def _fetched_by_initramfs(image: Artifact, manifest: Artifact | None) -> tuple[str, ...]:
+    return (image.url,) if manifest is None else (image.url, manifest.url)
 
 
 def _machine(t: Table, entries: dict[str, Entry], default: str, timeout: int) -> Machine:
@@ -123,8 +147,12 @@ def _machine(t: Table, entries: dict[str, Entry], default: str, timeout: int) ->
         raise t.error("default", f"no entry named {machine_default!r} (entries: {', '.join(entries)})")
     machine_timeout = t.get("timeout", timeout)
     args = t.get("args", ())
+    network = _network(t)
+    for entry in entries.values():
+        _check_network(t, network, network.over(entry.network), _fetched_by_initramfs(entry.image, entry.manifest))
     t.finish()
-    return Machine(mac=mac, default=machine_default, timeout=machine_timeout, args=args, name=name)
+    return Machine(mac=mac, default=machine_default, timeout=machine_timeout, args=args, name=name,
+                   network=network)
 
 
 def _dhcp(t: Table, bootloaders: frozenset[Bootloader]) -> Dhcp:
@@ -208,6 +236,7 @@ def _config(top: Table, base_dir: Path) -> Config:
         if base_url is None:
             raise top.error("docroot", "given without base_url (the URL it is served at)")
     bootloaders = top.get("bootloaders", frozenset(Bootloader))
+    top_network = Network(ip=top.get("ip"))
     console = top.get("console", ())
     timeout = top.get("timeout", DEFAULT_TIMEOUT)
     ctx = Context(origin=origin, base_url=base_url, docroot=docroot, bootloaders=bootloaders)
@@ -217,7 +246,7 @@ def _config(top: Table, base_dir: Path) -> Config:
         raise top.error("entry", "missing: describe at least one [[entry]]")
     entries: dict[str, Entry] = {}
     for i, t in enumerate(entry_tables):
-        entry = _entry(t, ctx, console)
+        entry = _entry(t, ctx, console, top_network)
         if entry.name in entries:
             raise ConfigError(f"{origin.where((f'entry[{i}]', 'name'))}: {entry.name!r} is used by another entry too")
         entries[entry.name] = entry

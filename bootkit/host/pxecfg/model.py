@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
+from bootkit.boot.cmdline import Arg
 from bootkit.boot.cmdline import Mode as Mode
 from bootkit.boot.cmdline import Overlay as Overlay
 from bootkit.boot.cmdline import OverlayKind as OverlayKind
@@ -77,6 +78,90 @@ class Artifact:
         return PurePosixPath(unquote(urlsplit(self.url).path)).name
 
 
+# -- the network of a boot (parsed by .network) -------------------------------------------------------------
+
+
+class IpMethod(enum.StrEnum):
+    """How the initramfs configures the top interface (dracut's ``ip=`` autoconf values bootkit writes)."""
+
+    dhcp = "dhcp"
+    dhcp6 = "dhcp6"
+    auto6 = "auto6"
+
+    @property
+    def ipv6_only(self) -> bool:
+        return self is not IpMethod.dhcp
+
+
+@dataclass(frozen=True)
+class Vlan:
+    """``vlan=<name>:<phys>``: the VLAN interface ``name`` (id ``vid``) on ``phys``."""
+
+    name: str
+    phys: str
+    vid: int
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.phys}"
+
+
+@dataclass(frozen=True)
+class Bond:
+    """``bond=<name>[:<slaves>[:<options>[:<mtu>]]]`` as given (``text``), and its parts."""
+
+    text: str
+    name: str
+    slaves: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
+    mtu: int | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class Network:
+    """What one level (top, entry, machine) says about the network; None: not said here."""
+
+    ip: IpMethod | None = None
+    vlan: Vlan | None = None
+    bond: Bond | None = None
+
+    def over(self, base: Network) -> Network:
+        """This level's settings, the others from ``base`` (a machine over its entry, an entry over the top)."""
+        return Network(
+            ip=self.ip if self.ip is not None else base.ip,
+            vlan=self.vlan if self.vlan is not None else base.vlan,
+            bond=self.bond if self.bond is not None else base.bond,
+        )
+
+    @property
+    def method(self) -> IpMethod:
+        return self.ip or IpMethod.dhcp
+
+    @property
+    def interface(self) -> str | None:
+        """The interface ``ip=`` configures: the VLAN, else the bond, else None (every NIC)."""
+        if self.vlan is not None:
+            return self.vlan.name
+        if self.bond is not None:
+            return self.bond.name
+        return None
+
+    def args(self) -> tuple[Arg, ...]:
+        """dracut's options for this network, in the order dracut's hooks read them (vlan, bond, ip)."""
+        out = []
+        if self.vlan is not None:
+            out.append(Arg.of(f"vlan={self.vlan}"))
+        if self.bond is not None:
+            out.append(Arg.of(f"bond={self.bond}"))
+        top = self.interface
+        out.append(Arg.of(f"ip={top}:{self.method}" if top else f"ip={self.method}"))
+        out.append(Arg.of("rd.neednet=1"))
+        return tuple(out)
+
+
+
 @dataclass(frozen=True)
 class Entry:
     """One boot menu entry: a kernel, an initramfs and the QCOW2 image it boots."""
@@ -101,6 +186,8 @@ class Entry:
     snapshot: str | None = None
     console: tuple[str, ...] = ()
     args: tuple[str, ...] = ()
+    #: VLAN, bond and address method (``ip``) of this entry, the top level's ``ip`` filled in
+    network: Network = field(default_factory=Network)
 
     @property
     def initrd_name(self) -> str:
@@ -120,6 +207,8 @@ class Machine:
     args: tuple[str, ...] = ()
     #: a human name, written as a comment next to the machine's section
     name: str | None = None
+    #: VLAN, bond and address method (``ip``) this machine sets over every entry's
+    network: Network = field(default_factory=Network)
 
     @property
     def hexhyp(self) -> str:

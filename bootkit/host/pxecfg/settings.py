@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from bootkit.host.pxecfg import network as net
 from bootkit.host.pxecfg import values as v
 from bootkit.host.pxecfg.model import Bootloader, DhcpMode, Mode, OverlayKind
 
@@ -37,6 +38,16 @@ class Setting:
     def flag(self) -> str:
         return "--" + self.key.replace("_", "-")
 
+
+#: the network of a boot (docs/pxe.md, "VLAN, bonding, IPv6"): per entry and per machine, ``ip`` at the top too
+NETWORK_SETTINGS = (
+    Setting("ip", "how the initramfs gets an address: dhcp (default), dhcp6 or auto6 (IPv6 router "
+            "advertisements)", metavar="METHOD", parse=net.ip_method),
+    Setting("vlan", "boot over a VLAN, dracut's vlan= syntax: <vlanname>:<phydevice> (eth0.100:eth0)",
+            metavar="NAME:DEV", parse=net.vlan),
+    Setting("bond", "boot over a bond, dracut's bond= syntax: <bondname>[:<slaves>[:<options>[:<mtu>]]]",
+            metavar="SPEC", parse=net.bond),
+)
 
 ENTRY_SETTINGS = (
     Setting("name", "entry name: menu id, iPXE label, GRUB id (default 'qcow2' in flags mode)", metavar="NAME",
@@ -64,6 +75,7 @@ ENTRY_SETTINGS = (
     Setting("snapshot", "internal QCOW2 snapshot to boot", metavar="NAME", parse=v.snapshot),
     Setting("console", "kernel console= value (repeatable)", "list", "CONSOLE", parse=v.kernel_args),
     Setting("args", "extra kernel argument (repeatable)", "list", "ARG", parse=v.kernel_args),
+    *NETWORK_SETTINGS,
 )
 
 MACHINE_SETTINGS = (
@@ -73,6 +85,7 @@ MACHINE_SETTINGS = (
     Setting("timeout", "menu timeout for this machine", "int", "SECONDS", parse=v.non_negative),
     Setting("args", "extra kernel arguments for this machine, after the entry's", "list", "ARG",
             parse=v.kernel_args),
+    *NETWORK_SETTINGS,
 )
 
 DHCP_SETTINGS = (
@@ -110,6 +123,7 @@ TOP_SETTINGS = (
             parse=v.kernel_args),
     Setting("bootloaders", "bootloaders to configure: ipxe, grub (default both; the flag repeats)", "list", "NAME",
             parse=v.bootloaders),
+    NETWORK_SETTINGS[0],
     Setting("entry", "boot entries (array of tables)", "tables", settings=ENTRY_SETTINGS),
     Setting("machine", "per-machine overrides (array of tables)", "tables", settings=MACHINE_SETTINGS),
     Setting("dhcp", "dnsmasq configuration (table); without it no dnsmasq.conf is written", "table",
