@@ -159,6 +159,10 @@ REFUSED = [
     ('ip = "dhcp6"\n', "entry.a.ip", "configures IPv6 only, but http://10.0.0.1/disk.qcow2 names an IPv4 address"),
     (MACHINE + 'ip = "auto6"\n', "machine.52:54:00:12:34:56.ip", "configures IPv6 only"),
     (MACHINE + 'vlan = "a b:eth0"\n', "machine.52:54:00:12:34:56.vlan", "VLAN name 'a b'"),
+    # the same rules for vlan= and bond= given as extra arguments: dracut sources "bondname=a&reboot"
+    ('args = ["bond=a&reboot"]\n', "entry.a.args", "bond=a&reboot: bond name 'a&reboot': use letters"),
+    (MACHINE + 'args = ["vlan=eth0.5:eth0:x"]\n', "machine.52:54:00:12:34:56.args",
+     "vlan=eth0.5:eth0:x: 'eth0.5:eth0:x' is not <vlanname>:<phydevice>"),
 ]
 
 
