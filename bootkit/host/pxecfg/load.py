@@ -224,12 +224,14 @@ def _check_cmdline(origin: Origin, entry: Entry, machine: Machine | None) -> Non
         raise ConfigError(f"{where}: a root= argument replaces root=qcow2:{entry.image.url} of entry {entry.name!r}")
     # vlan= and bond= given in args reach the same sourced files in dracut as the keys' values: same rules
     for arg in parsed.network:
-        word = arg.render(None) if arg.key in ("vlan", "bond") else None
-        if word is not None:
-            try:
-                (net.vlan if arg.key == "vlan" else net.bond)(word.partition("=")[2])
-            except parse.BadValue as e:
-                raise ConfigError(f"{where}: {word}: {e}") from None
+        if arg.key not in ("vlan", "bond"):
+            continue
+        word = arg.render(None)
+        read = net.vlan if arg.key == "vlan" else net.bond
+        try:
+            read(word.partition("=")[2])
+        except parse.BadValue as e:
+            raise ConfigError(f"{where}: {word}: {e}") from None
 
 
 def _config(top: Table, base_dir: Path) -> Config:
