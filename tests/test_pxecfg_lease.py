@@ -63,12 +63,12 @@ def test_ip_precedence_machine_then_entry_then_top(tmp_path: Path) -> None:
     config = load_file(_write(tmp_path, text))
     a, b = config.entries
     plain, lease_machine, dhcp_machine = None, *config.machines
-    assert (a.ip, b.ip) == (IpConfig.dhcp, IpConfig.lease)
-    assert network_choices(a, plain, Loader.ipxe) == (Network.dhcp, None)
+    assert (a.net.ip, b.net.ip) == (IpConfig.dhcp, IpConfig.lease)
+    assert network_choices(a, plain, Loader.ipxe) == (Network.autoconf, None)
     assert network_choices(b, plain, Loader.ipxe) == (Network.lease, Network.boot_nic_dhcp)
     assert network_choices(a, lease_machine, Loader.ipxe) == (Network.lease, Network.boot_nic_dhcp)
-    assert network_choices(b, dhcp_machine, Loader.grub) == (Network.dhcp, None)
-    assert network_choices(b, plain, Loader.grub) == (Network.boot_nic_dhcp, Network.dhcp)
+    assert network_choices(b, dhcp_machine, Loader.grub) == (Network.autoconf, None)
+    assert network_choices(b, plain, Loader.grub) == (Network.boot_nic_dhcp, Network.autoconf)
 
 
 def test_hostname_goes_into_dracuts_ip_hostname_field(tmp_path: Path) -> None:
@@ -79,9 +79,9 @@ def test_hostname_goes_into_dracuts_ip_hostname_field(tmp_path: Path) -> None:
         Network.lease
     ]
     assert "ip=::::node-7:bootnet:dhcp" in words[Network.boot_nic_dhcp]
-    assert "ip=::::node-7::dhcp" in words[Network.dhcp]
+    assert "ip=::::node-7::dhcp" in words[Network.autoconf]
     # without a host name, ip = "dhcp" writes what pxe-config always wrote
-    assert "ip=dhcp" in split_cmdline(kernel_cmdline(entry, None, network=Network.dhcp))
+    assert "ip=dhcp" in split_cmdline(kernel_cmdline(entry, None, network=Network.autoconf))
 
 
 @pytest.mark.parametrize(

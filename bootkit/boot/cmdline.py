@@ -201,7 +201,7 @@ DHCP_NETWORK: Tuple[Arg, ...] = (Arg.of("ip=dhcp"), Arg.of("rd.neednet=1"))
 #: namespace.
 BOOT_IFNAME = "bootnet"
 #: dracut's network options, kept in :attr:`BootConfig.network` as given (dracut, not bootkit, reads them)
-NETWORK_KEYS = ("ip", "rd.neednet", "ifname")
+NETWORK_KEYS = ("ip", "rd.neednet", "ifname", "vlan", "bond")
 
 
 # Both use dracut's full ``ip=`` form, which dracut and systemd-network-generator read alike:
@@ -220,14 +220,6 @@ def lease_network(hostname: Optional[str] = None) -> Tuple[Arg, ...]:
         ),
         Arg.of("rd.neednet=1"),
     )  # fmt: skip
-
-
-def dhcp_network(hostname: Optional[str] = None) -> Tuple[Arg, ...]:
-    """DHCP in the initramfs on every interface: :data:`DHCP_NETWORK`, in the full form when a host name
-    is given."""
-    if hostname is None:
-        return DHCP_NETWORK
-    return (Arg.of(f"ip=::::{hostname}::dhcp"), Arg.of("rd.neednet=1"))
 
 
 def boot_nic_dhcp_network(hostname: Optional[str] = None) -> Tuple[Arg, ...]:

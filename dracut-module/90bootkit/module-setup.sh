@@ -29,6 +29,11 @@ installkernel() {
     # nbd with partitions, the overlay for the writable root, and the filesystems a root may use
     hostonly='' instmods nbd overlay ext4 xfs btrfs vfat squashfs erofs nls_cp437 nls_iso8859-1 nls_utf8 af_packet
 
+    # vlan= and bond= (pxe-config's vlan and bond keys): dracut's stock 90kernel-network-modules installs them,
+    # but `build-initrd --drivers` shadows that module with one that names only the NIC drivers. ipv6 is for
+    # kernels that build it as a module (Debian's has it built in; instmods skips built-ins).
+    hostonly='' instmods 8021q bonding ipv6
+
     # The buses the NIC drivers sit on. 90kernel-network-modules (or bootkit's --drivers stand-in) installs
     # only drivers/net; the transports come with dracut's 90kernel-modules, which a bootkit initramfs leaves
     # out, and without them a NIC driver never sees its device (virtio_net without virtio_pci: no eth0).

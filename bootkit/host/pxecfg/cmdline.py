@@ -5,9 +5,9 @@ always hand the kernel the same options. The ``rd.qcow2.*`` part is the command-
 initramfs, owned by :mod:`bootkit.boot.cmdline`: an entry becomes a :class:`~bootkit.boot.cmdline.BootConfig`
 (:func:`boot_config`) whose ``to_args()`` writes exactly what the initramfs parses back.
 
-The network part depends on the boot loader (docs/pxe.md, "The lease"): each loader's configuration holds a
-first line and, where the loader may lack what the first one needs, a fallback it picks at boot
-(:func:`network_choices`).
+The network part depends on the keys and the boot loader (docs/pxe.md, "The network of the initramfs"): each
+loader's configuration holds a first line and, where the loader may lack what the first one needs, a fallback
+it picks at boot (:func:`network_choices`).
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ from bootkit.boot.cmdline import (
     OverlayKind,
     Verify,
     boot_nic_dhcp_network,
-    dhcp_network,
     join_args,
     lease_network,
 )
-from bootkit.host.pxecfg.model import Entry, IpConfig, Machine
+from bootkit.host.pxecfg.model import Entry, Machine, NetSpec
 
 #: x86 COMMAND_LINE_SIZE (arch/x86/include/asm/setup.h): longer lines are cut by the kernel
 MAX_CMDLINE = 2048
@@ -39,32 +38,35 @@ class Network(enum.Enum):
     lease = "lease"
     #: DHCP in the initramfs on the boot interface only, pinned by the MAC the loader booted from
     boot_nic_dhcp = "boot-nic-dhcp"
-    #: ``ip=dhcp``: DHCP on every interface
-    dhcp = "dhcp"
+    #: the initramfs configures the network the keys describe (:meth:`NetSpec.args`): ``ip=dhcp`` on every
+    #: interface, or DHCP, DHCPv6 or SLAAC (dracut's ``<autoconf>``) on the VLAN or bond
+    autoconf = "autoconf"
 
 
-def ip_config(entry: Entry, machine: Machine | None) -> IpConfig:
-    """The ``ip`` that applies: the machine's, else the entry's (which holds the top-level default)."""
-    return machine.ip if machine is not None and machine.ip is not None else entry.ip
+def net_spec(entry: Entry, machine: Machine | None = None) -> NetSpec:
+    """The network keys that apply when ``machine`` boots ``entry``: the machine's over the entry's (which hold
+    the top level's ``ip``)."""
+    return entry.net if machine is None else machine.net.over(entry.net)
 
 
 def network_choices(entry: Entry, machine: Machine | None, loader: Loader) -> tuple[Network, Network | None]:
     """The network of ``loader``'s kernel line for ``entry`` on ``machine``, and the fallback the loader's
     configuration switches to at boot when it lacks a value (None: no fallback).
 
-    iPXE hands over its lease, or DHCP on the boot interface when the lease has no netmask. GRUB 2.06 has
-    variables for the address and MAC only, not the netmask or gateway: DHCP on the boot interface, or on
-    every interface when it did not boot from the network (no ``net_default_mac``).
+    With the lease (``ip = "lease"``, no VLAN, no bond), iPXE hands it over, or DHCP on the boot interface when
+    the lease has no netmask; GRUB 2.06 has variables for the address and MAC only, not the netmask or
+    gateway: DHCP on the boot interface, or on every interface when it did not boot from the network (no
+    ``net_default_mac``). Otherwise both write the keys' own network: ``ip=dhcp``, or the VLAN, the bond, IPv6.
     """
-    if ip_config(entry, machine) is IpConfig.dhcp:
-        return Network.dhcp, None
+    if not net_spec(entry, machine).hands_over:
+        return Network.autoconf, None
     if loader is Loader.ipxe:
         return Network.lease, Network.boot_nic_dhcp
-    return Network.boot_nic_dhcp, Network.dhcp
+    return Network.boot_nic_dhcp, Network.autoconf
 
 
-def boot_config(entry: Entry, machine: Machine | None = None, network: Network = Network.dhcp) -> BootConfig:
-    """What the initramfs is asked for when ``machine`` boots ``entry`` with ``network``."""
+def boot_config(entry: Entry, machine: Machine | None = None, network: Network = Network.autoconf) -> BootConfig:
+    """What the initramfs is asked for when ``machine`` (None: any machine) boots ``entry`` with ``network``."""
     hostname = machine.hostname if machine is not None else None
     return BootConfig(
         url=entry.image.url,
@@ -83,13 +85,13 @@ def boot_config(entry: Entry, machine: Machine | None = None, network: Network =
         network={
             Network.lease: lease_network(hostname),
             Network.boot_nic_dhcp: boot_nic_dhcp_network(hostname),
-            Network.dhcp: dhcp_network(hostname),
+            Network.autoconf: net_spec(entry, machine).args(hostname),
         }[network],
     )
 
 
 def kernel_words(
-    entry: Entry, machine: Machine | None = None, *, network: Network = Network.dhcp, initrd_name: str | None = None
+    entry: Entry, machine: Machine | None = None, *, network: Network = Network.autoconf, initrd_name: str | None = None
 ) -> tuple[Arg, ...]:
     """The kernel arguments of ``entry`` as ``machine`` boots it with ``network``, before a loader renders
     them: the network words hold values the loader fills in.
@@ -111,7 +113,7 @@ def kernel_args(
     entry: Entry,
     machine: Machine | None = None,
     *,
-    network: Network = Network.dhcp,
+    network: Network = Network.autoconf,
     loader: Loader | None = None,
     initrd_name: str | None = None,
 ) -> tuple[str, ...]:
@@ -120,7 +122,7 @@ def kernel_args(
 
 
 def kernel_cmdline(
-    entry: Entry, machine: Machine | None = None, *, network: Network = Network.dhcp, initrd_name: str | None = None
+    entry: Entry, machine: Machine | None = None, *, network: Network = Network.autoconf, initrd_name: str | None = None
 ) -> str:
     """The line as the kernel sees it, with the widest values a loader can fill in."""
     words = kernel_words(entry, machine, network=network, initrd_name=initrd_name)

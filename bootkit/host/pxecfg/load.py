@@ -22,18 +22,20 @@ from typing import Any
 
 from bootkit.boot.cmdline import BootConfig, Loader
 from bootkit.errors import ConfigError
+from bootkit.host.pxecfg import network as net
 from bootkit.host.pxecfg import resolve
 from bootkit.host.pxecfg import values as parse
 from bootkit.host.pxecfg.cmdline import MAX_CMDLINE, kernel_cmdline, network_choices
 from bootkit.host.pxecfg.model import (
+    Artifact,
     Bootloader,
     Config,
     Dhcp,
     DhcpMode,
     Entry,
-    IpConfig,
     Machine,
     Mode,
+    NetSpec,
     OverlayKind,
 )
 from bootkit.host.pxecfg.resolve import Context
@@ -49,7 +51,20 @@ from bootkit.host.pxecfg.table import Origin, Table
 # -- the tables ----------------------------------------------------------------------------------------------
 
 
-def _entry(t: Table, ctx: Context, default_console: tuple[str, ...], default_ip: IpConfig) -> Entry:
+def _net_spec(t: Table) -> NetSpec:
+    """The ``ip``, ``vlan`` and ``bond`` keys of one table (each None when absent)."""
+    return NetSpec(ip=t.get("ip"), vlan=t.get("vlan"), bond=t.get("bond"))
+
+
+def _check_net_spec(t: Table, own: NetSpec, spec: NetSpec, urls: tuple[str, ...]) -> None:
+    """``spec`` (``own`` over what the level below gave) must fit together and reach ``urls``; an error is
+    reported as the key of this table that made it so."""
+    t.check("vlan" if own.vlan is not None else "bond", net.combine, spec)
+    for url in urls:
+        t.check("ip" if own.ip is not None else "image", net.reachable, spec, url)
+
+
+def _entry(t: Table, ctx: Context, default_console: tuple[str, ...], top: NetSpec) -> Entry:
     name = t.get("name", FLAGS_ENTRY_NAME if ctx.origin.file is None else None)
     if name is None:
         raise t.error("name", "missing (required)")
@@ -96,7 +111,9 @@ def _entry(t: Table, ctx: Context, default_console: tuple[str, ...], default_ip:
     snapshot = t.get("snapshot")
     console = t.get("console", default_console)
     args = t.get("args", ())
-    ip = t.get("ip", default_ip)
+    own = _net_spec(t)
+    spec = own.over(top)
+    _check_net_spec(t, own, spec, _fetched_by_initramfs(image, manifest))
     t.finish()
     return Entry(
         name=name,
@@ -113,8 +130,12 @@ def _entry(t: Table, ctx: Context, default_console: tuple[str, ...], default_ip:
         snapshot=snapshot,
         console=console,
         args=args,
-        ip=ip,
+        net=spec,
     )
+
+
+def _fetched_by_initramfs(image: Artifact, manifest: Artifact | None) -> tuple[str, ...]:
+    return (image.url,) if manifest is None else (image.url, manifest.url)
 
 
 def _machine(t: Table, entries: dict[str, Entry], default: str, timeout: int) -> Machine:
@@ -126,11 +147,13 @@ def _machine(t: Table, entries: dict[str, Entry], default: str, timeout: int) ->
         raise t.error("default", f"no entry named {machine_default!r} (entries: {', '.join(entries)})")
     machine_timeout = t.get("timeout", timeout)
     args = t.get("args", ())
-    ip = t.get("ip")
+    spec = _net_spec(t)
+    for entry in entries.values():
+        _check_net_spec(t, spec, spec.over(entry.net), _fetched_by_initramfs(entry.image, entry.manifest))
     hostname = t.get("hostname")
     t.finish()
     return Machine(
-        mac=mac, default=machine_default, timeout=machine_timeout, args=args, name=name, ip=ip, hostname=hostname
+        mac=mac, default=machine_default, timeout=machine_timeout, args=args, name=name, net=spec, hostname=hostname
     )
 
 
@@ -210,6 +233,20 @@ def _check_cmdline(origin: Origin, entry: Entry, machine: Machine | None, bootlo
                 raise ConfigError(
                     f"{where}: a root= argument replaces root=qcow2:{entry.image.url} of entry {entry.name!r}"
                 )
+            _check_vlan_bond_args(where, parsed)
+
+
+def _check_vlan_bond_args(where: str, parsed: BootConfig) -> None:
+    """vlan= and bond= given in args reach the same sourced files in dracut as the keys' values: same rules."""
+    for arg in parsed.network:
+        if arg.key not in ("vlan", "bond"):
+            continue
+        word = arg.render(None)
+        read = net.vlan if arg.key == "vlan" else net.bond
+        try:
+            read(word.partition("=")[2])
+        except parse.BadValue as e:
+            raise ConfigError(f"{where}: {word}: {e}") from None
 
 
 def _config(top: Table, base_dir: Path) -> Config:
@@ -226,7 +263,7 @@ def _config(top: Table, base_dir: Path) -> Config:
     bootloaders = top.get("bootloaders", frozenset(Bootloader))
     console = top.get("console", ())
     timeout = top.get("timeout", DEFAULT_TIMEOUT)
-    default_ip = top.get("ip", IpConfig.lease)
+    top_net = NetSpec(ip=top.get("ip"))
     ctx = Context(origin=origin, base_url=base_url, docroot=docroot, bootloaders=bootloaders)
 
     entry_tables = top.tables("entry")
@@ -234,7 +271,7 @@ def _config(top: Table, base_dir: Path) -> Config:
         raise top.error("entry", "missing: describe at least one [[entry]]")
     entries: dict[str, Entry] = {}
     for i, t in enumerate(entry_tables):
-        entry = _entry(t, ctx, console, default_ip)
+        entry = _entry(t, ctx, console, top_net)
         if entry.name in entries:
             raise ConfigError(f"{origin.where((f'entry[{i}]', 'name'))}: {entry.name!r} is used by another entry too")
         entries[entry.name] = entry

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from bootkit.host.pxecfg import network as net
 from bootkit.host.pxecfg import values as v
 from bootkit.host.pxecfg.model import Bootloader, DhcpMode, IpConfig, Mode, OverlayKind
 
@@ -38,9 +39,16 @@ class Setting:
         return "--" + self.key.replace("_", "-")
 
 
-IP_HELP = (
-    "network of the initramfs: lease (default: the boot loader's lease, boot interface only) or dhcp "
-    "(ip=dhcp on every interface); a machine's ip wins over its entry's, an entry's over the top level's"
+#: the network of the initramfs (docs/pxe.md, "The network of the initramfs"): per entry and per machine (the
+#: machine's over the entry's), ``ip`` at the top too
+NETWORK_SETTINGS = (
+    Setting("ip", "how the initramfs gets its address: lease (default: the boot loader's lease, boot interface "
+            "only; DHCP on a VLAN or bond), dhcp (in the initramfs), dhcp6 or auto6 (IPv6 only: DHCPv6, router "
+            "advertisements)", metavar="METHOD", parse=v.choice(IpConfig)),
+    Setting("vlan", "boot over a VLAN, dracut's vlan= syntax: <vlanname>:<phydevice> (eth0.100:eth0)",
+            metavar="NAME:DEV", parse=net.vlan),
+    Setting("bond", "boot over a bond, dracut's bond= syntax: <bondname>[:<slaves>[:<options>[:<mtu>]]]",
+            metavar="SPEC", parse=net.bond),
 )
 
 ENTRY_SETTINGS = (
@@ -69,7 +77,7 @@ ENTRY_SETTINGS = (
     Setting("snapshot", "internal QCOW2 snapshot to boot", metavar="NAME", parse=v.snapshot),
     Setting("console", "kernel console= value (repeatable)", "list", "CONSOLE", parse=v.kernel_args),
     Setting("args", "extra kernel argument (repeatable)", "list", "ARG", parse=v.kernel_args),
-    Setting("ip", IP_HELP, metavar="lease|dhcp", parse=v.choice(IpConfig)),
+    *NETWORK_SETTINGS,
 )
 
 MACHINE_SETTINGS = (
@@ -79,7 +87,7 @@ MACHINE_SETTINGS = (
     Setting("timeout", "menu timeout for this machine", "int", "SECONDS", parse=v.non_negative),
     Setting("args", "extra kernel arguments for this machine, after the entry's", "list", "ARG",
             parse=v.kernel_args),
-    Setting("ip", IP_HELP, metavar="lease|dhcp", parse=v.choice(IpConfig)),
+    *NETWORK_SETTINGS,
     Setting("hostname", "host name the initramfs sets (letters, digits, '-'; never taken from DHCP)",
             metavar="NAME", parse=v.hostname),
 )
@@ -119,7 +127,7 @@ TOP_SETTINGS = (
             parse=v.kernel_args),
     Setting("bootloaders", "bootloaders to configure: ipxe, grub (default both; the flag repeats)", "list", "NAME",
             parse=v.bootloaders),
-    Setting("ip", IP_HELP, metavar="lease|dhcp", parse=v.choice(IpConfig)),
+    NETWORK_SETTINGS[0],
     Setting("entry", "boot entries (array of tables)", "tables", settings=ENTRY_SETTINGS),
     Setting("machine", "per-machine overrides (array of tables)", "tables", settings=MACHINE_SETTINGS),
     Setting("dhcp", "dnsmasq configuration (table); without it no dnsmasq.conf is written", "table",
