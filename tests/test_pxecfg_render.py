@@ -52,6 +52,7 @@ def test_golden_layout_is_the_documented_one(capsys: pytest.CaptureFixture[str],
         "dnsmasq.conf",
         "tftp/boot.ipxe",
         "tftp/boot/grub/grub.cfg",
+        "tftp/boot/grub/grub.cfg-01-52-54-00-00-01-00",
         "tftp/boot/grub/grub.cfg-01-52-54-00-12-34-56",
         "tftp/boot/grub/grub.cfg-01-52-54-00-ab-cd-ef",
     ]
