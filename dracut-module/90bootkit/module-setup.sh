@@ -113,6 +113,8 @@ EOF
         if dracut_module_included "systemd-networkd"; then
             inst_script "$moddir/bootkit-bootif-generator.sh" \
                 "$systemdutildir/system-generators/bootkit-bootif-generator"
+            # with vlan=/bond=, network-online waits for the VLAN or bond rather than --any link
+            inst_script "$moddir/bootkit-top-generator.sh" "$systemdutildir/system-generators/bootkit-top-generator"
         fi
     else
         # netroot handler: /sbin/netroot runs /sbin/<scheme>root once an interface is up
