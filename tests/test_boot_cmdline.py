@@ -414,7 +414,7 @@ def _loader_fills_in(line: str, loader: Loader, values: dict[LoaderVar, str]) ->
 
 
 _LEASE = {LoaderVar.ip: "192.0.2.7", LoaderVar.gateway: "192.0.2.1", LoaderVar.netmask: "255.255.255.0",
-          LoaderVar.mac: "52:54:00:12:34:56"}  # fmt: skip
+          LoaderVar.mac: "52:54:00:12:34:56", LoaderVar.dns: "192.0.2.53"}  # fmt: skip
 
 
 @settings(max_examples=300, deadline=None)
@@ -437,7 +437,7 @@ def test_round_trip_would_catch_a_dropped_option() -> None:
 def test_loader_values_render_per_loader() -> None:
     ip = Arg.of("ip=", LoaderVar.ip, "::", LoaderVar.gateway, ":", LoaderVar.netmask)
     cfg = BootConfig(url=URL, network=(ip, Arg.of("rd.neednet=1")))
-    assert cfg.to_args(Loader.ipxe)[-2:] == ("ip=${net0/ip}::${net0/gateway}:${net0/netmask}", "rd.neednet=1")
+    assert cfg.to_args(Loader.ipxe)[-2:] == ("ip=${netX/ip}::${netX/gateway}:${netX/netmask}", "rd.neednet=1")
     with pytest.raises(ConfigError, match=r"^grub has no variable for the lease's gateway$"):
         cfg.to_args(Loader.grub)
     with pytest.raises(ConfigError, match="filled in by the boot loader"):

@@ -131,6 +131,10 @@ def test_python_files_are_the_runtime_only() -> None:
     assert (files.zstandard / "__init__.py").exists()
 
 
+#: what dracut's vlan= and bond= need from the kernel (8021q pulls garp, mrp, stp, llc)
+NETWORK_STACK_MODULES = ("8021q", "bonding")
+
+
 def test_trimmed_shell_initramfs(initrd_shell: InitrdResult) -> None:  # noqa: F811
     names = contents(initrd_shell.output)
     joined = "\n".join(names)
@@ -139,6 +143,8 @@ def test_trimmed_shell_initramfs(initrd_shell: InitrdResult) -> None:  # noqa: F
     assert "/e1000.ko" not in joined and "/e1000e.ko" not in joined
     # virtio_net's transport and the other buses come from bootkit's module even when the drivers are trimmed
     assert missing_modules(initrd_shell, ("virtio_net", *BUS_MODULES)) == []
+    # vlan= and bond= (pxe-config's vlan and bond keys) even though --drivers shadows kernel-network-modules
+    assert missing_modules(initrd_shell, NETWORK_STACK_MODULES) == []
     for path in ("usr/bin/python3.11", "usr/lib/bootkit/bootkit-boot", "usr/lib/bootkit/bootkit/boot/main.py",
                  "usr/lib/bootkit/zstandard/__init__.py", "usr/sbin/qcow2root", "usr/sbin/dhclient",
                  "/libdeflate.so.0", "/libzstd.so.1", "usr/lib/bootkit/bootkit-halt", "usr/sbin/poweroff",
@@ -152,9 +158,11 @@ def test_trimmed_shell_initramfs(initrd_shell: InitrdResult) -> None:  # noqa: F
 def test_trimmed_systemd_initramfs(initrd_systemd: InitrdResult) -> None:  # noqa: F811
     names = contents(initrd_systemd.output)
     for path in ("bootkit-root.service", "system-generators/bootkit-generator", "systemd-networkd",
+                 "system-generators/bootkit-top-generator",
                  "usr/lib/bootkit/bootkit/boot/main.py"):  # fmt: skip
         assert any(n.endswith(path) for n in names), path
     assert not any(n.endswith("sbin/qcow2root") for n in names)
+    assert missing_modules(initrd_systemd, NETWORK_STACK_MODULES) == []
     assert initrd_systemd.size <= 30 * MB, initrd_systemd.size
 
 

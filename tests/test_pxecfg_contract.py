@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from pxecfg_fixtures import GOLDEN, run_cli
 
-from bootkit.boot.cmdline import BootConfig, RootSpec
-from bootkit.host.pxecfg.cmdline import boot_config, kernel_cmdline
+from bootkit.boot.cmdline import WIDEST_LEASE, BootConfig, RootSpec
+from bootkit.host.pxecfg.cmdline import Network, boot_config, kernel_cmdline
 from bootkit.host.pxecfg.load import load_file
 
 HEAD = """\
@@ -33,8 +33,9 @@ def test_the_initramfs_parses_back_what_each_entry_asks_for() -> None:
     config = load_file(GOLDEN / "representative.toml")
     for entry in config.entries:
         for machine in (None, *config.machines):
-            parsed = BootConfig.parse(kernel_cmdline(entry, machine))
-            assert parsed == boot_config(entry), (entry.name, machine)
+            for network in Network:
+                parsed = BootConfig.parse(kernel_cmdline(entry, machine, network=network))
+                assert parsed == boot_config(entry, machine, network).substitute(WIDEST_LEASE), (entry, machine)
 
 
 def test_root_is_typed_by_the_contract(tmp_path: Path) -> None:

@@ -191,13 +191,14 @@ def test_per_mac_overrides(capsys: pytest.CaptureFixture[str], tmp_path: Path, d
     assert "iseq ${netX/mac} 52:54:00:aa:bb:cc && goto mac-525400aabbcc ||" in script
     assert ":mac-525400aabbcc\ngoto mac-525400aabbcc-b\n" in script
     kernel_lines = [line for line in script.splitlines() if line.startswith(KERNEL_LINE_PREFIX)]
-    assert len(kernel_lines) == 4  # 2 entries x (default menu + the machine's menu)
-    assert [("systemd.hostname=n1" in line) for line in kernel_lines] == [False, False, True, True]
+    # 2 entries x (default menu + the machine's menu) x (the lease handed over + DHCP on the boot NIC)
+    assert len(kernel_lines) == 8
+    assert [("systemd.hostname=n1" in line) for line in kernel_lines] == [False] * 4 + [True] * 4
 
     grub_dir = out / "tftp" / "boot" / "grub"
     machine_cfg = (grub_dir / "grub.cfg-01-52-54-00-aa-bb-cc").read_text()
     assert "set default=b\nset timeout=0\n" in machine_cfg
-    assert machine_cfg.count("systemd.hostname=n1") == 2
+    assert machine_cfg.count("systemd.hostname=n1") == 4  # 2 entries x (boot NIC line + no-NIC fallback)
     default_cfg = (grub_dir / "grub.cfg").read_text()
     assert "set default=a\nset timeout=5\n" in default_cfg
     assert "systemd.hostname" not in default_cfg
@@ -229,7 +230,8 @@ def test_flags_only_single_image(
     script = (out / "tftp" / "boot.ipxe").read_text()
     assert (
         "kernel http://10.0.0.1:8080/vmlinuz initrd=initrd.img root=qcow2:http://10.0.0.1:8080/images/disk.qcow2 "
-        f"rd.qcow2.sha256={digest} rd.qcow2.overlay=tmpfs rw ip=dhcp rd.neednet=1 console=ttyS0,115200 quiet "
+        f"rd.qcow2.sha256={digest} rd.qcow2.overlay=tmpfs rw ifname=bootnet:${{netX/mac}} "
+        "ip=${netX/ip}::${netX/gateway}:${netX/netmask}::bootnet:none:${dns} rd.neednet=1 console=ttyS0,115200 quiet "
         "|| goto failed"
     ) in script
     assert "initrd --name initrd.img http://10.0.0.1:8080/initrd.img || goto failed" in script

@@ -42,9 +42,11 @@ from bkharness.netboot import bootfile
 from pxecfg_fixtures import logged_http_server, run_cli
 from testtools import require_tools
 
+from bootkit.boot.cmdline import Loader, LoaderVar, join_args
 from bootkit.host.kernelpkg import Kernel
-from bootkit.host.pxecfg.cmdline import kernel_cmdline
+from bootkit.host.pxecfg.cmdline import kernel_words, network_choices
 from bootkit.host.pxecfg.load import load_file
+from bootkit.host.pxecfg.model import Entry, Machine
 
 pytestmark = pytest.mark.qemu
 
@@ -92,6 +94,28 @@ default = "node"
 timeout = 0
 args = ["bootkit.test=per-mac"]
 """
+
+
+#: the lease QEMU's user-mode network (slirp) hands out
+SLIRP_LEASE = {LoaderVar.ip: "10.0.2.15", LoaderVar.gateway: "10.0.2.2", LoaderVar.netmask: "255.255.255.0",
+               LoaderVar.dns: "10.0.2.3"}  # fmt: skip
+
+
+def booted_line(
+    entry: Entry, machine: Machine | None, loader: Loader, lease: dict[LoaderVar, str], initrd_name: str | None = None
+) -> str:
+    """The command line the kernel gets when ``loader`` fills in ``lease`` (its first line, docs/pxe.md)."""
+    network = network_choices(entry, machine, loader)[0]
+    words = kernel_words(entry, machine, network=network, initrd_name=initrd_name)
+    return join_args(tuple(w.substitute(lease).render(None) for w in words))
+
+
+def handed_over(cmdline: str, mac: str) -> dict[LoaderVar, str]:
+    """The lease values iPXE filled into ``cmdline`` (for a server whose addresses the test does not fix)."""
+    m = re.search(r" ip=([0-9.]+)::([0-9.]*):([0-9.]+)::bootnet:none:([0-9.]*) ", cmdline)
+    assert m, cmdline
+    return {LoaderVar.ip: m[1], LoaderVar.gateway: m[2], LoaderVar.netmask: m[3], LoaderVar.dns: m[4],
+            LoaderVar.mac: mac}  # fmt: skip
 
 
 def require_firmware(firmware: Firmware) -> None:
@@ -177,13 +201,16 @@ def test_netboot_fetches_kernel_and_initrd_with_the_generated_command_line(
             booted_cmdline = console_line(vm, "Command line: ")
 
     assert server.paths() == wanted
+    lease = {**SLIRP_LEASE, LoaderVar.mac: case.mac}
     if case.bootloader == "ipxe":
-        expected = kernel_cmdline(entry, machine, initrd_name="initrd.img")
+        expected = booted_line(entry, machine, Loader.ipxe, lease, initrd_name="initrd.img")
         # iPXE on UEFI passes the image name first (the EFI stub's argv[0]); BIOS does not
         assert booted_cmdline.removeprefix("vmlinuz ") == expected
     else:
         port = server.port
-        expected = f"BOOT_IMAGE=(http,10.0.2.2:{port})/{entry.name}/vmlinuz " + kernel_cmdline(entry, machine)
+        expected = f"BOOT_IMAGE=(http,10.0.2.2:{port})/{entry.name}/vmlinuz " + booted_line(
+            entry, machine, Loader.grub, lease
+        )
         assert booted_cmdline == expected
     assert ("bootkit.test=per-mac" in booted_cmdline) == (machine is not None)
 
@@ -370,7 +397,11 @@ def test_generated_dnsmasq_serves_the_boot_chain(
     sent = re.findall(r"dnsmasq-tftp\[\d+\]: sent /srv/tftp/(\S+) to ", server_log)
     assert [f for f in dict.fromkeys(sent) if f in chain.tftp_files] == list(chain.tftp_files), sent
     if chain.loader == "ipxe":
-        assert booted_cmdline.removeprefix("vmlinuz ") == kernel_cmdline(entry, initrd_name="initrd.img")
+        lease = handed_over(booted_cmdline, KNOWN_MAC)
+        assert lease[LoaderVar.ip].startswith("192.168.50."), booted_cmdline
+        expected = booted_line(entry, None, Loader.ipxe, lease, initrd_name="initrd.img")
+        assert booted_cmdline.removeprefix("vmlinuz ") == expected
         assert "tags: ipxe, uefi, eth0" in server_log  # iPXE's user class was recognised
     else:
-        assert booted_cmdline == f"BOOT_IMAGE=(http,{SERVER_IP})/vmlinuz " + kernel_cmdline(entry)
+        expected = booted_line(entry, None, Loader.grub, {LoaderVar.mac: KNOWN_MAC})
+        assert booted_cmdline == f"BOOT_IMAGE=(http,{SERVER_IP})/vmlinuz " + expected

@@ -13,7 +13,7 @@ from pxecfg_fixtures import GOLDEN, run_cli
 from testtools import require_tools
 
 from bootkit.boot.cmdline import parse_cmdline
-from bootkit.host.pxecfg.cmdline import kernel_cmdline
+from bootkit.host.pxecfg.cmdline import Network, kernel_cmdline
 from bootkit.host.pxecfg.load import load_file
 from bootkit.host.pxecfg.render import grub_quote, render_all
 
@@ -52,6 +52,7 @@ def test_golden_layout_is_the_documented_one(capsys: pytest.CaptureFixture[str],
         "dnsmasq.conf",
         "tftp/boot.ipxe",
         "tftp/boot/grub/grub.cfg",
+        "tftp/boot/grub/grub.cfg-01-52-54-00-00-01-00",
         "tftp/boot/grub/grub.cfg-01-52-54-00-12-34-56",
         "tftp/boot/grub/grub.cfg-01-52-54-00-ab-cd-ef",
     ]
@@ -100,18 +101,25 @@ def test_dnsmasq_test_would_catch_a_bad_option(tmp_path: Path) -> None:
 
 
 def _ipxe_kernel_lines(script: str) -> dict[str, str]:
-    """label -> kernel arguments of each boot section of an iPXE script."""
+    """label -> kernel arguments of each section of an iPXE script that has a kernel line (a boot's own
+    label, and ``dhcp--<label>`` for its fallback)."""
     result = {}
-    for m in re.finditer(r"^:(\S+)\n(?:.*\n){2}kernel (\S+) (.*) \|\| goto failed$", script, re.M):
-        result[m.group(1)] = m.group(3)
+    for section in re.split(r"^:", script, flags=re.M)[1:]:
+        label, _, body = section.partition("\n")
+        m = re.search(r"^kernel (\S+) (.*) \|\| goto failed$", body, re.M)
+        if m and not label.startswith("initrd--"):
+            result[label] = m.group(2)
     return result
 
 
 def _grub_kernel_lines(cfg: str) -> dict[str, str]:
-    return {m.group(1): m.group(2) for m in re.finditer(r"--id (\S+) \{\n.*\n    linux \S+ (.*)$", cfg, re.M)}
+    """entry id -> arguments of its first ``linux`` line (GRUB booted from a NIC: the boot NIC's line)."""
+    return {m.group(1): m.group(2) for m in re.finditer(r"--id (\S+) \{\n(?:.*\n)*?\s*linux \S+ (.*)$", cfg, re.M)}
 
 
 def test_kernel_command_line_is_the_same_in_ipxe_and_grub(tmp_path: Path) -> None:
+    """GRUB's line is iPXE's DHCP-on-the-boot-NIC fallback (or iPXE's only line with ip = "dhcp"), with the
+    MAC in GRUB's variable."""
     config = load_file(GOLDEN / "representative.toml")
     files = render_all(config, "/tftp")
     ipxe = _ipxe_kernel_lines(files[next(p for p in files if p.name == "boot.ipxe")])
@@ -119,11 +127,15 @@ def test_kernel_command_line_is_the_same_in_ipxe_and_grub(tmp_path: Path) -> Non
         grub = _grub_kernel_lines(files[next(p for p in files if p.name == machine_file)])
         assert sorted(grub) == ["debian", "lazy", "rescue"]
         for entry_name, grub_args in grub.items():
-            ipxe_args = ipxe[f"{menu}-{entry_name}"]
+            label = f"{menu}-{entry_name}"
+            ipxe_args = ipxe.get(f"dhcp--{label}", ipxe[label])
             initrd_arg, _, rest = ipxe_args.partition(" ")
             assert initrd_arg == f"initrd={config.entry(entry_name).initrd.name}"
             # GRUB quotes what its parser would otherwise take apart; the kernel gets the same words
-            assert rest == grub_args.replace("'", "")
+            assert rest.replace("${netX/mac}", "${net_default_mac}") == grub_args.replace("'", "").replace('"', "")
+    # the entry with ip = "dhcp" has one line, the others hand the lease over first
+    assert "dhcp--default-rescue" not in ipxe
+    assert "ip=${netX/ip}::${netX/gateway}:${netX/netmask}::bootnet:none:${dns}" in ipxe["default-debian"]
 
 
 def test_every_generated_command_line_is_accepted_by_the_initramfs_parser() -> None:
@@ -147,7 +159,8 @@ def test_every_generated_command_line_is_accepted_by_the_initramfs_parser() -> N
 def test_command_line_order_and_options() -> None:
     config = load_file(GOLDEN / "representative.toml")
     node1 = config.machines[0]
-    assert kernel_cmdline(config.entry("lazy"), node1, initrd_name="bootkit-initrd.img").split() == [
+    line = kernel_cmdline(config.entry("lazy"), node1, network=Network.lease, initrd_name="bootkit-initrd.img")
+    assert line.split() == [
         "initrd=bootkit-initrd.img",
         "root=qcow2:http://192.0.2.10:8080/netboot/images/debian-12.qcow2",
         "rd.qcow2.mode=lazy",
@@ -155,7 +168,9 @@ def test_command_line_order_and_options() -> None:
         "rw",
         "rd.qcow2.manifest=http://192.0.2.10:8080/netboot/images/debian-12.qcow2.manifest",
         "rd.qcow2.manifest-sha256=2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae",
-        "ip=dhcp",
+        # the widest values a loader fills in; the host name from the description
+        "ifname=bootnet:ff:ff:ff:ff:ff:ff",
+        "ip=255.255.255.255::255.255.255.255:255.255.255.255:node1:bootnet:none:255.255.255.255",
         "rd.neednet=1",
         "console=tty0",
         "console=ttyS0,115200",

@@ -115,12 +115,16 @@ class LoaderVar(_Choice):
 
     ``render(loader)`` is the loader's syntax for it; not every loader knows every value (GRUB has no
     variable for the gateway or netmask), which is an error at render time, not a silently empty value.
+    Only values a loader formats as numbers are here (addresses, the MAC): a string a DHCP server chose
+    (host name, domain, file name) could hold spaces, and the loader expands it before it splits the line.
     """
 
     ip = "ip"
     gateway = "gateway"
     netmask = "netmask"
     mac = "mac"
+    #: the first DNS server of the lease
+    dns = "dns"
 
     def render(self, loader: Loader) -> str:
         text = _LOADER_SYNTAX[loader].get(self)
@@ -129,11 +133,26 @@ class LoaderVar(_Choice):
         return text
 
 
-# iPXE: settings of the first network device (``${net0/ip}``); GRUB: the variables its ``net_bootp``
-# sets for the default interface. Braced, so that a following letter cannot extend the name.
+# iPXE: settings of the interface it booted through (``netX``, the last one opened, which is the one whose
+# DHCP succeeded); every one is ipv4- or hex-typed, so iPXE prints dotted quads and colon-separated hex only.
+# An unset one (a lease without router or DNS) expands to nothing. GRUB: the variables its ``net_bootp`` sets
+# for the default interface (2.06 has no gateway, netmask or DNS variable). Braced, so that a following
+# letter cannot extend the name.
 _LOADER_SYNTAX: Dict[Loader, Dict[LoaderVar, str]] = {
-    Loader.ipxe: {v: "${net0/" + v.value + "}" for v in LoaderVar},
+    Loader.ipxe: {
+        **{v: "${netX/" + v.value + "}" for v in (LoaderVar.ip, LoaderVar.gateway, LoaderVar.netmask, LoaderVar.mac)},
+        LoaderVar.dns: "${dns}",
+    },
     Loader.grub: {LoaderVar.ip: "${net_default_ip}", LoaderVar.mac: "${net_default_mac}"},
+}
+
+#: the widest value each loader variable can take: what a line is checked with before any loader fills it in
+WIDEST_LEASE: Dict[LoaderVar, str] = {
+    LoaderVar.ip: "255.255.255.255",
+    LoaderVar.gateway: "255.255.255.255",
+    LoaderVar.netmask: "255.255.255.255",
+    LoaderVar.mac: "ff:ff:ff:ff:ff:ff",
+    LoaderVar.dns: "255.255.255.255",
 }
 
 
@@ -163,6 +182,11 @@ class Arg:
         head = self.parts[0] if self.parts and not isinstance(self.parts[0], LoaderVar) else ""
         return head.partition("=")[0]
 
+    @property
+    def literal(self) -> bool:
+        """True when no part is filled in by the boot loader."""
+        return not any(isinstance(p, LoaderVar) for p in self.parts)
+
     def render(self, loader: Optional[Loader]) -> str:
         """The argument as ``loader`` writes it; without a loader, only a literal argument can be written."""
         out = []
@@ -180,10 +204,42 @@ class Arg:
         return Arg.of(*(values[p] if isinstance(p, LoaderVar) else p for p in self.parts))
 
 
-#: what ``pxe-config`` asks dracut for today: DHCP in the initramfs
+#: what ``pxe-config`` writes with ``ip = "dhcp"``: DHCP in the initramfs, on every interface
 DHCP_NETWORK: Tuple[Arg, ...] = (Arg.of("ip=dhcp"), Arg.of("rd.neednet=1"))
+#: the name the boot interface gets in the initramfs (``ifname=``): dracut's and systemd-network-generator's
+#: ``ip=`` then configure that one interface only. Not ``ethN``: dracut refuses to rename into the kernel's
+#: namespace.
+BOOT_IFNAME = "bootnet"
 #: dracut's network options, kept in :attr:`BootConfig.network` as given (dracut, not bootkit, reads them)
-NETWORK_KEYS = ("ip", "rd.neednet")
+NETWORK_KEYS = ("ip", "rd.neednet", "ifname", "vlan", "bond")
+
+
+# Both use dracut's full ``ip=`` form, which dracut and systemd-network-generator read alike:
+#   ip=<client-IP>:[<peer>]:<gateway-IP>:<netmask>:<client_hostname>:<interface>:<autoconf>[:<dns1>]
+# and pin the interface by MAC with ``ifname=``, which both know (systemd-network-generator ignores BOOTIF=).
+
+
+def lease_network(hostname: Optional[str] = None) -> Tuple[Arg, ...]:
+    """The boot loader's lease handed over: a static address on the interface it booted from (by MAC), with
+    its gateway and first DNS server (either may be empty: dracut and networkd accept empty fields)."""
+    return (
+        Arg.of(f"ifname={BOOT_IFNAME}:", LoaderVar.mac),
+        Arg.of(
+            "ip=", LoaderVar.ip, "::", LoaderVar.gateway, ":", LoaderVar.netmask,
+            f":{hostname or ''}:{BOOT_IFNAME}:none:", LoaderVar.dns,
+        ),
+        Arg.of("rd.neednet=1"),
+    )  # fmt: skip
+
+
+def boot_nic_dhcp_network(hostname: Optional[str] = None) -> Tuple[Arg, ...]:
+    """DHCP in the initramfs on the interface the boot loader booted from (by MAC), and on no other."""
+    return (
+        Arg.of(f"ifname={BOOT_IFNAME}:", LoaderVar.mac),
+        Arg.of(f"ip=::::{hostname or ''}:{BOOT_IFNAME}:dhcp"),
+        Arg.of("rd.neednet=1"),
+    )
+
 
 #: options that take no value (a bare ``rd.qcow2.debug`` means on; ``=0``/``=1`` work as well)
 _FLAGS = ("insecure", "debug")
@@ -311,6 +367,11 @@ class BootConfig:
         image is verified (``rd.qcow2.verify=`` unless a pinned hash says so), the overlay, and ``rw``/``ro``.
         ``loader`` renders :class:`LoaderVar` values in :attr:`network` in that loader's syntax.
         """
+        return tuple(w.render(loader) for w in self.to_words())
+
+    def to_words(self) -> Tuple[Arg, ...]:
+        """:meth:`to_args` before a loader renders it: each word as an :class:`Arg` (a boot loader that
+        quotes has to know which words hold its variables)."""
         args = [f"root=qcow2:{self.url}"]
         if self.sha256 is not None:
             args.append(f"{PREFIX}sha256={self.sha256}")
@@ -350,8 +411,7 @@ class BootConfig:
             args.append(f"rootfstype={self.rootfstype}")
         if self.rootflags is not None:
             args.append(f"rootflags={self.rootflags}")
-        args += [a.render(loader) for a in self.network]
-        return tuple(args)
+        return (*(Arg.of(a) for a in args), *self.network)
 
     def substitute(self, values: Mapping[LoaderVar, str]) -> BootConfig:
         """This configuration as the initramfs parses it after the boot loader filled in ``values``."""

@@ -29,6 +29,11 @@ installkernel() {
     # nbd with partitions, the overlay for the writable root, and the filesystems a root may use
     hostonly='' instmods nbd overlay ext4 xfs btrfs vfat squashfs erofs nls_cp437 nls_iso8859-1 nls_utf8 af_packet
 
+    # vlan= and bond= (pxe-config's vlan and bond keys): dracut's stock 90kernel-network-modules installs them,
+    # but `build-initrd --drivers` shadows that module with one that names only the NIC drivers. ipv6 is for
+    # kernels that build it as a module (Debian's has it built in; instmods skips built-ins).
+    hostonly='' instmods 8021q bonding ipv6
+
     # The buses the NIC drivers sit on. 90kernel-network-modules (or bootkit's --drivers stand-in) installs
     # only drivers/net; the transports come with dracut's 90kernel-modules, which a bootkit initramfs leaves
     # out, and without them a NIC driver never sees its device (virtio_net without virtio_pci: no eth0).
@@ -98,17 +103,54 @@ sys.exit(main())
 EOF
     chmod 0755 "$initdir/usr/lib/bootkit/bootkit-boot"
     inst_hook cmdline 90 "$moddir/parse-qcow2.sh"
+    # prints the addresses the boot uses before the boot code starts (both flavours)
+    inst_script "$moddir/bootkit-netinfo.sh" /usr/lib/bootkit/bootkit-netinfo
 
     if dracut_module_included "systemd"; then
         inst_simple "$moddir/bootkit-root.service" "$systemdsystemunitdir/bootkit-root.service"
         inst_script "$moddir/bootkit-generator.sh" "$systemdutildir/system-generators/bootkit-generator"
+        install_wait_online
+        if dracut_module_included "systemd-networkd"; then
+            inst_script "$moddir/bootkit-bootif-generator.sh" \
+                "$systemdutildir/system-generators/bootkit-bootif-generator"
+            # with vlan=/bond=, network-online waits for the VLAN or bond rather than --any link
+            inst_script "$moddir/bootkit-top-generator.sh" "$systemdutildir/system-generators/bootkit-top-generator"
+        fi
     else
         # netroot handler: /sbin/netroot runs /sbin/<scheme>root once an interface is up
         inst_script "$moddir/qcow2root.sh" /sbin/qcow2root
         inst_hook pre-mount 10 "$moddir/qcow2-failed.sh"
         install_halt
+        install_arping
     fi
     dracut_need_initqueue
+}
+
+# systemd flavour: network-online.target is reached through systemd-networkd-wait-online, which by default
+# waits until every link networkd manages is configured. With ip=dhcp (a .network for every link) a second
+# NIC without a DHCP server, or without a cable, holds the boot for its whole timeout (120 s). bootkit needs
+# one working link: --any (docs/initramfs.md, "Network bring-up time"). A drop-in, so that a user's own
+# drop-in for the unit (installed with the host's configuration) still applies after it.
+install_wait_online() {
+    dracut_module_included "systemd-networkd" || return 0
+    local _dir="$initdir$systemdsystemunitdir/systemd-networkd-wait-online.service.d"
+    mkdir -p "$_dir"
+    cat > "$_dir/50-bootkit-any.conf" << EOF
+# bootkit: one configured link is enough to fetch the root (docs/initramfs.md, "Network bring-up time")
+[Service]
+ExecStart=
+ExecStart=$systemdutildir/systemd-networkd-wait-online --any
+EOF
+}
+
+# shell flavour: skip network-legacy's duplicate-address check for the address the boot loader handed over
+# (bootkit-arping.sh says why); iputils' arping moves to /usr/lib/bootkit/arping behind the wrapper.
+install_arping() {
+    local _arping
+    _arping=$(find_binary arping) || return 0
+    [[ -e $initdir$_arping && ! -L $initdir$_arping ]] || return 0
+    mv "$initdir$_arping" "$initdir/usr/lib/bootkit/arping"
+    inst_script "$moddir/bootkit-arping.sh" "$_arping"
 }
 
 # poweroff, reboot and halt for the shell initramfs: dracut's emergency path runs the one rd.emergency= names

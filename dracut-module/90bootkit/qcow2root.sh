@@ -16,6 +16,7 @@ newroot=${3:-/sysroot}
 mkdir -p /run/bootkit
 mkdir /run/bootkit/started 2> /dev/null || exit 0
 info "bootkit: network up on $netif"
+/usr/lib/bootkit/bootkit-netinfo
 
 # argv[0] '@bootkit': the NBD server this leaves behind is a root storage daemon that nothing modelled on
 # systemd's killing spree may kill (systemd docs/ROOT_STORAGE_DAEMONS.md). Python finds its prefix without

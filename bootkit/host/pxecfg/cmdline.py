@@ -1,22 +1,73 @@
 """The kernel command line of a boot entry: built here and nowhere else.
 
-The iPXE script and every GRUB configuration print what :func:`kernel_args` returns, so the two bootloaders
+The iPXE script and every GRUB configuration print what :func:`kernel_words` returns, so the two bootloaders
 always hand the kernel the same options. The ``rd.qcow2.*`` part is the command-line contract with bootkit's
 initramfs, owned by :mod:`bootkit.boot.cmdline`: an entry becomes a :class:`~bootkit.boot.cmdline.BootConfig`
 (:func:`boot_config`) whose ``to_args()`` writes exactly what the initramfs parses back.
+
+The network part depends on the keys and the boot loader (docs/pxe.md, "The network of the initramfs"): each
+loader's configuration holds a first line and, where the loader may lack what the first one needs, a fallback
+it picks at boot (:func:`network_choices`).
 """
 
 from __future__ import annotations
 
-from bootkit.boot.cmdline import DHCP_NETWORK, BootConfig, Loader, OverlayKind, Verify, join_args
-from bootkit.host.pxecfg.model import Entry, Machine
+import enum
+
+from bootkit.boot.cmdline import (
+    WIDEST_LEASE,
+    Arg,
+    BootConfig,
+    Loader,
+    OverlayKind,
+    Verify,
+    boot_nic_dhcp_network,
+    join_args,
+    lease_network,
+)
+from bootkit.host.pxecfg.model import Entry, Machine, NetSpec
 
 #: x86 COMMAND_LINE_SIZE (arch/x86/include/asm/setup.h): longer lines are cut by the kernel
 MAX_CMDLINE = 2048
 
 
-def boot_config(entry: Entry) -> BootConfig:
-    """What the initramfs is asked for when it boots ``entry``."""
+class Network(enum.Enum):
+    """What a kernel line asks dracut for."""
+
+    #: the loader's lease as a static address on the boot interface (iPXE)
+    lease = "lease"
+    #: DHCP in the initramfs on the boot interface only, pinned by the MAC the loader booted from
+    boot_nic_dhcp = "boot-nic-dhcp"
+    #: the initramfs configures the network the keys describe (:meth:`NetSpec.args`): ``ip=dhcp`` on every
+    #: interface, or DHCP, DHCPv6 or SLAAC (dracut's ``<autoconf>``) on the VLAN or bond
+    autoconf = "autoconf"
+
+
+def net_spec(entry: Entry, machine: Machine | None = None) -> NetSpec:
+    """The network keys that apply when ``machine`` boots ``entry``: the machine's over the entry's (which hold
+    the top level's ``ip``)."""
+    return entry.net if machine is None else machine.net.over(entry.net)
+
+
+def network_choices(entry: Entry, machine: Machine | None, loader: Loader) -> tuple[Network, Network | None]:
+    """The network of ``loader``'s kernel line for ``entry`` on ``machine``, and the fallback the loader's
+    configuration switches to at boot when it lacks a value (None: no fallback).
+
+    With the lease (``ip = "lease"``, no VLAN, no bond), iPXE hands it over, or DHCP on the boot interface when
+    the lease has no netmask; GRUB 2.06 has variables for the address and MAC only, not the netmask or
+    gateway: DHCP on the boot interface, or on every interface when it did not boot from the network (no
+    ``net_default_mac``). Otherwise both write the keys' own network: ``ip=dhcp``, or the VLAN, the bond, IPv6.
+    """
+    if not net_spec(entry, machine).hands_over:
+        return Network.autoconf, None
+    if loader is Loader.ipxe:
+        return Network.lease, Network.boot_nic_dhcp
+    return Network.boot_nic_dhcp, Network.autoconf
+
+
+def boot_config(entry: Entry, machine: Machine | None = None, network: Network = Network.autoconf) -> BootConfig:
+    """What the initramfs is asked for when ``machine`` (None: any machine) boots ``entry`` with ``network``."""
+    hostname = machine.hostname if machine is not None else None
     return BootConfig(
         url=entry.image.url,
         sha256=entry.sha256,
@@ -33,30 +84,48 @@ def boot_config(entry: Entry) -> BootConfig:
         # With a tmpfs overlay the root is writable, so say so: without rw, dracut mounts it read-only and
         # systemd leaves a root that has no fstab entry as it found it.
         rw=entry.overlay.kind is OverlayKind.tmpfs,
-        network=DHCP_NETWORK,
+        network={
+            Network.lease: lease_network(hostname),
+            Network.boot_nic_dhcp: boot_nic_dhcp_network(hostname),
+            Network.autoconf: net_spec(entry, machine).args(hostname),
+        }[network],
     )
 
 
-def kernel_args(
-    entry: Entry, machine: Machine | None = None, *, initrd_name: str | None = None, loader: Loader | None = None
-) -> tuple[str, ...]:
-    """The kernel arguments of ``entry`` as ``machine`` boots it, one string per argument.
+def kernel_words(
+    entry: Entry, machine: Machine | None = None, *, network: Network = Network.autoconf, initrd_name: str | None = None
+) -> tuple[Arg, ...]:
+    """The kernel arguments of ``entry`` as ``machine`` boots it with ``network``, before a loader renders
+    them: the network words hold values the loader fills in.
 
     ``initrd_name`` adds ``initrd=NAME`` first: iPXE on UEFI hands initrds to the kernel's EFI stub by that
-    name (docs/pxe.md, "iPXE facts"); GRUB passes initrds itself and leaves it out. ``loader``
-    renders values the boot loader fills in (none yet: the network part is ``ip=dhcp``).
+    name (docs/pxe.md, "iPXE facts"); GRUB passes initrds itself and leaves it out.
     """
     args: list[str] = []
     if initrd_name is not None:
         args.append(f"initrd={initrd_name}")
-    args += boot_config(entry).to_args(loader)
-    args += [f"console={c}" for c in entry.console]
-    args += entry.args
-    if machine is not None:
-        args += machine.args
-    return tuple(args)
+    words = [Arg.of(a) for a in args]
+    words += boot_config(entry, machine, network).to_words()
+    tail = [*(f"console={c}" for c in entry.console), *entry.args, *(machine.args if machine is not None else ())]
+    words += [Arg.of(a) for a in tail]
+    return tuple(words)
 
 
-def kernel_cmdline(entry: Entry, machine: Machine | None = None, *, initrd_name: str | None = None) -> str:
-    """:func:`kernel_args` as the kernel sees the line."""
-    return join_args(kernel_args(entry, machine, initrd_name=initrd_name))
+def kernel_args(
+    entry: Entry,
+    machine: Machine | None = None,
+    *,
+    network: Network = Network.autoconf,
+    loader: Loader | None = None,
+    initrd_name: str | None = None,
+) -> tuple[str, ...]:
+    """:func:`kernel_words` in ``loader``'s syntax, one string per argument."""
+    return tuple(w.render(loader) for w in kernel_words(entry, machine, network=network, initrd_name=initrd_name))
+
+
+def kernel_cmdline(
+    entry: Entry, machine: Machine | None = None, *, network: Network = Network.autoconf, initrd_name: str | None = None
+) -> str:
+    """The line as the kernel sees it, with the widest values a loader can fill in."""
+    words = kernel_words(entry, machine, network=network, initrd_name=initrd_name)
+    return join_args(tuple(w.substitute(WIDEST_LEASE).render(None) for w in words))

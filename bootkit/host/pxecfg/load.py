@@ -21,11 +21,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bootkit.boot.cmdline import BootConfig, join_args
+from bootkit.boot.cmdline import BootConfig, Loader
 from bootkit.errors import ConfigError
+from bootkit.host.pxecfg import network as net
 from bootkit.host.pxecfg import resolve
 from bootkit.host.pxecfg import values as parse
-from bootkit.host.pxecfg.cmdline import MAX_CMDLINE, kernel_args
+from bootkit.host.pxecfg.cmdline import MAX_CMDLINE, kernel_cmdline, network_choices
 from bootkit.host.pxecfg.model import (
     Artifact,
     Bootloader,
@@ -35,6 +36,7 @@ from bootkit.host.pxecfg.model import (
     Entry,
     Machine,
     Mode,
+    NetSpec,
     OverlayKind,
 )
 from bootkit.host.pxecfg.resolve import Context
@@ -50,7 +52,22 @@ from bootkit.host.pxecfg.table import Origin, Table
 # -- the tables ----------------------------------------------------------------------------------------------
 
 
-def _entry(t: Table, ctx: Context, default_console: tuple[str, ...], default_report: str | None = None) -> Entry:
+def _net_spec(t: Table) -> NetSpec:
+    """The ``ip``, ``vlan`` and ``bond`` keys of one table (each None when absent)."""
+    return NetSpec(ip=t.get("ip"), vlan=t.get("vlan"), bond=t.get("bond"))
+
+
+def _check_net_spec(t: Table, own: NetSpec, spec: NetSpec, urls: tuple[str, ...]) -> None:
+    """``spec`` (``own`` over what the level below gave) must fit together and reach ``urls``; an error is
+    reported as the key of this table that made it so."""
+    t.check("vlan" if own.vlan is not None else "bond", net.combine, spec)
+    for url in urls:
+        t.check("ip" if own.ip is not None else "image", net.reachable, spec, url)
+
+
+def _entry(
+    t: Table, ctx: Context, default_console: tuple[str, ...], top: NetSpec, default_report: str | None = None
+) -> Entry:
     name = t.get("name", FLAGS_ENTRY_NAME if ctx.origin.file is None else None)
     if name is None:
         raise t.error("name", "missing (required)")
@@ -108,6 +125,9 @@ def _entry(t: Table, ctx: Context, default_console: tuple[str, ...], default_rep
     console = t.get("console", default_console)
     args = t.get("args", ())
     report = t.get("report", default_report)
+    own = _net_spec(t)
+    spec = own.over(top)
+    _check_net_spec(t, own, spec, _fetched_by_initramfs(image, manifest))
     t.finish()
     return Entry(
         name=name,
@@ -126,7 +146,12 @@ def _entry(t: Table, ctx: Context, default_console: tuple[str, ...], default_rep
         console=console,
         args=args,
         report=report,
+        net=spec,
     )
+
+
+def _fetched_by_initramfs(image: Artifact, manifest: Artifact | None) -> tuple[str, ...]:
+    return (image.url,) if manifest is None else (image.url, manifest.url)
 
 
 def _machine(t: Table, entries: dict[str, Entry], default: str, timeout: int) -> Machine:
@@ -138,8 +163,14 @@ def _machine(t: Table, entries: dict[str, Entry], default: str, timeout: int) ->
         raise t.error("default", f"no entry named {machine_default!r} (entries: {', '.join(entries)})")
     machine_timeout = t.get("timeout", timeout)
     args = t.get("args", ())
+    spec = _net_spec(t)
+    for entry in entries.values():
+        _check_net_spec(t, spec, spec.over(entry.net), _fetched_by_initramfs(entry.image, entry.manifest))
+    hostname = t.get("hostname")
     t.finish()
-    return Machine(mac=mac, default=machine_default, timeout=machine_timeout, args=args, name=name)
+    return Machine(
+        mac=mac, default=machine_default, timeout=machine_timeout, args=args, name=name, net=spec, hostname=hostname
+    )
 
 
 #: the BOOTP header's file field, where dnsmasq's dhcp-boot puts the boot file (RFC 2131: 128 bytes, NUL-ended)
@@ -217,24 +248,47 @@ def _dhcp(t: Table, bootloaders: frozenset[Bootloader], ctx: Context) -> Dhcp:
     )
 
 
-def _check_cmdline(origin: Origin, entry: Entry, machine: Machine | None) -> None:
-    """The longest line a bootloader passes (iPXE's, with ``initrd=NAME``) must fit the kernel's buffer, and
-    the initramfs must accept it as booting this entry's image."""
+def _check_cmdline(origin: Origin, entry: Entry, machine: Machine | None, bootloaders: frozenset[Bootloader]) -> None:
+    """Every line a bootloader may pass (iPXE's with ``initrd=NAME``; each network it may pick at boot, with the
+    widest values it can fill in) must fit the kernel's buffer, and the initramfs must accept it as booting
+    this entry's image."""
     where = origin.where(("entry", entry.name, "args") if machine is None else ("machine", machine.mac, "args"))
-    line = join_args(kernel_args(entry, machine, initrd_name=entry.initrd_name))
-    if len(line) >= MAX_CMDLINE:
-        raise ConfigError(
-            f"{where}: the kernel command line of entry {entry.name!r} would be {len(line)} bytes; "
-            f"the kernel keeps {MAX_CMDLINE - 1}"
-        )
-    try:
-        parsed = BootConfig.parse(line)
-    except ConfigError as e:
-        raise ConfigError(
-            f"{where}: the initramfs would refuse the command line of entry {entry.name!r}: {e}"
-        ) from None
-    if parsed is None or parsed.url != entry.image.url:
-        raise ConfigError(f"{where}: a root= argument replaces root=qcow2:{entry.image.url} of entry {entry.name!r}")
+    for loader in Loader:
+        if Bootloader(loader.value) not in bootloaders:
+            continue
+        for network in network_choices(entry, machine, loader):
+            if network is None:
+                continue
+            line = kernel_cmdline(entry, machine, network=network, initrd_name=entry.initrd_name)
+            if len(line) >= MAX_CMDLINE:
+                raise ConfigError(
+                    f"{where}: the kernel command line of entry {entry.name!r} would be {len(line)} bytes; "
+                    f"the kernel keeps {MAX_CMDLINE - 1}"
+                )
+            try:
+                parsed = BootConfig.parse(line)
+            except ConfigError as e:
+                raise ConfigError(
+                    f"{where}: the initramfs would refuse the command line of entry {entry.name!r}: {e}"
+                ) from None
+            if parsed is None or parsed.url != entry.image.url:
+                raise ConfigError(
+                    f"{where}: a root= argument replaces root=qcow2:{entry.image.url} of entry {entry.name!r}"
+                )
+            _check_vlan_bond_args(where, parsed)
+
+
+def _check_vlan_bond_args(where: str, parsed: BootConfig) -> None:
+    """vlan= and bond= given in args reach the same sourced files in dracut as the keys' values: same rules."""
+    for arg in parsed.network:
+        if arg.key not in ("vlan", "bond"):
+            continue
+        word = arg.render(None)
+        read = net.vlan if arg.key == "vlan" else net.bond
+        try:
+            read(word.partition("=")[2])
+        except parse.BadValue as e:
+            raise ConfigError(f"{where}: {word}: {e}") from None
 
 
 def _config(top: Table, base_dir: Path) -> Config:
@@ -252,6 +306,7 @@ def _config(top: Table, base_dir: Path) -> Config:
     console = top.get("console", ())
     report = top.get("report")
     timeout = top.get("timeout", DEFAULT_TIMEOUT)
+    top_net = NetSpec(ip=top.get("ip"))
     ctx = Context(origin=origin, base_url=base_url, docroot=docroot, bootloaders=bootloaders)
 
     entry_tables = top.tables("entry")
@@ -259,7 +314,7 @@ def _config(top: Table, base_dir: Path) -> Config:
         raise top.error("entry", "missing: describe at least one [[entry]]")
     entries: dict[str, Entry] = {}
     for i, t in enumerate(entry_tables):
-        entry = _entry(t, ctx, console, report)
+        entry = _entry(t, ctx, console, top_net, report)
         if entry.name in entries:
             raise ConfigError(f"{origin.where((f'entry[{i}]', 'name'))}: {entry.name!r} is used by another entry too")
         entries[entry.name] = entry
@@ -275,9 +330,9 @@ def _config(top: Table, base_dir: Path) -> Config:
         machines[machine.mac] = machine
 
     for entry in entries.values():
-        _check_cmdline(origin, entry, None)
+        _check_cmdline(origin, entry, None, bootloaders)
         for machine in machines.values():
-            _check_cmdline(origin, entry, machine)
+            _check_cmdline(origin, entry, machine, bootloaders)
 
     dhcp_table = top.table("dhcp")
     dhcp = None if dhcp_table is None else _dhcp(dhcp_table, bootloaders, ctx)

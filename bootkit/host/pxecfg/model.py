@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
+from bootkit.boot.cmdline import Arg
 from bootkit.boot.cmdline import Mode as Mode
 from bootkit.boot.cmdline import Overlay as Overlay
 from bootkit.boot.cmdline import OverlayKind as OverlayKind
@@ -77,6 +78,113 @@ class Artifact:
         return PurePosixPath(unquote(urlsplit(self.url).path)).name
 
 
+# -- the network of a boot (parsed by .network) -------------------------------------------------------------
+
+
+class IpConfig(enum.StrEnum):
+    """How the initramfs gets its address (the ``ip`` key; docs/pxe.md, "The network of the initramfs").
+
+    ``lease`` (the default): the boot loader hands over the lease it booted with (iPXE: address, netmask,
+    gateway, DNS; GRUB, which has no variables for all of them: DHCP on the boot interface only). The lease
+    belongs to the native interface the loader used: on a VLAN or a bond the initramfs runs DHCP on the top
+    interface instead. ``dhcp``: DHCP in the initramfs (``ip=dhcp``: on every interface without VLAN or bond).
+    ``dhcp6``, ``auto6``: DHCPv6 or SLAAC (router advertisements) in the initramfs, IPv6 only.
+    """
+
+    lease = "lease"
+    dhcp = "dhcp"
+    dhcp6 = "dhcp6"
+    auto6 = "auto6"
+
+    @property
+    def ipv6_only(self) -> bool:
+        return self in (IpConfig.dhcp6, IpConfig.auto6)
+
+    @property
+    def autoconf(self) -> str:
+        """dracut's ``<autoconf>`` value of ``ip=`` when the initramfs configures the address itself (a lease
+        that cannot be handed over becomes DHCP)."""
+        return "dhcp" if self is IpConfig.lease else self.value
+
+
+@dataclass(frozen=True)
+class Vlan:
+    """``vlan=<name>:<phys>``: the VLAN interface ``name`` (id ``vid``) on ``phys``."""
+
+    name: str
+    phys: str
+    vid: int
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.phys}"
+
+
+@dataclass(frozen=True)
+class Bond:
+    """``bond=<name>[:<slaves>[:<options>[:<mtu>]]]`` as given (``text``), and its parts."""
+
+    text: str
+    name: str
+    slaves: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
+    mtu: int | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """What one level (top, entry, machine) says about the network of the initramfs; None: not said here."""
+
+    ip: IpConfig | None = None
+    vlan: Vlan | None = None
+    bond: Bond | None = None
+
+    def over(self, base: NetSpec) -> NetSpec:
+        """This level's settings, the others from ``base`` (a machine over its entry, an entry over the top)."""
+        return NetSpec(
+            ip=self.ip if self.ip is not None else base.ip,
+            vlan=self.vlan if self.vlan is not None else base.vlan,
+            bond=self.bond if self.bond is not None else base.bond,
+        )
+
+    @property
+    def method(self) -> IpConfig:
+        return self.ip or IpConfig.lease
+
+    @property
+    def hands_over(self) -> bool:
+        """True when the boot loader's lease applies: ``ip`` is ``lease`` on the native interface. On a VLAN or
+        a bond the loader's address (got untagged, on one NIC) does not, and dhcp6/auto6 ask for IPv6."""
+        return self.method is IpConfig.lease and self.vlan is None and self.bond is None
+
+    @property
+    def interface(self) -> str | None:
+        """The interface ``ip=`` configures: the VLAN, else the bond, else None (every NIC)."""
+        if self.vlan is not None:
+            return self.vlan.name
+        if self.bond is not None:
+            return self.bond.name
+        return None
+
+    def args(self, hostname: str | None = None) -> tuple[Arg, ...]:
+        """dracut's options for the initramfs configuring this network itself, in the order dracut's hooks read
+        them (vlan, bond, ip): ``ip=`` on the top interface, in the full form when a host name is given."""
+        out = []
+        if self.vlan is not None:
+            out.append(Arg.of(f"vlan={self.vlan}"))
+        if self.bond is not None:
+            out.append(Arg.of(f"bond={self.bond}"))
+        top, autoconf = self.interface, self.method.autoconf
+        if hostname is not None:
+            out.append(Arg.of(f"ip=::::{hostname}:{top or ''}:{autoconf}"))
+        else:
+            out.append(Arg.of(f"ip={top}:{autoconf}" if top else f"ip={autoconf}"))
+        out.append(Arg.of("rd.neednet=1"))
+        return tuple(out)
+
+
 @dataclass(frozen=True)
 class Entry:
     """One boot menu entry: a kernel, an initramfs and the QCOW2 image it boots."""
@@ -105,6 +213,9 @@ class Entry:
     args: tuple[str, ...] = ()
     #: where the machine POSTs its boot report (``rd.qcow2.report=``); None: no report
     report: str | None = None
+    #: address method (``ip``), VLAN and bond of this entry, the top level's ``ip`` filled in; a machine's own
+    #: keys win over them
+    net: NetSpec = field(default_factory=NetSpec)
 
     @property
     def initrd_name(self) -> str:
@@ -124,6 +235,10 @@ class Machine:
     args: tuple[str, ...] = ()
     #: a human name, written as a comment next to the machine's section
     name: str | None = None
+    #: address method (``ip``), VLAN and bond this machine sets over every entry's
+    net: NetSpec = field(default_factory=NetSpec)
+    #: the host name the initramfs sets (``ip=``'s hostname field): from here, never from DHCP
+    hostname: str | None = None
 
     @property
     def hexhyp(self) -> str:

@@ -24,8 +24,9 @@ from urllib.parse import urlsplit
 
 import jinja2
 
+from bootkit.boot.cmdline import Arg, Loader, LoaderVar
 from bootkit.errors import ConfigError
-from bootkit.host.pxecfg.cmdline import kernel_args
+from bootkit.host.pxecfg.cmdline import Network, kernel_words, network_choices
 from bootkit.host.pxecfg.model import Artifact, Bootloader, Config, DhcpMode, Entry, Firmware, Machine
 
 #: paths of the generated text files, relative to the output directory
@@ -50,6 +51,10 @@ class BootView:
     grub_kernel: str
     grub_initrd: str
     grub_args: str
+    #: the line each loader switches to when it lacks a value of the first one (None: no switch):
+    #: iPXE without a netmask in its lease, GRUB without a boot interface (docs/pxe.md, "The lease")
+    ipxe_fallback_args: str | None = None
+    grub_fallback_args: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,16 +109,38 @@ def grub_path(artifact: Artifact) -> str:
 
 
 def grub_quote(arg: str) -> str:
-    """Quote one argument for GRUB's script parser; the kernel receives it unquoted."""
+    """Quote one literal argument for GRUB's script parser; the kernel receives it unquoted."""
     if _GRUB_BARE.match(arg):
         return arg
     return "'" + arg.replace("'", "'\\''") + "'"
 
 
+def grub_word(word: Arg) -> str:
+    """One argument for GRUB's script parser: literal ones in single quotes, ones with GRUB variables in double
+    quotes, inside which ``$``, ``"`` and ``\\`` of the literal text are escaped (GRUB expands ``$`` there)."""
+    if word.literal:
+        return grub_quote(word.render(None))
+    out = []
+    for part in word.parts:
+        if isinstance(part, LoaderVar):  # before str: a LoaderVar is a str too
+            out.append(part.render(Loader.grub))
+        else:
+            out.append(re.sub(r'([$"\\])', r"\\\1", part))
+    return '"' + "".join(out) + '"'
+
+
 def _boot_view(entry: Entry, machine: Machine | None, menu_label: str, *, with_grub: bool) -> BootView:
     initrd_name = entry.initrd_name
-    ipxe_args = kernel_args(entry, machine, initrd_name=initrd_name)
-    args = kernel_args(entry, machine)
+
+    def ipxe(network: Network) -> str:
+        words = kernel_words(entry, machine, network=network, initrd_name=initrd_name)
+        return " ".join(w.render(Loader.ipxe) for w in words)
+
+    def grub(network: Network) -> str:
+        return " ".join(grub_word(w) for w in kernel_words(entry, machine, network=network))
+
+    ipxe_first, ipxe_fallback = network_choices(entry, machine, Loader.ipxe)
+    grub_first, grub_fallback = network_choices(entry, machine, Loader.grub)
     grub_kernel = grub_initrd = ""
     if with_grub:
         grub_kernel, grub_initrd = grub_path(entry.kernel), grub_path(entry.initrd)
@@ -121,10 +148,12 @@ def _boot_view(entry: Entry, machine: Machine | None, menu_label: str, *, with_g
         label=f"{menu_label}-{entry.name}",
         entry=entry,
         initrd_name=initrd_name,
-        ipxe_args=" ".join(ipxe_args),
+        ipxe_args=ipxe(ipxe_first),
         grub_kernel=grub_kernel,
         grub_initrd=grub_initrd,
-        grub_args=" ".join(grub_quote(a) for a in args),
+        grub_args=grub(grub_first),
+        ipxe_fallback_args=None if ipxe_fallback is None else ipxe(ipxe_fallback),
+        grub_fallback_args=None if grub_fallback is None else grub(grub_fallback),
     )
 
 

@@ -91,6 +91,14 @@ def artifact(t: Table, key: str, value: str, ctx: Context, *, http_only: bool) -
                 f"{result.url}: GRUB's http module fetches plain http:// URLs without a query only "
                 "(or leave grub out of bootloaders)",
             )
+        if parts.netloc.rpartition("@")[2].startswith("["):
+            # GRUB 2.06's device name (http,HOST:PORT) has no bracket form for an IPv6 literal, and bootkit
+            # has not booted GRUB over IPv6: refused here with one line rather than failing at boot
+            raise t.error(
+                key,
+                f"{result.url}: GRUB 2.06 cannot fetch from an IPv6 literal host; use a host name, or leave "
+                "grub out of bootloaders (iPXE fetches from IPv6 literals)",
+            )
     return result
 
 

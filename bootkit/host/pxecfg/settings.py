@@ -13,8 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from bootkit.host.pxecfg import network as net
 from bootkit.host.pxecfg import values as v
-from bootkit.host.pxecfg.model import Bootloader, DhcpMode, Mode, OverlayKind
+from bootkit.host.pxecfg.model import Bootloader, DhcpMode, IpConfig, Mode, OverlayKind
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,18 @@ class Setting:
     def flag(self) -> str:
         return "--" + self.key.replace("_", "-")
 
+
+#: the network of the initramfs (docs/pxe.md, "The network of the initramfs"): per entry and per machine (the
+#: machine's over the entry's), ``ip`` at the top too
+NETWORK_SETTINGS = (
+    Setting("ip", "how the initramfs gets its address: lease (default: the boot loader's lease, boot interface "
+            "only; DHCP on a VLAN or bond), dhcp (in the initramfs), dhcp6 or auto6 (IPv6 only: DHCPv6, router "
+            "advertisements)", metavar="METHOD", parse=v.choice(IpConfig)),
+    Setting("vlan", "boot over a VLAN, dracut's vlan= syntax: <vlanname>:<phydevice> (eth0.100:eth0)",
+            metavar="NAME:DEV", parse=net.vlan),
+    Setting("bond", "boot over a bond, dracut's bond= syntax: <bondname>[:<slaves>[:<options>[:<mtu>]]]",
+            metavar="SPEC", parse=net.bond),
+)
 
 ENTRY_SETTINGS = (
     Setting("name", "entry name: menu id, iPXE label, GRUB id (default 'qcow2' in flags mode)", metavar="NAME",
@@ -72,6 +85,7 @@ ENTRY_SETTINGS = (
     Setting("args", "extra kernel argument (repeatable)", "list", "ARG", parse=v.kernel_args),
     Setting("report", "URL machines POST their boot report to (rd.qcow2.report=; bootkit fleet collect)",
             metavar="URL", parse=v.report_url),
+    *NETWORK_SETTINGS,
 )
 
 MACHINE_SETTINGS = (
@@ -81,6 +95,9 @@ MACHINE_SETTINGS = (
     Setting("timeout", "menu timeout for this machine", "int", "SECONDS", parse=v.non_negative),
     Setting("args", "extra kernel arguments for this machine, after the entry's", "list", "ARG",
             parse=v.kernel_args),
+    *NETWORK_SETTINGS,
+    Setting("hostname", "host name the initramfs sets (letters, digits, '-'; never taken from DHCP)",
+            metavar="NAME", parse=v.hostname),
 )
 
 DHCP_SETTINGS = (
@@ -122,6 +139,7 @@ TOP_SETTINGS = (
             metavar="URL", parse=v.report_url),
     Setting("bootloaders", "bootloaders to configure: ipxe, grub (default both; the flag repeats)", "list", "NAME",
             parse=v.bootloaders),
+    NETWORK_SETTINGS[0],
     Setting("entry", "boot entries (array of tables)", "tables", settings=ENTRY_SETTINGS),
     Setting("machine", "per-machine overrides (array of tables)", "tables", settings=MACHINE_SETTINGS),
     Setting("dhcp", "dnsmasq configuration (table); without it no dnsmasq.conf is written", "table",

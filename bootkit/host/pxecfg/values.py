@@ -28,6 +28,7 @@ ARG = re.compile(r"^[A-Za-z0-9_.,:/=+@%?&~!*()\[\]-]+$")
 _ROOT = re.compile(r"^(?:[1-9][0-9]*|(?:LABEL|UUID|PARTUUID)=[A-Za-z0-9_.:-]+)$")
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(?:([:-])[0-9a-fA-F]{2})(?:\1[0-9a-fA-F]{2}){4}$")
 _TITLE_FORBIDDEN = set("$'\"\\`")
+_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _LEASE = re.compile(r"^(?:[0-9]+[smhdw]?|infinite)$")
 
 E = TypeVar("E", bound=enum.Enum)
@@ -71,6 +72,14 @@ def snapshot(value: str) -> str:
 def interface(value: str) -> str:
     if not NAME.match(value):
         raise BadValue(f"{value!r} is not an interface name")
+    return value
+
+
+def hostname(value: str) -> str:
+    """One RFC 1123 label: it goes into dracut's ``ip=``, which dracut writes into a file it sources."""
+    if not _HOSTNAME.fullmatch(value):
+        raise BadValue(f"{value!r}: a host name here is one label of letters, digits and '-' (at most 63, "
+                       "not starting or ending with '-')")  # fmt: skip
     return value
 
 

@@ -1,0 +1,111 @@
+"""The network helpers of bootkit's dracut module, run on the host: the arping wrapper that skips
+network-legacy's duplicate-address check for the lease the boot loader handed over, and the address report."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+MODULE = Path(__file__).resolve().parent.parent / "dracut-module" / "90bootkit"
+LEASE_LINE = (
+    "root=qcow2:http://10.0.2.2/disk.qcow2 ifname=bootnet:52:54:00:12:34:56 "
+    "ip=10.0.2.15::10.0.2.2:255.255.255.0::bootnet:none:10.0.2.3 rd.neednet=1"
+)
+#: the wrapper's exit status when it handed the call to iputils' arping, which is not at its initramfs
+#: path on the host: the shell's "command not found"
+DELEGATED = 127
+
+
+def _arping(tmp_path: Path, cmdline: str, *args: str) -> int:
+    proc_cmdline = tmp_path / "cmdline"
+    proc_cmdline.write_text(cmdline + "\n")
+    proc = subprocess.run(
+        ["sh", str(MODULE / "bootkit-arping.sh"), *args],
+        env={"PATH": "/usr/bin:/bin", "BOOTKIT_PROC_CMDLINE": str(proc_cmdline)},
+        capture_output=True,
+        timeout=30,
+    )
+    return proc.returncode
+
+
+def test_duplicate_check_of_the_handed_over_address_passes_at_once(tmp_path: Path) -> None:
+    # exactly how network-legacy's ifup calls it for a static address (dracut 059, ifup.sh do_static)
+    assert _arping(tmp_path, LEASE_LINE, "-f", "-q", "-D", "-c", "2", "-I", "bootnet", "10.0.2.15") == 0
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "args"),
+    [
+        # another address than the handed-over one
+        (LEASE_LINE, ("-f", "-q", "-D", "-c", "2", "-I", "bootnet", "10.0.2.99")),
+        # a prefix of it
+        (LEASE_LINE, ("-f", "-q", "-D", "-c", "2", "-I", "bootnet", "10.0.2.1")),
+        # no -D: resolving the gateway (net-lib.sh setup_net)
+        (LEASE_LINE, ("-q", "-f", "-w", "60", "-I", "bootnet", "10.0.2.15")),
+        # a static address the user wrote for another interface, and DHCP on the boot NIC
+        ("ip=10.0.2.15::10.0.2.2:255.255.255.0::eth1:none", ("-f", "-q", "-D", "-c", "2", "-I", "eth1", "10.0.2.15")),
+        ("ifname=bootnet:52:54:00:12:34:56 ip=:::::bootnet:dhcp", ("-D", "-I", "bootnet", "10.0.2.15")),
+        # a glob in the address matches nothing but itself
+        (LEASE_LINE, ("-D", "-I", "bootnet", "*")),
+    ],
+)
+def test_every_other_call_runs_the_real_arping(tmp_path: Path, cmdline: str, args: tuple[str, ...]) -> None:
+    assert _arping(tmp_path, cmdline, *args) == DELEGATED
+
+
+def test_address_report_format() -> None:
+    proc = subprocess.run(["sh", str(MODULE / "bootkit-netinfo.sh")], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0
+    for line in proc.stdout.splitlines():
+        assert re.fullmatch(r"bootkit: address: [A-Za-z0-9._?-]+ [0-9./]+ (static|dynamic)", line), line
+
+
+def _bootif_generator(tmp_path: Path, cmdline: str) -> dict[str, str]:
+    proc_cmdline = tmp_path / "cmdline"
+    proc_cmdline.write_text(cmdline + "\n")
+    out = tmp_path / "network"
+    proc = subprocess.run(
+        ["sh", str(MODULE / "bootkit-bootif-generator.sh")],
+        env={"PATH": "/usr/bin:/bin", "BOOTKIT_PROC_CMDLINE": str(proc_cmdline), "BOOTKIT_NETWORK_DIR": str(out)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return {p.name: p.read_text() for p in sorted(out.iterdir())} if out.exists() else {}
+
+
+def test_plain_dhcp_with_bootif_configures_the_boot_interface_only(tmp_path: Path) -> None:
+    files = _bootif_generator(tmp_path, "root=qcow2:http://h/d.qcow2 ip=dhcp rd.neednet=1 BOOTIF=01-52-54-00-AB-cd-ef")
+    assert list(files) == ["10-bootkit-bootif.network", "11-bootkit-other.network"]
+    assert "MACAddress=52:54:00:AB:cd:ef\n" in files["10-bootkit-bootif.network"]
+    assert "DHCP=ipv4" in files["10-bootkit-bootif.network"]
+    assert "Unmanaged=yes" in files["11-bootkit-other.network"]
+    # networkd takes the first file that matches: both sort before systemd-network-generator's
+    assert sorted([*files, "91-default.network", "90-bootnet.network"])[:2] == list(files)
+
+
+@pytest.mark.parametrize(
+    "cmdline",
+    [
+        "ip=dhcp",  # no BOOTIF: every interface, as the user asked
+        "BOOTIF=01-52-54-00-12-34-56",  # no ip=dhcp
+        "ip=dhcp BOOTIF=01-52-54-00-12-34-56 ifname=bootnet:52:54:00:12:34:56",  # the line names the interface
+        "ip=dhcp ip=eth1:dhcp BOOTIF=01-52-54-00-12-34-56",  # an interface named explicitly
+        "ip=10.0.0.5:::255.255.255.0::eth0:none BOOTIF=01-52-54-00-12-34-56",
+        "ip=dhcp BOOTIF=01-52-54-00-12-34",  # malformed MAC addresses
+        "ip=dhcp BOOTIF=01-52-54-00-12-34-5g",
+        "ip=dhcp BOOTIF=06-52-54-00-12-34-56",
+        "ip=dhcp BOOTIF=01-52-54-00-12-34-56-78",
+        "ip=dhcp BOOTIF=01-52-54-00-12-34-*",  # a glob matches nothing but itself
+        "ip=dhcp BOOTIF=01-52-54-00-12-34-56x",
+        'ip=dhcp "BOOTIF=01-52-54-00-12-34-56"',  # quotes: not split the way the kernel splits, leave it
+    ],
+)
+def test_bootif_generator_leaves_every_other_line_alone(tmp_path: Path, cmdline: str) -> None:
+    (tmp_path / "01-52-54-00-12-34-56").touch()  # what an unquoted glob would match in the working directory
+    assert _bootif_generator(tmp_path, cmdline) == {}
