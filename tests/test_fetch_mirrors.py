@@ -162,7 +162,10 @@ def test_lazy_slow_mirror_is_dropped() -> None:
     with servers(2) as [(slow_url, slow), (fast_url, _)]:
         slow.add_faults("/img", *[Fault(trickle=CHUNK // 4, trickle_delay=0.05) for _ in range(100)])
         opts = fast_options()
-        with HTTPSource(slow_url, opts, manifest=MANIFEST, mirrors=[fast_url], cache_bytes=CHUNK) as source:
+        # a cache of 8 chunks: read-ahead (at most half the cache) keeps requests to both mirrors in flight, so
+        # each answers the 3 requests the slow rule needs (with a 1-chunk cache there is no read-ahead and the
+        # reads, one at a time, all go to whichever mirror answered fastest)
+        with HTTPSource(slow_url, opts, manifest=MANIFEST, mirrors=[fast_url], cache_bytes=8 * CHUNK) as source:
             for _ in range(3):
                 assert read_all(source) == DATA
                 if source.mirrors.mirrors[0].state is MirrorState.dropped:
