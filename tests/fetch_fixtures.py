@@ -65,7 +65,8 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.
     return False
 
 
-NGINX_CONF = """\
+#: an nginx configuration for the tests: ``{user}``, ``{prefix}`` and ``{body}`` (inside ``http { }``) to fill
+NGINX_HEAD = """\
 {user}
 worker_processes 1;
 pid {prefix}/nginx.pid;
@@ -79,6 +80,14 @@ http {{
     uwsgi_temp_path {prefix}/tmp/uwsgi;
     scgi_temp_path {prefix}/tmp/scgi;
     default_type application/octet-stream;
+{body}
+}}
+"""
+
+#: one static server: ``{listen}``, ``{root}`` and ``{extra}`` fill it besides the head's fields
+NGINX_CONF = NGINX_HEAD.replace(
+    "{body}",
+    """\
     sendfile on;
     tcp_nopush on;
     keepalive_requests 100000;
@@ -86,9 +95,8 @@ http {{
         {listen}
         root {root};
         {extra}
-    }}
-}}
-"""
+    }}""",
+)
 
 
 @contextmanager

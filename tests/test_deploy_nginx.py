@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from fetch_fixtures import fast_options, free_port, make_data, wait_for_port
+from fetch_fixtures import NGINX_HEAD, fast_options, free_port, make_data, wait_for_port
 
 from bootkit.fetch import HTTPSource, Manifest
 
@@ -26,24 +26,6 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "deploy-nginx.md"
 SLICE = 1 << 20
 SIZE = 6 * SLICE + 12345
 DATA = make_data(SIZE, seed=41)
-
-HEAD = """\
-{user}
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log info;
-events {{ worker_connections 256; }}
-http {{
-    access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/tmp/body;
-    proxy_temp_path {prefix}/tmp/proxy;
-    fastcgi_temp_path {prefix}/tmp/fastcgi;
-    uwsgi_temp_path {prefix}/tmp/uwsgi;
-    scgi_temp_path {prefix}/tmp/scgi;
-    default_type application/octet-stream;
-{body}
-}}
-"""
 
 
 def doc_block(name: str) -> str:
@@ -69,7 +51,7 @@ def nginx_with(prefix: Path, body: str, port: int) -> Iterator[str]:
     (prefix / "tmp").mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
     user = "user root;" if os.geteuid() == 0 else ""  # workers must read pytest's 0700 temp directories
-    conf.write_text(HEAD.format(user=user, prefix=prefix, body=body))
+    conf.write_text(NGINX_HEAD.format(user=user, prefix=prefix, body=body))
     proc = subprocess.Popen([binary, "-c", str(conf), "-p", str(prefix), "-g", "daemon off;"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     try:
