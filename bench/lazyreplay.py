@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 import tempfile
 import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "qemu-tests"))
+
+from bkharness import readpattern
 
 from bootkit import qcow2
 from bootkit.fetch import HTTPSource, Manifest
@@ -32,20 +34,9 @@ CHUNK = 1 << 20
 
 
 def boot_like_reads(image: Path, seed: int = 5) -> list[tuple[int, int]]:
-    """The read pattern (guest offset, length)."""
-    with qcow2.open(str(image)) as local:
-        extents = [(e.offset, e.length) for e in local.extents() if e.kind in (qcow2.DATA, qcow2.COMPRESSED)]
-    files = [(o, min(2 << 20, offset + length - o)) for offset, length in extents
-             for o in range(offset, offset + length, 2 << 20)]  # fmt: skip
-    rng = random.Random(seed)
-    reads: list[tuple[int, int]] = []
-    for offset, length in rng.sample(files, len(files) * 3 // 5):
-        for _ in range(3):
-            at, n = rng.choice(files)
-            reads.append((at + rng.randrange(max(1, n - 4096)) // 4096 * 4096, 4096))
-        size = length if rng.random() < 0.7 else min(length, 64 << 10)
-        reads += [(o, min(128 << 10, offset + size - o)) for o in range(offset, offset + size, 128 << 10)]
-    return reads
+    """The read pattern (guest offset, length): :func:`bkharness.readpattern.boot_like_reads` with 2 MiB
+    "files"."""
+    return readpattern.boot_like_reads(image, 2 << 20, seed)
 
 
 class _Tracing:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bkharness import readpattern
 from faultserver import Fault, FaultState, fault_server
 from fetch_fixtures import fast_options, make_data, nginx
 
@@ -142,21 +143,8 @@ def test_sequential_reads_trigger_read_ahead_within_the_cache_bound(base_url: st
 
 
 def boot_like_reads(image: Path) -> list[tuple[int, int]]:
-    """Guest reads like a boot's: per "file" (a piece of a data extent) three scattered 4 KiB metadata reads,
-    then the file in 128 KiB reads (often whole, sometimes only its head), files in a random order."""
-    with qcow2.open(str(image)) as local:
-        extents = [(e.offset, e.length) for e in local.extents() if e.kind in (qcow2.DATA, qcow2.COMPRESSED)]
-    files = [(o, min(512 << 10, offset + length - o)) for offset, length in extents
-             for o in range(offset, offset + length, 512 << 10)]  # fmt: skip
-    rng = random.Random(5)
-    reads = []
-    for offset, length in rng.sample(files, len(files) * 3 // 5):
-        for _ in range(3):
-            at, n = rng.choice(files)
-            reads.append((at + rng.randrange(max(1, n - 4096)) // 4096 * 4096, 4096))
-        size = length if rng.random() < 0.7 else min(length, 64 << 10)
-        reads += [(o, min(128 << 10, offset + size - o)) for o in range(offset, offset + size, 128 << 10)]
-    return reads
+    """:func:`bkharness.readpattern.boot_like_reads` with 512 KiB "files"."""
+    return readpattern.boot_like_reads(image, 512 << 10, seed=5)
 
 
 def chunks_needed(image: Path, reads: list[tuple[int, int]]) -> set[int]:
