@@ -13,6 +13,7 @@ import subprocess
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from testtools import require_tools
@@ -174,13 +175,18 @@ def test_overlay_names_its_base_by_published_name_before_hashing(tmp_path: Path,
     load_file(site)
 
 
-def test_ram_mode_pins_the_chain_without_manifests(tmp_path: Path, site: Path) -> None:
+def publish_overlay_in_mode(tmp_path: Path, site: Path, mode: str) -> tuple[dict[str, Any], Path]:
+    """Publish a base, then an overlay on it in ``mode``; the overlay's entry and the local base."""
     base = make_image(tmp_path / "build" / "web-1.qcow2", 1)
     overlay = make_image(tmp_path / "build" / "web-2.qcow2", 2, base=base)
     www = tmp_path / "www"
     assert publish(base, www, "--toml", site, "--entry", "web") == 0
-    assert publish(overlay, www, "--toml", site, "--entry", "web", "--mode", "ram") == 0
-    entry = tomllib.loads(site.read_text())["entry"][1]
+    assert publish(overlay, www, "--toml", site, "--entry", "web", "--mode", mode) == 0
+    return tomllib.loads(site.read_text())["entry"][1], base
+
+
+def test_ram_mode_pins_the_chain_without_manifests(tmp_path: Path, site: Path) -> None:
+    entry, base = publish_overlay_in_mode(tmp_path, site, "ram")
     base_pub = f"web-{sha(base)[:16]}.qcow2"
     assert entry["mode"] == "ram" and "manifest" not in entry and "manifest_sha256" not in entry
     assert entry["args"] == ["quiet", f"rd.qcow2.sha256.{base_pub}={sha(base)}"]
@@ -189,12 +195,7 @@ def test_ram_mode_pins_the_chain_without_manifests(tmp_path: Path, site: Path) -
 
 def test_stream_mode_pins_the_chain_with_manifests(tmp_path: Path, site: Path) -> None:
     """Stream mode reads ranges like lazy mode: the entry gets the manifest and the chain's manifest pins."""
-    base = make_image(tmp_path / "build" / "web-1.qcow2", 1)
-    overlay = make_image(tmp_path / "build" / "web-2.qcow2", 2, base=base)
-    www = tmp_path / "www"
-    assert publish(base, www, "--toml", site, "--entry", "web") == 0
-    assert publish(overlay, www, "--toml", site, "--entry", "web", "--mode", "stream") == 0
-    entry = tomllib.loads(site.read_text())["entry"][1]
+    entry, base = publish_overlay_in_mode(tmp_path, site, "stream")
     base_pub = f"web-{sha(base)[:16]}.qcow2"
     assert entry["mode"] == "stream" and entry["manifest"] == entry["image"] + ".manifest"
     assert len(entry["manifest_sha256"]) == 64
