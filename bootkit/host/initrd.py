@@ -224,8 +224,9 @@ def _stage_python(stage: Path) -> list[str]:
     return files.missing
 
 
-def _dracutbase(work: Path, drivers: tuple[str, ...] | None) -> Path:
-    """The symlink farm dracut uses as ``dracutbasedir`` (docs/initramfs.md)."""
+def link_dracut_tree(work: Path) -> Path:
+    """``work/dracutbase``: a symlink farm of dracut's own tree, to be given as ``dracutbasedir``, in which
+    modules can be added or shadowed (:func:`shadow_module`) without touching /usr/lib/dracut."""
     base = work / "dracutbase"
     mods = base / "modules.d"
     mods.mkdir(parents=True)
@@ -234,6 +235,20 @@ def _dracutbase(work: Path, drivers: tuple[str, ...] | None) -> Path:
             (base / f.name).symlink_to(f)
     for m in (DRACUT_DIR / "modules.d").iterdir():
         (mods / m.name).symlink_to(m)
+    return base
+
+
+def shadow_module(base: Path, directory: Path) -> None:
+    """Make ``directory`` the dracut module of its name in the farm ``base`` (replacing the stock one)."""
+    link = base / "modules.d" / directory.name
+    link.unlink()
+    link.symlink_to(directory)
+
+
+def _dracutbase(work: Path, drivers: tuple[str, ...] | None) -> Path:
+    """The symlink farm dracut uses as ``dracutbasedir`` (docs/initramfs.md)."""
+    base = link_dracut_tree(work)
+    mods = base / "modules.d"
     install_module(mods / "90bootkit")
     if drivers is not None:
         own = work / "modules" / "90kernel-network-modules"
@@ -248,8 +263,7 @@ def _dracutbase(work: Path, drivers: tuple[str, ...] | None) -> Path:
             f"installkernel() {{ hostonly='' instmods {' '.join(names)} af_packet; }}\n"
             "install() { return 0; }\n"
         )
-        (mods / "90kernel-network-modules").unlink()
-        (mods / "90kernel-network-modules").symlink_to(own)
+        shadow_module(base, own)
     return base
 
 

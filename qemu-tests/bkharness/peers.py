@@ -30,6 +30,7 @@ from pathlib import Path
 
 from bkharness.images import RootImage, extract_root_fs
 from bkharness.servers import _stop, _wait_listening, free_port
+from bootkit.host.initrd import link_dracut_tree, shadow_module
 from bootkit.run import run, spawn
 
 DRACUT_DIR = Path("/usr/lib/dracut")
@@ -96,14 +97,7 @@ def _dracutbase(work: Path) -> Path:
     The same trim ``bootkit build-initrd --drivers virtio_net`` makes (bootkit.host.initrd): dracut's own
     module installs every NIC driver (about 10 MB compressed), which each peer would otherwise unpack at boot.
     """
-    base = work / "dracutbase"
-    mods = base / "modules.d"
-    mods.mkdir(parents=True)
-    for f in DRACUT_DIR.iterdir():
-        if f.name != "modules.d":
-            (base / f.name).symlink_to(f)
-    for m in (DRACUT_DIR / "modules.d").iterdir():
-        (mods / m.name).symlink_to(m)
+    base = link_dracut_tree(work)
     own = work / "modules" / "90kernel-network-modules"
     own.mkdir(parents=True)
     (own / "module-setup.sh").write_text(
@@ -114,16 +108,14 @@ def _dracutbase(work: Path) -> Path:
         f"installkernel() {{ hostonly='' instmods {' '.join(_NET_DRIVERS)}; }}\n"
         "install() { return 0; }\n"
     )
-    (mods / "90kernel-network-modules").unlink()
-    (mods / "90kernel-network-modules").symlink_to(own)
+    shadow_module(base, own)
     # overlay-root's check() looks for overlayfs under /lib/modules/$kernel, not under --kmoddir ($srcmods),
     # and so refuses a kernel that is not installed on the build host (the benchmark's cached one)
     ovl = work / "modules" / "90overlay-root"
     shutil.copytree(DRACUT_DIR / "modules.d" / "90overlay-root", ovl)
     setup = ovl / "module-setup.sh"
     setup.write_text(setup.read_text().replace("/lib/modules/$kernel/", "$srcmods/"))
-    (mods / "90overlay-root").unlink()
-    (mods / "90overlay-root").symlink_to(ovl)
+    shadow_module(base, ovl)
     return base
 
 
