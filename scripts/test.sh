@@ -23,4 +23,5 @@ for f in "${shell_files[@]}"; do
 done
 shellcheck -x "${shellcheck_files[@]}"
 echo "== pytest"
-exec python -m pytest -ra "$@"
+# the slowest tests are listed so that the QEMU budget stays visible in every CI log
+exec python -m pytest -ra --durations=30 "$@"
