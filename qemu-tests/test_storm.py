@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from bkharness.fixtures import BootDir
 from bkharness.guest import Guest
 from bkharness.images import KNOWN_FILE, MIB, ROOT_START, RootImage, extract_root_fs, known_bytes, qcow2_image
@@ -51,6 +52,8 @@ from bootkit.run import run
 BOOT_TIMEOUT = 400.0
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY_DOC = REPO / "docs" / "deploy-nginx.md"
+#: the lazy machine's manifest chunk size: the boot reads a part of the image, not every chunk of it
+CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -164,8 +167,7 @@ def test_three_machines_boot_at_the_same_moment(
     for m in MACHINES:
         qcow2_image(roots[m.name].raw, compression=m.compression, out=images / f"{m.name}.qcow2")
         if m.mode == "lazy":
-            # 64 KiB chunks: the boot reads a part of the image, not every chunk of it
-            bootkit("manifest", "--chunk-size", "64K", "-o", images / f"{m.name}.qcow2.manifest",
+            bootkit("manifest", "--chunk-size", str(CHUNK), "-o", images / f"{m.name}.qcow2.manifest",
                     images / f"{m.name}.qcow2")  # fmt: skip
     publish(www, {"vmlinuz": Path(kernel.vmlinuz), "initrd.img": shell_initrd})
     toml = work / "site.toml"
@@ -246,10 +248,14 @@ def test_three_machines_boot_at_the_same_moment(
             assert [int(r["bytes"]) for r in image_requests] == [size], (m.name, [r[0] for r in image_requests])
         else:
             assert paths[image + ".manifest"] == 1, paths
+            assert all(r["status"] == "206" for r in image_requests), [r[0] for r in image_requests]
+            # a 1-byte probe, then whole manifest chunks, each at most once, not all of them
             ranges = [r["range"] for r in image_requests]
-            assert all(ranges) and all(r["status"] == "206" for r in image_requests), ranges
-            assert len(set(ranges)) == len(ranges), f"{m.name}: a range asked for twice: {ranges}"
-            assert image_bytes < size, (m.name, image_bytes, size)
+            assert ranges.count("bytes=0-0") == 1, ranges
+            spans = [tuple(map(int, r.removeprefix("bytes=").split("-"))) for r in ranges if r != "bytes=0-0"]
+            assert all(first % CHUNK == 0 and last == min(first + CHUNK, size) - 1 for first, last in spans), ranges
+            assert len(set(spans)) == len(spans), f"{m.name}: a chunk asked for twice: {ranges}"
+            assert image_bytes == 1 + sum(last - first + 1 for first, last in spans) < size, (image_bytes, size)
         print(f"{m.name}: {m.mode}: {len(image_requests)} image requests, {image_bytes} of {size} bytes")
         go = [r for r in requests if r["path"] == "/storm-go"]
         assert go and go[-1]["status"] == "200", [r[0] for r in go]
@@ -261,3 +267,36 @@ def test_three_machines_boot_at_the_same_moment(
     for m in MACHINES:
         (line,) = [s for s in status if s.startswith(f"{m.mac} ")]
         assert re.match(rf"{m.mac} \({m.name}\)  \S+ \S+  {m.mode}  ok      root after [0-9.]+ s$", line), line
+
+
+def _namespaces() -> set[str]:
+    return {line.split()[0] for line in run(["ip", "netns", "list"], capture=True).stdout.decode().splitlines()}
+
+
+def test_lan_namespace_holds_the_servers_and_is_removed(tmp_path: Path) -> None:
+    """The harness's LAN without guests: the taps are on the bridge, fleet collect listens inside the namespace
+    (a report posted from inside is stored), and the namespace is gone afterwards, also when the body fails."""
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    post = (
+        "import sys\n"
+        "from bootkit.boot.report import build_report, post\n"
+        "body = build_report('http://x/disk.qcow2', 'ram', {'mount': 1.0}, None, '52:54:00:17:00:0a', None)\n"
+        "sys.exit(0 if post(sys.argv[1], body) == 200 else 1)\n"
+    )
+    names: list[str] = []
+    with (
+        pytest.raises(RuntimeError, match="as a failing test would"),
+        lan(2) as net,
+        net_fleet_collect(net, reports, log_dir=tmp_path) as collect,
+    ):
+        names.append(net.netns)
+        assert net.netns in _namespaces()
+        links = run(["ip", "-n", net.netns, "-o", "link", "show", "master", "br0"], capture=True).stdout.decode()
+        assert re.findall(r"^\d+: (tap\d+):", links, re.M) == ["tap0", "tap1"]
+        run(net.inside([sys.executable, "-c", post, collect.url]))
+        raise RuntimeError("leaves the context as a failing test would")
+    assert names and names[0] not in _namespaces()
+    status = subprocess.run([sys.executable, "-m", "bootkit", "fleet", "status", str(reports)],
+                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert status.startswith("52:54:00:17:00:0a  ") and "  ram  ok" in status
