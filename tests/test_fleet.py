@@ -233,7 +233,7 @@ def test_slow_clients_hold_no_thread_and_others_get_through(tmp_path: Path) -> N
             assert threading.active_count() <= before + 1
             started = time.monotonic()
             assert post(url, build_report(IMAGE, "ram", {"mount": 1.0}, None, MAC, None), timeout=5) == 200
-            assert time.monotonic() - started < 3
+            assert time.monotonic() - started < 15  # not behind the slow ones (their timeout is 30 s)
         finally:
             for s in slow:
                 s.close()
@@ -270,7 +270,7 @@ def test_a_body_sent_a_byte_at_a_time_is_cut_at_the_timeout(tmp_path: Path) -> N
         time.sleep(0.3)  # the dribbler holds the worker
         assert post(url, build_report(IMAGE, "lazy", {"mount": 2.0}, None, MAC, None), timeout=10) == 200
         dribbler.join(30)
-    assert cut and cut[0] < 4, cut
+    assert cut and cut[0] < 10, cut  # uncut, the dribble lasts 20 s
     assert [r["mode"] for r in read_reports(tmp_path)] == ["lazy"]
 
 
