@@ -451,3 +451,8 @@ def test_fleet_collect_command_receives_until_stopped(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "bootkit", "fleet", "collect", "--bind", "nowhere", str(tmp_path)],
                          capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert (bad.returncode, bad.stderr) == (2, "error: --bind nowhere: expected HOST:PORT\n")
+    for option, value, error in (("--max-connections", "0", "0: must be >= 1"),
+                                  ("--timeout", "-1", "-1.0: must be > 0")):  # fmt: skip
+        bad = subprocess.run([sys.executable, "-m", "bootkit", "fleet", "collect", "--bind", "127.0.0.1:0", option,
+                              value, str(tmp_path)], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+        assert (bad.returncode, bad.stderr) == (2, f"error: {option} {error}\n")

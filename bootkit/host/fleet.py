@@ -294,6 +294,12 @@ def serve_reports(
     """
     if not directory.is_dir():
         raise UsageError(f"{directory}: not a directory")
+    if not timeout > 0:
+        raise UsageError(f"--timeout {timeout}: must be > 0")
+    if max_connections < 1:
+        raise UsageError(f"--max-connections {max_connections}: must be >= 1")
+    if workers < 1:
+        raise UsageError(f"workers={workers}: must be >= 1")
     try:
         server = _Server(directory, (host, port), timeout=timeout, max_connections=max_connections,
                          workers=workers)  # fmt: skip
