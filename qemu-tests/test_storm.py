@@ -48,7 +48,7 @@ from bkharness.pieces import GUEST_BOOT_ARGS, bootkit
 
 from bootkit.run import run
 
-#: one guest's overall limit; three TCG guests on 2 shared cores took 200-260 s together, loaded (docs/testing.md)
+#: one guest's overall limit; three TCG guests on 2 shared cores took 170-260 s together, loaded (docs/testing.md)
 BOOT_TIMEOUT = 400.0
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY_DOC = REPO / "docs" / "deploy-nginx.md"
