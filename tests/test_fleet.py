@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -212,6 +213,83 @@ def test_status_skips_files_that_are_not_reports(tmp_path: Path, capsys: pytest.
     assert cli_main(["fleet", "status", str(tmp_path / "missing")]) == 2
 
 
+# --- the receiver's bounds (bootkit.host.httpconns, as serve-http) ------------------------------------------
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.split("/")[2].rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def test_slow_clients_hold_no_thread_and_others_get_through(tmp_path: Path) -> None:
+    """40 clients that send half a request head cost sockets, not threads; a machine's report still arrives."""
+    with serve_reports(tmp_path, workers=1, timeout=30) as url:
+        before = threading.active_count()
+        slow = [_connect(url) for _ in range(40)]
+        try:
+            for s in slow:
+                s.sendall(b"POST /report HTTP/1.1\r\nHost: x\r\nContent-Le")
+            time.sleep(0.5)
+            assert threading.active_count() <= before + 1
+            started = time.monotonic()
+            assert post(url, build_report(IMAGE, "ram", {"mount": 1.0}, None, MAC, None), timeout=5) == 200
+            assert time.monotonic() - started < 15  # not behind the slow ones (their timeout is 30 s)
+        finally:
+            for s in slow:
+                s.close()
+    assert [r["mac"] for r in read_reports(tmp_path)] == [MAC]
+
+
+def test_a_body_sent_a_byte_at_a_time_is_cut_at_the_timeout(tmp_path: Path) -> None:
+    """The timeout bounds the whole request, not each read: a dribbling client loses the only worker after
+    about a second, and the report waiting behind it is stored."""
+    with serve_reports(tmp_path, workers=1, timeout=1.0) as url:
+        cut: list[float] = []
+
+        def dribble() -> None:
+            started = time.monotonic()
+            with _connect(url) as s:
+                s.sendall(b"POST /report HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+                try:
+                    for _ in range(100):  # 20 s if nothing cuts it
+                        s.sendall(b" ")
+                        time.sleep(0.2)
+                        s.setblocking(False)
+                        try:
+                            if not s.recv(1):
+                                break  # closed by the server
+                        except BlockingIOError:
+                            pass
+                        s.setblocking(True)
+                except OSError:
+                    pass  # reset by the server
+            cut.append(time.monotonic() - started)
+
+        dribbler = threading.Thread(target=dribble)
+        dribbler.start()
+        time.sleep(0.3)  # the dribbler holds the worker
+        assert post(url, build_report(IMAGE, "lazy", {"mount": 2.0}, None, MAC, None), timeout=10) == 200
+        dribbler.join(30)
+    assert cut and cut[0] < 10, cut  # uncut, the dribble lasts 20 s
+    assert [r["mode"] for r in read_reports(tmp_path)] == ["lazy"]
+
+
+def test_too_many_connections_the_one_waiting_longest_is_dropped(tmp_path: Path) -> None:
+    with serve_reports(tmp_path, max_connections=2, timeout=30) as url:
+        first, second = _connect(url), _connect(url)
+        try:
+            for s in (first, second):
+                s.sendall(b"POST /report HTTP/1.1\r\n")
+                time.sleep(0.2)  # the gate takes them in this order
+            # a third client gets in: the connection that has waited longest for its head is refused
+            assert post(url, build_report(IMAGE, "ram", {"mount": 1.0}, None, MAC, None), timeout=5) == 200
+            assert first.recv(100).startswith(b"HTTP/1.1 503 ")
+        finally:
+            first.close()
+            second.close()
+    assert len(read_reports(tmp_path)) == 1
+
+
 # --- a report never holds up the boot -----------------------------------------------------------------------
 
 
@@ -373,3 +451,8 @@ def test_fleet_collect_command_receives_until_stopped(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "bootkit", "fleet", "collect", "--bind", "nowhere", str(tmp_path)],
                          capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert (bad.returncode, bad.stderr) == (2, "error: --bind nowhere: expected HOST:PORT\n")
+    for option, value, error in (("--max-connections", "0", "0: must be >= 1"),
+                                  ("--timeout", "-1", "-1.0: must be > 0")):  # fmt: skip
+        bad = subprocess.run([sys.executable, "-m", "bootkit", "fleet", "collect", "--bind", "127.0.0.1:0", option,
+                              value, str(tmp_path)], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+        assert (bad.returncode, bad.stderr) == (2, f"error: {option} {error}\n")

@@ -4,7 +4,10 @@
 bodies of at most :data:`~bootkit.boot.report.MAX_REPORT` bytes, checks every field of the JSON object
 (:func:`parse_report`: a body is hostile until proven otherwise; anything else gets ``400``) and writes one
 file per machine, atomically, named after the machine's MAC address or host name only once that has matched
-a strict pattern. :func:`read_reports` and :func:`format_fleet` are ``bootkit fleet status``.
+a strict pattern. Its connections are bounded as serve-http's are (bootkit.host.httpconns): a client that
+sends its request slowly holds a socket, not a thread, and at most the timeout; when too many are held the one
+that has waited longest is refused (503). :func:`read_reports` and :func:`format_fleet` are ``bootkit fleet
+status``.
 
 Host side (not in the initramfs), standard library only.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import http.server
+import io
 import json
 import math
 import os
@@ -21,16 +25,22 @@ import re
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from bootkit.boot.report import MAX_REPORT, MAX_STAGES, REPORT_VERSION
 from bootkit.errors import BootkitError, UsageError
+from bootkit.host.httpconns import Connections
 from bootkit.log import log, safe_text
 
-#: seconds a client has for its request (a slow or dead one holds one thread for at most this long)
+#: seconds a client has for its request, head and body (a slow or dead one holds a worker at most this long)
 REQUEST_TIMEOUT = 10.0
+#: connections held at once (waiting for their request head, queued, being answered)
+MAX_CONNECTIONS = 256
+#: threads answering requests (a connection still sending its request head holds none)
+WORKERS = 4
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 _HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}")
 _STAGE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
@@ -131,10 +141,53 @@ def store_report(directory: Path, report: dict[str, Any], peer: str) -> Path:
     return path
 
 
+class _Body(io.RawIOBase):
+    """A request read from what the gate already has (``buffered``), then from the socket, all of it within
+    one deadline: a client that sends its body a byte at a time cannot hold a worker longer than the timeout."""
+
+    def __init__(self, buffered: bytes, sock: socket.socket, timeout: float) -> None:
+        self._buffered = memoryview(buffered)
+        self._sock = sock
+        self._timeout = timeout
+        self._deadline = time.monotonic() + timeout
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self._buffered:
+            n = min(len(b), len(self._buffered))
+            b[:n] = self._buffered[:n]
+            self._buffered = self._buffered[n:]
+            return n
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive within the timeout")
+        self._sock.settimeout(left)
+        try:
+            return self._sock.recv_into(b)
+        finally:
+            self._sock.settimeout(self._timeout)  # the answer's sends get the whole timeout again
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
+    """Answers the one request of a connection, from the bytes the gate read (``buffered``) and the socket."""
+
     server_version = "bootkit-fleet"
-    timeout = REQUEST_TIMEOUT
-    directory: Path
+    server: _Server
+
+    def __init__(self, request: Any, client_address: Any, server: _Server, buffered: bytes = b"") -> None:
+        self._buffered = buffered
+        super().__init__(request, client_address, server)
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()
+        self.rfile = io.BufferedReader(_Body(self._buffered, self.connection, self.server.request_timeout))
+
+    def handle(self) -> None:
+        self.close_connection = True
+        self.handle_one_request()
 
     def _answer(self, status: int, text: str) -> None:
         body = (safe_text(text) + "\n").encode("ascii")
@@ -163,7 +216,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             log.warning("fleet: refused a report from %s: %s", self.client_address[0], e)
             self._answer(400, f"bad report: {e}")
             return
-        path = store_report(self.directory, report, str(self.client_address[0]))
+        path = store_report(self.server.directory, report, str(self.client_address[0]))
         log.info("fleet: %s: %s", path.name, report["result"])
         self._answer(200, "stored")
 
@@ -176,16 +229,82 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         log.debug("fleet: %s %s", self.client_address[0], safe_text(format % args))
 
 
+class _Server(http.server.HTTPServer):
+    """Accepts connections and hands them to bootkit.host.httpconns (the bounds of serve-http)."""
+
+    # the listen backlog: a classroom's reports arrive within seconds of each other
+    request_queue_size = 128
+
+    def __init__(self, directory: Path, address: tuple[str, int], *, timeout: float, max_connections: int,
+                 workers: int) -> None:  # fmt: skip
+        self.directory = directory
+        self.request_timeout = timeout
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Handler)
+        self.connections = Connections(self._answer, workers=workers, max_connections=max_connections,
+                                       timeout=timeout, with_body=True)  # fmt: skip
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # accept() only: the gate waits for the request head, a worker answers it
+        self.connections.accept(request, client_address)
+
+    def _answer(self, sock: socket.socket, client_address: Any, buffered: bytes | None) -> bool:
+        assert buffered is not None  # no TLS here
+        try:
+            _Handler(sock, client_address, self, buffered)
+        finally:
+            _drain(sock)
+        return False
+
+    def server_close(self) -> None:
+        super().server_close()
+        connections: Connections | None = getattr(self, "connections", None)
+        if connections is not None:
+            connections.close()
+
+
+def _drain(sock: socket.socket) -> None:
+    """Read what is left of a refused body (bounded, without waiting): unread bytes at close() make the kernel
+    send RST, which can destroy the answer before the client reads it."""
+    try:
+        sock.setblocking(False)
+        for _ in range(16):
+            if not sock.recv(65536):
+                break
+    except OSError:
+        pass
+
+
 @contextlib.contextmanager
-def serve_reports(directory: Path, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Receive reports into ``directory`` while the context lasts; yields the URL to give ``rd.qcow2.report``."""
+def serve_reports(
+    directory: Path,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    timeout: float = REQUEST_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
+    workers: int = WORKERS,
+) -> Iterator[str]:
+    """Receive reports into ``directory`` while the context lasts; yields the URL to give ``rd.qcow2.report``.
+
+    Connections are bounded as serve-http's are (bootkit.host.httpconns): a request (head and body) must
+    arrive within ``timeout`` seconds, at most ``max_connections`` are held (the one that has waited longest
+    for its head is dropped with 503 when a new one comes), and ``workers`` threads answer.
+    """
     if not directory.is_dir():
         raise UsageError(f"{directory}: not a directory")
-    handler = type("Handler", (_Handler,), {"directory": directory})
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    server_class = type("Server", (http.server.ThreadingHTTPServer,), {"address_family": family})
-    server = server_class((host, port), handler)
-    server.daemon_threads = True
+    if not timeout > 0:
+        raise UsageError(f"--timeout {timeout}: must be > 0")
+    if max_connections < 1:
+        raise UsageError(f"--max-connections {max_connections}: must be >= 1")
+    if workers < 1:
+        raise UsageError(f"workers={workers}: must be >= 1")
+    try:
+        server = _Server(directory, (host, port), timeout=timeout, max_connections=max_connections,
+                         workers=workers)  # fmt: skip
+    except OSError as e:
+        raise UsageError(f"--bind {host}:{port}: {e.strerror}") from e
     thread = threading.Thread(target=server.serve_forever, args=(0.1,), name="fleet-collect", daemon=True)
     thread.start()
     try:
@@ -195,6 +314,7 @@ def serve_reports(directory: Path, host: str = "127.0.0.1", port: int = 0) -> It
     finally:
         server.shutdown()
         server.server_close()
+        thread.join()
 
 
 def read_reports(directory: Path) -> list[dict[str, Any]]:

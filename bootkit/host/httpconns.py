@@ -68,9 +68,19 @@ class Connections:
     """The gate and the workers of one server: ``accept`` every new socket, ``close`` at the end."""
 
     def __init__(
-        self, answer: Answer, *, workers: int, max_connections: int, timeout: float, tls: bool = False
+        self,
+        answer: Answer,
+        *,
+        workers: int,
+        max_connections: int,
+        timeout: float,
+        tls: bool = False,
+        with_body: bool = False,
     ) -> None:
+        """``with_body``: the answer gets the bytes the gate read past the head too (the start of a request
+        body), and the connection is closed after it (one request per connection)."""
         self._answer = answer
+        self._with_body = with_body
         self.timeout = timeout
         self.max_connections = max_connections
         self._tls = tls
@@ -273,7 +283,7 @@ class Connections:
             try:
                 sock.setblocking(True)
                 sock.settimeout(self.timeout)
-                keep = self._answer(sock, address, head)
+                keep = self._answer(sock, address, head + rest if self._with_body and head is not None else head)
             except OSError as e:  # the client went away or timed out: routine
                 log.debug("serve-http: %s: %s", address, e)
             except Exception as e:  # one connection's failure is logged, never the server's end
@@ -282,7 +292,7 @@ class Connections:
             finally:
                 with self._lock:
                     self._busy -= 1
-            if keep and head is not None:
+            if keep and head is not None and not self._with_body:
                 self.admit(sock, address, rest)
             elif head is not None:
                 close_socket(sock)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bootkit.errors import UsageError
+from bootkit.host.fleet import MAX_CONNECTIONS, REQUEST_TIMEOUT
 from bootkit.log import log
 
 
@@ -20,6 +21,11 @@ def register(sub: Any) -> None:
     c = fsub.add_parser("collect", help="receive reports: POST /report, one JSON file per machine in DIR")
     c.add_argument("--bind", default="127.0.0.1:8070", metavar="HOST:PORT",
                    help="address to listen on (default 127.0.0.1:8070)")  # fmt: skip
+    c.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT, metavar="S",
+                   help=f"seconds a client may take to send its report (default {REQUEST_TIMEOUT:g})")  # fmt: skip
+    c.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
+                   help="connections held at once; when full, the one waiting longest for its request is dropped "
+                        f"(default {MAX_CONNECTIONS})")  # fmt: skip
     c.add_argument("dir", type=Path, metavar="DIR", help="directory the reports are written to")
     c.set_defaults(handler=_collect)
     s = fsub.add_parser("status", help="one line per machine: last boot ok/failed, time to root, cause")
@@ -39,7 +45,7 @@ def _collect(args: argparse.Namespace) -> int:
     from bootkit.host.fleet import serve_reports
 
     host, port = _bind(args.bind)
-    with serve_reports(args.dir, host, port) as url:
+    with serve_reports(args.dir, host, port, timeout=args.timeout, max_connections=args.max_connections) as url:
         log.warning("fleet: receiving reports at %s into %s (give the machines rd.qcow2.report=%s)",
                     url, args.dir, url)  # fmt: skip
         threading.Event().wait()
