@@ -14,7 +14,9 @@ For the image (and ``NAME.vmlinuz`` / ``NAME.initrd`` next to it, when present) 
 3. the TOML entry gets the new names and pinned hashes, and pins for every backing file of the chain
    (``rd.qcow2.sha256.<file>``, in lazy mode ``rd.qcow2.sha256.<file>.manifest`` too), and is loaded with
    ``pxe-config``'s own loader before it replaces the old description;
-4. ``--prune N`` (:mod:`.prune`).
+4. ``--sign KEY``: the signed channel file ``DOCROOT/<channel>.json`` (+ ``.sig``) points at the image
+   (:mod:`.channel`);
+5. ``--prune N`` (:mod:`.prune`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bootkit.boot.channel import Pin
 from bootkit.errors import BootkitError
 from bootkit.host.publish import backing, docroot, prune, tomledit
+from bootkit.host.publish.channel import ChannelOptions, ChannelResult, Target, check_options, publish_channel
 from bootkit.host.publish.docroot import Placed, PublishError
 from bootkit.log import log
 
@@ -53,6 +57,8 @@ class PublishOptions:
     base_url: str | None = None
     prune_keep: int | None = None
     grace: float = prune.DEFAULT_GRACE
+    #: ``--sign KEY``: also point the signed channel at the image (:mod:`.channel`)
+    channel: ChannelOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ class PublishResult:
     removed: list[Path] = field(default_factory=list)
     image: Published | None = None
     chain: list[Published] = field(default_factory=list)
+    channel: ChannelResult | None = None
 
     def lines(self, toml: Path | None) -> list[str]:
         entry = self.entry
@@ -82,6 +89,9 @@ class PublishResult:
                 out += [f"{toml}: entry {entry!r}: {c.line()}" for c in self.changes]
             else:
                 out.append(f"{toml}: entry {entry!r} unchanged")
+        if self.channel is not None:
+            out += [p.line() for p in self.channel.placed]
+            out.append(self.channel.line)
         out += [f"removed {p}" for p in self.removed]
         return out
 
@@ -106,6 +116,8 @@ def publish(opts: PublishOptions) -> PublishResult:
         raise PublishError("--prune needs --toml: a version is removed only when no entry references it")
     if opts.prune_keep is not None and opts.prune_keep < 1:
         raise PublishError(f"--prune {opts.prune_keep}: keep at least the version just published")
+    if opts.channel is not None:
+        check_options(opts.channel, root)
     toml_text = _toml_text(opts, root)
     mode = opts.mode or _current_mode(toml_text, entry, opts.toml) or "lazy"
 
@@ -125,11 +137,24 @@ def publish(opts: PublishOptions) -> PublishResult:
     if opts.toml is not None:
         assert toml_text is not None
         _update_toml(opts.toml, toml_text, entry, mode, top, chain, files, root, result)
+    if opts.channel is not None:
+        result.channel = publish_channel(opts.channel, _target(top, chain, root), root)
+    if opts.toml is not None:
         if opts.prune_keep is not None:
             result.removed = prune.prune(root, name, opts.toml, keep=opts.prune_keep, grace=opts.grace)
         else:
             prune.observe(root, name, opts.toml)  # starts the grace clock of the version this one replaced
     return result
+
+
+def _target(top: Published, chain: list[Published], root: Path) -> Target:
+    """What the channel points at: the published image, its size and pins, and its backing files'."""
+    return Target(
+        image=top.name,
+        size=(root / top.name).stat().st_size,
+        pin=Pin(top.sha256, top.manifest_sha256),
+        backing=tuple((b.name, Pin(b.sha256, b.manifest_sha256)) for b in chain),
+    )
 
 
 def _toml_text(opts: PublishOptions, root: Path) -> str | None:
