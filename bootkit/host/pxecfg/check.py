@@ -53,7 +53,8 @@ def targets(config: Config) -> list[Target]:
     for e in config.entries:
         add(Target(e.kernel))
         add(Target(e.initrd))
-        add(Target(e.image, e.sha256, sidecar=e.sha256 is None and e.manifest is None))
+        # a channel file is signed, not pinned: the initramfs checks it (only its presence is checked here)
+        add(Target(e.image, e.sha256, sidecar=e.sha256 is None and e.manifest is None and not e.channel))
         if e.manifest is not None:
             add(Target(e.manifest, e.manifest_sha256))
     if config.dhcp is not None and config.dhcp.http_boot is not None:

@@ -1,0 +1,80 @@
+"""pxe-config entries that name a signed channel instead of an image: the command line they write, and the keys
+a channel entry refuses (one line naming file and key, exit status 2, nothing written)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from pxecfg_fixtures import run_cli
+
+from bootkit.boot.cmdline import join_args, parse_cmdline
+from bootkit.host.pxecfg.cmdline import kernel_args
+from bootkit.host.pxecfg.load import load_file
+
+CHANNEL = """\
+base_url = "http://10.0.0.1:8080/"
+docroot = "www"
+
+[[entry]]
+name = "stable"
+kernel = "vmlinuz"
+initrd = "initrd.img"
+channel = "stable.json"
+mode = "lazy"
+"""
+
+
+@pytest.fixture
+def toml(tmp_path: Path) -> Path:
+    root = tmp_path / "www"
+    root.mkdir()
+    for name in ("vmlinuz", "initrd.img", "stable.json", "stable.json.sig", "disk.qcow2"):
+        (root / name).write_bytes(b"x\n")
+    return tmp_path / "pxe.toml"
+
+
+def test_channel_entry_writes_root_qcow2_channel(toml: Path) -> None:
+    toml.write_text(CHANNEL + "channel_min_version = 3\n")
+    [entry] = load_file(toml).entries
+    args = kernel_args(entry)
+    assert args[:2] == ("root=qcow2:channel:http://10.0.0.1:8080/stable.json", "rd.qcow2.mode=lazy")
+    assert "rd.qcow2.channel.min-version=3" in args
+    assert not any(a.startswith(("rd.qcow2.sha256", "rd.qcow2.verify", "rd.qcow2.manifest")) for a in args)
+    cfg = parse_cmdline(join_args(args))
+    assert cfg is not None and cfg.channel and cfg.channel_min_version == 3
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "words"),
+    [
+        ('image = "disk.qcow2"\n', "entry.stable.image", "contradicts channel"),
+        ('sha256 = "compute"\n', "entry.stable.sha256", "contradicts channel"),
+        ('mirrors = ["http://m/d.qcow2"]\n', "entry.stable.mirrors", "contradicts channel"),
+        ('channel_min_version = -1\n', "entry.stable.channel_min_version", ""),
+        ('colour = "blue"\n', "entry.stable.colour", "unknown key"),
+    ],
+)
+def test_channel_entry_refusals(capsys: pytest.CaptureFixture[str], toml: Path, extra: str, key: str,
+                                words: str) -> None:  # fmt: skip
+    toml.write_text(CHANNEL + extra)
+    status, _, err = run_cli(capsys, "pxe-config", str(toml), "--out", str(toml.parent / "out"))
+    [line] = err.strip().splitlines()
+    assert status == 2 and line.startswith(f"error: {toml}: {key}: ") and words in line, err
+    assert not (toml.parent / "out").exists()
+
+
+def test_channel_file_and_min_version_refusals(capsys: pytest.CaptureFixture[str], toml: Path) -> None:
+    cases = [
+        (CHANNEL.replace('"stable.json"', '"disk.qcow2"'), "entry.stable.channel",
+         "expected a NAME.json channel file (bootkit publish --sign)"),
+        (CHANNEL.replace('"stable.json"', '"testing.json"'), "entry.stable.channel", "no such file"),
+        (CHANNEL.replace('channel = "stable.json"', 'image = "disk.qcow2"\nchannel_min_version = 2'),
+         "entry.stable.channel_min_version", "given without channel"),
+    ]  # fmt: skip
+    for text, key, words in cases:
+        toml.write_text(textwrap.dedent(text))
+        status, _, err = run_cli(capsys, "pxe-config", str(toml), "--out", str(toml.parent / "out"))
+        [line] = err.strip().splitlines()
+        assert status == 2 and line.startswith(f"error: {toml}: {key}: ") and words in line, err
