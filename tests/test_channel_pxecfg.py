@@ -3,12 +3,16 @@ a channel entry refuses (one line naming file and key, exit status 2, nothing wr
 
 from __future__ import annotations
 
+import hashlib
+import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
 from pxecfg_fixtures import run_cli
+from testtools import require_tools
 
+from bootkit.boot.channel import Channel
 from bootkit.boot.cmdline import join_args, parse_cmdline
 from bootkit.host.pxecfg.cmdline import kernel_args
 from bootkit.host.pxecfg.load import load_file
@@ -78,3 +82,30 @@ def test_channel_file_and_min_version_refusals(capsys: pytest.CaptureFixture[str
         status, _, err = run_cli(capsys, "pxe-config", str(toml), "--out", str(toml.parent / "out"))
         [line] = err.strip().splitlines()
         assert status == 2 and line.startswith(f"error: {toml}: {key}: ") and words in line, err
+
+
+def test_publish_sign_writes_a_channel_entry_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """publish --sign --toml: the entry names the channel; the next image changes the channel, not the TOML."""
+    require_tools("qemu-img", "qemu-io", "openssl")
+    key = tmp_path / "k.pem"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(key)], check=True, capture_output=True)
+    src = tmp_path / "src"
+    src.mkdir()
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(src / "web.qcow2"), "16M"], check=True,
+                   capture_output=True)  # fmt: skip
+    (src / "web.vmlinuz").write_bytes(b"kernel\n")
+    (src / "web.initrd").write_bytes(b"initrd\n")
+    www, site = tmp_path / "www", tmp_path / "site.toml"
+    www.mkdir()
+    publish = ["publish", str(src / "web.qcow2"), str(www), "--toml", str(site), "--sign", str(key)]
+    assert run_cli(capsys, *publish, "--base-url", "http://10.0.0.1/")[0] == 0
+    [entry] = load_file(site).entries
+    assert kernel_args(entry)[:2] == ("root=qcow2:channel:http://10.0.0.1/web.json", "rd.qcow2.mode=lazy")
+    text = site.read_text()
+    assert 'channel = "web.json"' in text and "image" not in text and "sha256" not in text
+    subprocess.run(["qemu-io", "-c", "write -P 0x5a 0 64k", str(src / "web.qcow2")], check=True, capture_output=True)
+    status, out, _ = run_cli(capsys, *publish)
+    assert status == 0 and f"{site}: entry 'web' unchanged" in out, out
+    assert site.read_text() == text
+    channel = Channel.parse((www / "web.json").read_bytes(), "web.json")
+    assert channel.version == 2 and channel.pin.sha256 == hashlib.sha256((www / channel.image).read_bytes()).hexdigest()

@@ -11,11 +11,12 @@ For the image (and ``NAME.vmlinuz`` / ``NAME.initrd`` next to it, when present) 
 2. each file goes to ``DOCROOT/NAME-<sha256 prefix>.<suffix>`` (:mod:`.docroot`: never replacing a file),
    with ``.sha256`` sidecars for the image and its manifest, and the lazy-mode manifest
    ``NAME-<hash>.qcow2.manifest`` (the name the initramfs looks for next to a backing file);
-3. the TOML entry gets the new names and pinned hashes, and pins for every backing file of the chain
-   (``rd.qcow2.sha256.<file>``, in lazy mode ``rd.qcow2.sha256.<file>.manifest`` too), and is loaded with
-   ``pxe-config``'s own loader before it replaces the old description;
-4. ``--sign KEY``: the signed channel file ``DOCROOT/<channel>.json`` (+ ``.sig``) points at the image
+3. ``--sign KEY``: the signed channel file ``DOCROOT/<channel>.json`` (+ ``.sig``) points at the image
    (:mod:`.channel`);
+4. the TOML entry gets the new names and pinned hashes, and pins for every backing file of the chain
+   (``rd.qcow2.sha256.<file>``, in lazy mode ``rd.qcow2.sha256.<file>.manifest`` too), and is loaded with
+   ``pxe-config``'s own loader before it replaces the old description; with ``--sign`` the entry names the
+   channel instead (``channel = "<channel>.json"``, no image, hashes or pins: the channel carries them);
 5. ``--prune N`` (:mod:`.prune`).
 """
 
@@ -27,6 +28,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bootkit.boot.channel import SUFFIX as CHANNEL_SUFFIX
 from bootkit.boot.channel import Pin
 from bootkit.errors import BootkitError
 from bootkit.host.publish import backing, docroot, prune, tomledit
@@ -134,12 +136,13 @@ def publish(opts: PublishOptions) -> PublishResult:
             result.placed.append(placed)
             files[key] = placed.path.name
     prune.record_published(root, [top.name, *files.values()])
-    if opts.toml is not None:
-        assert toml_text is not None
-        _update_toml(opts.toml, toml_text, entry, mode, top, chain, files, root, result)
     if opts.channel is not None:
+        # before the TOML: a channel entry names the channel file, which must exist for pxe-config's loader
         result.channel = publish_channel(opts.channel, _target(top, chain, root), root)
     if opts.toml is not None:
+        assert toml_text is not None
+        channel = None if opts.channel is None else opts.channel.name + CHANNEL_SUFFIX
+        _update_toml(opts.toml, toml_text, entry, mode, top, chain, files, root, result, channel)
         if opts.prune_keep is not None:
             result.removed = prune.prune(root, name, opts.toml, keep=opts.prune_keep, grace=opts.grace)
         else:
@@ -262,7 +265,7 @@ def _publish_image(image: Path, name: str, rewrite: backing.Rewrite | None, sha:
 
 
 def _update_toml(toml: Path, text: str, entry: str, mode: str, top: Published, chain: list[Published],
-                 files: dict[str, str], root: Path, result: PublishResult) -> None:
+                 files: dict[str, str], root: Path, result: PublishResult, channel: str | None = None) -> None:
     # lazy and stream mode read ranges, each chunk checked against the manifest
     lazy = mode in ("lazy", "stream")
     values: dict[str, str | None] = {
@@ -273,6 +276,11 @@ def _update_toml(toml: Path, text: str, entry: str, mode: str, top: Published, c
         "manifest_sha256": top.manifest_sha256 if lazy else None,
         **files,
     }
+    if channel is not None:
+        # the entry follows the signed channel, which names the image and pins it and its backing files: the
+        # entry stays as it is when only the image changes
+        values.update(channel=channel, image=None, sha256=None, manifest=None, manifest_sha256=None)
+        chain = []
     pins: list[str] = []
     for base in chain:
         pins.append(f"{tomledit.PIN_PREFIX}{base.name}={base.sha256}")
