@@ -86,6 +86,8 @@ class InitrdResult:
     drivers: tuple[str, ...] | None
     #: bootkit runtime modules that could not be imported (the image cannot boot while this is not empty)
     missing_modules: tuple[str, ...]
+    #: the Ed25519 keys installed for signed channels (``--trust-key``)
+    trust_keys: tuple[bytes, ...] = ()
 
 
 def module_dir() -> Traversable:
@@ -359,6 +361,7 @@ def build_initrd(opts: InitrdOptions) -> InitrdResult:
         systemd=opts.systemd,
         drivers=opts.drivers,
         missing_modules=tuple(missing),
+        trust_keys=tuple(dict.fromkeys(opts.trust_keys)),
     )
 
 

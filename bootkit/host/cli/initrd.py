@@ -55,4 +55,9 @@ def _build_initrd(args: argparse.Namespace) -> int:
     )
     print(describe(result))
     print(describe_contract())
+    if result.trust_keys:
+        from bootkit.boot.ed25519 import fingerprint
+
+        names = ", ".join(map(fingerprint, result.trust_keys))
+        print(f"signed channels (root=qcow2:channel:) trusted from keys {names}")
     return 0
