@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from boot_fixtures import DPS_ROOT_X86_64, Part, make_disk, make_ext4, need
 
-from bootkit.boot.channel import Channel, ChannelRefused, FileVersionStore, Pin, Trust, load_keys
+from bootkit.boot.channel import Channel, ChannelRefused, FileVersionStore, Pin, Trust, follow, load_keys
 from bootkit.boot.cmdline import BootConfig, parse_cmdline
 from bootkit.boot.ed25519 import parse_public_key
 from bootkit.boot.serve import Prepared, prepare
@@ -329,3 +329,28 @@ def test_command_line_round_trip() -> None:
         parse_cmdline("root=qcow2:http://h/x.qcow2 rd.qcow2.channel.min-version=2")
     with pytest.raises(ConfigError, match=r"^root=qcow2:channel:ftp://h/s\.json: expected an http"):
         parse_cmdline("root=qcow2:channel:ftp://h/s.json")
+
+
+def test_publish_between_the_two_reads(site: Site, tmp_path: Path) -> None:
+    """publish replaces the signature, then the channel file: a machine that read the old file and the new
+    signature reads both again once and follows the new version; a mismatch that stays is refused."""
+    from faultserver import Fault, fault_server
+
+    old = (site.docroot / "stable.json").read_bytes()
+    channel = stable(site)
+    new = Channel(channel.name, 2, channel.not_before, channel.expires, channel.image, channel.size, channel.pin,
+                  channel.backing).dumps()  # fmt: skip
+    new_sig = sign(site.key, new, tmp_path)
+    with fault_server() as (url, state):
+        state.files["/stable.json"] = old
+        state.files["/stable.json.sig"] = new_sig
+        state.add_faults("/stable.json", Fault(), Fault(replace=new))
+        cfg, followed = follow(config(f"root=qcow2:channel:{url}/stable.json"), Stages(), trust(site, tmp_path))
+        assert followed.version == 2 and cfg.sha256 == channel.pin.sha256
+        assert len(state.requests_for("/stable.json")) == 2
+    with fault_server() as (url, state):
+        state.files["/stable.json"] = old
+        state.files["/stable.json.sig"] = new_sig
+        with pytest.raises(ChannelRefused, match="the signature does not verify"):
+            follow(config(f"root=qcow2:channel:{url}/stable.json"), Stages(), trust(site, tmp_path / "b"))
+        assert len(state.requests_for("/stable.json")) == 2  # read again once, not more
