@@ -12,8 +12,9 @@ import pytest
 from pxecfg_fixtures import run_cli
 from testtools import require_tools
 
-from bootkit.boot.channel import Channel
-from bootkit.boot.cmdline import join_args, parse_cmdline
+from bootkit.boot import ed25519
+from bootkit.boot.channel import TRUST_FILE, Channel
+from bootkit.boot.cmdline import CONTRACT_FILE, CONTRACT_VERSION, KNOWN_OPTIONS, join_args, parse_cmdline
 from bootkit.host.pxecfg.cmdline import kernel_args
 from bootkit.host.pxecfg.load import load_file
 
@@ -109,3 +110,54 @@ def test_publish_sign_writes_a_channel_entry_once(tmp_path: Path, capsys: pytest
     assert site.read_text() == text
     channel = Channel.parse((www / "web.json").read_bytes(), "web.json")
     assert channel.version == 2 and channel.pin.sha256 == hashlib.sha256((www / channel.image).read_bytes()).hexdigest()
+
+
+def test_check_follows_the_channel_as_the_initramfs_would(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """pxe-config --check: the initramfs must know channels and trust a key that signed the served channel,
+    which must be valid now and at least channel_min_version."""
+    require_tools("qemu-img", "openssl")
+    from initrd_fixtures import contract_json, make_initramfs
+    from pxecfg_fixtures import logged_http_server
+
+    keys = {}
+    for name in ("good", "other"):
+        key = tmp_path / f"{name}.pem"
+        subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(key)], check=True,
+                       capture_output=True)  # fmt: skip
+        pem = subprocess.run(["openssl", "pkey", "-in", str(key), "-pubout"], check=True, capture_output=True).stdout
+        keys[name] = (key, ed25519.key_text(ed25519.parse_public_key(pem.decode(), name)))
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "vmlinuz").write_bytes(b"kernel\n")
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(tmp_path / "web.qcow2"), "16M"], check=True,
+                   capture_output=True)  # fmt: skip
+    assert run_cli(capsys, "publish", str(tmp_path / "web.qcow2"), str(www), "--sign", str(keys["good"][0]),
+                   "--channel", "stable")[0] == 0  # fmt: skip
+    boot = {"usr/lib/bootkit/bootkit-boot": b"#!/usr/bin/python3\n"}
+
+    def check(files: dict[str, bytes], extra: str = "") -> tuple[int, str]:
+        make_initramfs(www / "initrd.img", {**boot, **files})
+        toml = tmp_path / "pxe.toml"
+        toml.write_text(f'base_url = "{server.url}"\ndocroot = "www"\n\n[[entry]]\nname = "web"\n'
+                        f'kernel = "vmlinuz"\ninitrd = "initrd.img"\nchannel = "stable.json"\n{extra}')  # fmt: skip
+        status, out, _ = run_cli(capsys, "pxe-config", str(toml), "--out", str(tmp_path / "out"), "--check",
+                                   "--no-grub-images")  # fmt: skip
+        return status, out
+
+    contract = {CONTRACT_FILE: contract_json()}
+    with logged_http_server(www) as server:
+        initrd, channel = f"{server.url}initrd.img", f"{server.url}stable.json"
+        assert check({**contract, TRUST_FILE: f"{keys['other'][1]}\n{keys['good'][1]}\n".encode()}) == (0, "")
+        assert check({**contract, TRUST_FILE: f"{keys['other'][1]}\n".encode()}) == (1, (
+            f"{channel}: the signature does not verify with any of the 1 trusted key (altered, or signed by another "
+            "key)\n"))  # fmt: skip
+        assert check(contract) == (1, (
+            f"{initrd}: this initramfs trusts no channel key, and entry 'web' boots a signed channel: rebuild it with "
+            "bootkit build-initrd --trust-key PUB\n"))  # fmt: skip
+        older = [o for o in KNOWN_OPTIONS if o != "rd.qcow2.channel.min-version"]
+        assert check({CONTRACT_FILE: contract_json(options=older)}) == (1, (
+            f"{initrd}: this initramfs (contract {CONTRACT_VERSION}) does not know signed channels, which entry 'web' "
+            "boots: rebuild it with bootkit build-initrd\n"))  # fmt: skip
+        status, out = check({**contract, TRUST_FILE: f"{keys['good'][1]}\n".encode()}, "channel_min_version = 2\n")
+        assert (status, out) == (1, f"{channel}: channel stable version 1 is older than rd.qcow2.channel.min-version=2 "
+                                    "(a rollback?)\n")  # fmt: skip
