@@ -307,9 +307,10 @@ class Trust:
     now: Optional[float] = None
 
     @classmethod
-    def installed(cls) -> Trust:
-        """The initramfs' keys; versions remembered under /run (a persistent store plugs in here)."""
-        return cls(load_keys(), FileVersionStore(RUN_STATE_DIR))
+    def installed(cls, state_dir: Optional[str] = None) -> Trust:
+        """The initramfs' keys, and the versions remembered in ``state_dir``: a persistent directory (the local
+        cache's) keeps them across power cycles; without one they live under /run until power-off."""
+        return cls(load_keys(), FileVersionStore(state_dir or RUN_STATE_DIR))
 
 
 # -- the checks, in order --------------------------------------------------------------------------------
