@@ -5,17 +5,21 @@ The images are the session's (tests/boot_fixtures.py), the same ones tests/test_
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from boot_fixtures import debian_kernel, initrd_shell, initrd_systemd, need  # noqa: F401 - fixtures
+from boot_fixtures import debian_kernel, initrd_shell, initrd_systemd, need, sh  # noqa: F401 - fixtures
 
+from bootkit.boot.channel import TRUST_FILE
+from bootkit.boot.ed25519 import fingerprint, parse_public_key
 from bootkit.host import pkgdata
 from bootkit.host.initrd import InitrdOptions, InitrdResult, build_initrd, collect_python_files
 from bootkit.host.kernelpkg import Kernel, ensure_kernel
+from bootkit.host.pxecfg.initramfs import read_member
 
 MB = 1000 * 1000
 REPO = Path(__file__).resolve().parent.parent
@@ -190,14 +194,26 @@ def test_kernel_cache_is_idempotent(debian_kernel: Kernel) -> None:  # noqa: F81
 
 
 def test_cli_builds_and_prints_the_size(tmp_path: Path, debian_kernel: Kernel) -> None:  # noqa: F811
-    need("dracut")
+    need("dracut", "openssl")
     out = tmp_path / "cli.img"
+    # two channel keys (rotation), as openssl writes a public key and as a base64 line
+    keys = []
+    for name in ("a", "b"):
+        sh("openssl", "genpkey", "-algorithm", "ed25519", "-out", tmp_path / f"{name}.key")
+        sh("openssl", "pkey", "-in", tmp_path / f"{name}.key", "-pubout", "-out", tmp_path / f"{name}.pub")
+        keys.append(parse_public_key((tmp_path / f"{name}.pub").read_text(), name))
+    (tmp_path / "b.b64").write_text(base64.b64encode(keys[1]).decode() + "\n")
     proc = bootkit_cli("build-initrd", "-o", str(out), "--kver", debian_kernel.kver, "--kmoddir",
-                       str(debian_kernel.kmoddir), "--drivers", "virtio_net", "--dracut-arg=--no-compress")  # fmt: skip
+                       str(debian_kernel.kmoddir), "--drivers", "virtio_net", "--dracut-arg=--no-compress",
+                       "--trust-key", str(tmp_path / "a.pub"), "--trust-key", str(tmp_path / "b.b64"))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     size = out.stat().st_size
     assert proc.stdout.startswith(f"{out}: ")
     assert f"({size} bytes), kernel {debian_kernel.kver}" in proc.stdout
+    assert f"trusted from keys {fingerprint(keys[0])}, {fingerprint(keys[1])}\n" in proc.stdout
+    with out.open("rb") as f:
+        installed = read_member(f.read, TRUST_FILE, what="initramfs")
+    assert installed == "".join(f"{base64.b64encode(k).decode()}\n" for k in keys).encode()
 
 
 def test_cli_errors(tmp_path: Path, debian_kernel: Kernel) -> None:  # noqa: F811

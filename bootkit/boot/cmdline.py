@@ -261,7 +261,9 @@ _VALUED = (
 #: options that may be given more than once, each adding a value (in the order written)
 _REPEATABLE = ("mirror",)
 #: valued options added after the first contract-2 release, listed last in KNOWN_OPTIONS (added, not reshuffled)
-_VALUED_LATER = ("report",)
+_VALUED_LATER = ("report", "channel.min-version")
+#: ``root=qcow2:channel:<URL>``: the URL names a signed channel file (bootkit.boot.channel), not an image
+CHANNEL_ROOT = "channel:"
 #: every option this initramfs understands, as written on the command line
 KNOWN_OPTIONS: Tuple[str, ...] = (
     *(PREFIX + o for o in _VALUED + _FLAGS),
@@ -351,6 +353,10 @@ class BootConfig:
     mirrors: Tuple[str, ...] = ()
     #: ``rd.qcow2.report=``: where the boot POSTs its stage timeline and result (``bootkit fleet collect``)
     report: Optional[str] = None
+    #: ``root=qcow2:channel:<URL>``: ``url`` is a signed channel file that names the image and its hashes
+    channel: bool = False
+    #: ``rd.qcow2.channel.min-version=``: the lowest channel version this machine boots (0: any)
+    channel_min_version: int = 0
 
     @classmethod
     def parse(cls, text: str) -> Optional[BootConfig]:
@@ -372,10 +378,10 @@ class BootConfig:
     def to_words(self) -> Tuple[Arg, ...]:
         """:meth:`to_args` before a loader renders it: each word as an :class:`Arg` (a boot loader that
         quotes has to know which words hold its variables)."""
-        args = [f"root=qcow2:{self.url}"]
+        args = [f"root=qcow2:{CHANNEL_ROOT if self.channel else ''}{self.url}"]
         if self.sha256 is not None:
             args.append(f"{PREFIX}sha256={self.sha256}")
-        if self.verify is not Verify.pinned:
+        if self.verify is not Verify.pinned and not self.channel:
             args.append(f"{PREFIX}verify={self.verify.value}")
         # else a pinned hash is given (sha256 or manifest-sha256 below), and pinned is implied
         if self.mode is not Mode.ram:
@@ -407,6 +413,8 @@ class BootConfig:
         args += [f"{PREFIX}mirror={m}" for m in self.mirrors]
         if self.report is not None:
             args.append(f"{PREFIX}report={self.report}")
+        if self.channel_min_version:
+            args.append(f"{PREFIX}channel.min-version={self.channel_min_version}")
         if self.rootfstype is not None:
             args.append(f"rootfstype={self.rootfstype}")
         if self.rootflags is not None:
@@ -543,12 +551,22 @@ def parse_cmdline(text: str) -> Optional[BootConfig]:
     network: List[Arg] = []
     mirrors: List[str] = []
     rw = False
+    channel = False
     for word in split_cmdline(text):
         key, sep, value = word.partition("=")
         val: Optional[str] = value if sep else None
         if key == "root":
             # the last root= wins, as for the kernel and dracut
-            url = _url("root", value[len("qcow2:") :]) if value.startswith("qcow2:") else None
+            rest = value[len("qcow2:") :] if value.startswith("qcow2:") else None
+            channel = rest is not None and rest.startswith(CHANNEL_ROOT)
+            if channel:
+                rest = value[len("qcow2:" + CHANNEL_ROOT) :]
+                try:
+                    url = _url("root", rest)
+                except ConfigError as e:
+                    raise ConfigError(str(e).replace("root=", "root=qcow2:channel:", 1)) from None
+            else:
+                url = _url("root", rest) if rest is not None else None
         elif key == "rootfstype" and val:
             values["rootfstype"] = val
         elif key == "rootflags" and val:
@@ -585,7 +603,25 @@ def parse_cmdline(text: str) -> Optional[BootConfig]:
         raise _unknown(unknown)
     if url is None:
         return None
-    return _build(url, values, backing, rw, tuple(network), tuple(mirrors))
+    if channel:
+        _check_channel(values, backing, tuple(mirrors))
+        values["verify"] = Verify.pinned
+    elif "channel.min-version" in values:
+        raise ConfigError(f"{PREFIX}channel.min-version is only used with root=qcow2:channel:<URL>")
+    return _build(url, values, backing, rw, tuple(network), tuple(mirrors), channel=channel)
+
+
+def _check_channel(values: Dict[str, object], backing: Dict[str, str], mirrors: Tuple[str, ...]) -> None:
+    """A channel names the image and pins its hashes: the options that would do the same are refused."""
+    for name in ("sha256", "manifest-sha256", "manifest", "verify"):
+        if name in values:
+            raise ConfigError(f"{PREFIX}{name}: not with root=qcow2:channel:<URL> (the signed channel pins the image)")
+    if backing:
+        raise ConfigError(f"{PREFIX}sha256.{sorted(backing)[0]}: not with root=qcow2:channel:<URL> "
+                          "(the signed channel pins the backing files)")  # fmt: skip
+    if mirrors:
+        raise ConfigError(f"{PREFIX}mirror: not with root=qcow2:channel:<URL> (a mirror names one image, "
+                          "a channel names the image it points to now)")  # fmt: skip
 
 
 def _choice(option: str, value: str, kind: type[_Choice]) -> _Choice:
@@ -608,6 +644,8 @@ def _parse_value(option: str, name: str, value: str) -> object:
         return parse_overlay(option, value)
     if name in ("manifest", "report"):
         return _url(option, value)
+    if name == "channel.min-version":
+        return _int(option, value, 0)
     if name == "retries":
         return _int(option, value, 0)
     if name == "minmem":
@@ -655,6 +693,8 @@ def _build(
     rw: bool,
     network: Tuple[Arg, ...],
     mirrors: Tuple[str, ...] = (),
+    *,
+    channel: bool = False,
 ) -> BootConfig:
     sha256 = values.get("sha256")
     mode = cast(Mode, values.get("mode", Mode.ram))
@@ -672,9 +712,10 @@ def _build(
     if mode is not Mode.stream and "fill-rate" in values:
         raise ConfigError(f"{PREFIX}fill-rate is only used with {PREFIX}mode=stream")
     _check_mirrors(url, mirrors, verify)
-    if verify is Verify.pinned and mode is Mode.ram and not sha256:
+    # a channel pins, when it is followed at boot, what the two checks below ask the command line for
+    if verify is Verify.pinned and mode is Mode.ram and not sha256 and not channel:
         raise ConfigError(f"{PREFIX}verify=pinned needs {PREFIX}sha256=<hex>")
-    if verify is Verify.pinned and mode.reads_ranges and not values.get("manifest-sha256"):
+    if verify is Verify.pinned and mode.reads_ranges and not values.get("manifest-sha256") and not channel:
         raise ConfigError(
             f"{PREFIX}verify=pinned with {PREFIX}mode={mode} needs {PREFIX}manifest-sha256=<hex> "
             "(lazy mode checks every chunk against the manifest, whose hash is pinned)"
@@ -705,4 +746,6 @@ def _build(
         network=network,
         mirrors=mirrors,
         report=values.get("report"),  # type: ignore[arg-type]
+        channel=channel,
+        channel_min_version=values.get("channel.min-version", 0),  # type: ignore[arg-type]
     )

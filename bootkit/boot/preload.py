@@ -31,6 +31,8 @@ BOOTKIT_MODULES: Tuple[str, ...] = (
     "bootkit.boot.status",
     "bootkit.boot.stages",
     "bootkit.boot.images",
+    "bootkit.boot.ed25519",
+    "bootkit.boot.channel",
     "bootkit.boot.mount",
     "bootkit.boot.serve",
     "bootkit.boot.report",

@@ -15,6 +15,7 @@ import os
 import posixpath
 from typing import Any, Dict, Optional
 
+from bootkit.boot.channel import ChannelRefused, Trust, follow
 from bootkit.boot.cmdline import BootConfig
 from bootkit.boot.images import IMAGE_DIR, ImageFetcher, grow_run
 from bootkit.boot.partitions import Partition, choose_root, read_disk
@@ -25,23 +26,30 @@ from bootkit.log import human_size, log
 
 
 class Prepared:
-    """A verified, opened image and the partition that holds the root."""
+    """A verified, opened image and the partition that holds the root; ``cfg`` is the configuration it was
+    fetched with (after a channel named the image: with the channel's pins)."""
 
-    def __init__(self, image: Any, fetcher: ImageFetcher, root: Partition) -> None:
-        self.image, self.fetcher, self.root = image, fetcher, root
+    def __init__(self, image: Any, fetcher: ImageFetcher, root: Partition, cfg: BootConfig) -> None:
+        self.image, self.fetcher, self.root, self.cfg = image, fetcher, root, cfg
 
     def close(self) -> None:
         self.image.close()
         self.fetcher.close()
 
 
-def prepare(cfg: BootConfig, stages: Stages, image_dir: str = IMAGE_DIR) -> Prepared:
-    """Fetch and verify the image (and its backing files), open the chain, choose the root partition."""
+def prepare(cfg: BootConfig, stages: Stages, image_dir: str = IMAGE_DIR, trust: Optional[Trust] = None) -> Prepared:
+    """Follow the signed channel (``root=qcow2:channel:``, checked against ``trust``, default: the initramfs'
+    keys), fetch and verify the image (and its backing files), open the chain, choose the root partition."""
     from bootkit import qcow2
 
+    channel = None
+    if cfg.channel:
+        cfg, channel = follow(cfg, stages, trust or Trust.installed())
     fetcher = ImageFetcher(cfg, stages, image_dir)
     try:
         top = fetcher.top()
+        if channel is not None and top.size != channel.size:
+            raise ChannelRefused(f"{cfg.url}: {top.size} bytes, {channel.describe()} says {channel.size}")
         stages.begin("open")
         image = qcow2.open(top, snapshot=cfg.snapshot, resolver=fetcher.backing)
     except BaseException:
@@ -60,7 +68,7 @@ def prepare(cfg: BootConfig, stages: Stages, image_dir: str = IMAGE_DIR) -> Prep
         image.close()
         fetcher.close()
         raise
-    return Prepared(image, fetcher, root)
+    return Prepared(image, fetcher, root, cfg)
 
 
 def run_daemon(cfg: BootConfig, stages: Stages, report: Any) -> int:
@@ -74,7 +82,7 @@ def run_daemon(cfg: BootConfig, stages: Stages, report: Any) -> int:
         if cfg.mode in ("ram", "stream"):
             grow_run(cfg)
         ready = prepare(cfg, stages)
-        image, fetcher, root = ready.image, ready.fetcher, ready.root
+        image, fetcher, root, cfg = ready.image, ready.fetcher, ready.root, ready.cfg
         stages.begin("attach")
         attachment = kernel.attach(image, connections=1)
         device = attachment.device if root.number == 0 else f"{attachment.device}p{root.number}"

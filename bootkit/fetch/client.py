@@ -321,8 +321,11 @@ class Retry:
         self._delay = min(self._delay * 2, self.options.retry_delay_max)
 
 
-def get_small(url: str, options: FetchOptions, limit: int = 1 << 20) -> bytes:
-    """The body of a small resource (a checksum file, a manifest), with retries; NotFound is not retried."""
+def get_small(
+    url: str, options: FetchOptions, limit: int = 1 << 20, what: str = "a checksum or manifest file"
+) -> bytes:
+    """The body of a small resource (a checksum file, a manifest: ``what``), with retries; NotFound is not
+    retried."""
     retry = Retry(url, options)
     while True:
         try:
@@ -333,7 +336,7 @@ def get_small(url: str, options: FetchOptions, limit: int = 1 << 20) -> bytes:
             finally:
                 opened.conn.close()
             if len(data) > limit:
-                raise HTTPStatusError(f"{url}: larger than {limit} bytes; not a checksum or manifest file")
+                raise HTTPStatusError(f"{url}: larger than {limit} bytes; not {what}")
             return data
         except Exception as e:  # classify decides what is retried
             retry.failed(classify(e, url, options.timeout))

@@ -70,6 +70,8 @@ class InitrdOptions:
     #: NIC drivers to include; None = every network driver (real clients have all kinds of NICs)
     drivers: tuple[str, ...] | None = None
     dracut_args: tuple[str, ...] = ()
+    #: ``--trust-key``: raw Ed25519 public keys whose signed channels the initramfs boots (root=qcow2:channel:)
+    trust_keys: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ class InitrdResult:
     drivers: tuple[str, ...] | None
     #: bootkit runtime modules that could not be imported (the image cannot boot while this is not empty)
     missing_modules: tuple[str, ...]
+    #: the Ed25519 keys installed for signed channels (``--trust-key``)
+    trust_keys: tuple[bytes, ...] = ()
 
 
 def module_dir() -> Traversable:
@@ -224,6 +228,30 @@ def _stage_python(stage: Path) -> list[str]:
     return files.missing
 
 
+def read_trust_key(path: Path) -> bytes:
+    """``--trust-key FILE``: the raw key of a PEM ``PUBLIC KEY`` file or a file holding the base64 raw key."""
+    from bootkit.boot.ed25519 import BadKey, parse_public_key
+
+    try:
+        text = path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--trust-key {path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        return parse_public_key(text, f"--trust-key {path}")
+    except BadKey as e:
+        raise UsageError(str(e)) from None
+
+
+def install_trust_keys(site: Path, keys: tuple[bytes, ...]) -> Path:
+    """Write ``keys`` where the initramfs reads them (``bootkit.boot.channel.TRUST_FILE``), one a line."""
+    from bootkit.boot.channel import TRUST_FILE
+    from bootkit.boot.ed25519 import key_text
+
+    path = site / PurePosixPath(TRUST_FILE).relative_to("usr/lib/bootkit")
+    path.write_text("".join(f"{key_text(k)}\n" for k in dict.fromkeys(keys)))
+    return path
+
+
 def link_dracut_tree(work: Path) -> Path:
     """``work/dracutbase``: a symlink farm of dracut's own tree, to be given as ``dracutbasedir``, in which
     modules can be added or shadowed (:func:`shadow_module`) without touching /usr/lib/dracut."""
@@ -304,6 +332,8 @@ def build_initrd(opts: InitrdOptions) -> InitrdResult:
         stage = work / "stage"
         stage.mkdir()
         missing = _stage_python(stage)
+        if opts.trust_keys:
+            install_trust_keys(stage / "site", opts.trust_keys)
         if missing:
             log.warning("build-initrd: bootkit modules not available yet, the image cannot boot: %s",
                         ", ".join(missing))
@@ -331,6 +361,7 @@ def build_initrd(opts: InitrdOptions) -> InitrdResult:
         systemd=opts.systemd,
         drivers=opts.drivers,
         missing_modules=tuple(missing),
+        trust_keys=tuple(dict.fromkeys(opts.trust_keys)),
     )
 
 

@@ -29,12 +29,15 @@ def register(sub: Any) -> None:
                    "e.g. virtio_net,e1000")
     p.add_argument("--dracut-arg", dest="dracut_args", action="append", default=[], metavar="ARG",
                    help="extra argument passed to dracut (repeatable); write --dracut-arg=--flag for a flag")
+    p.add_argument("--trust-key", dest="trust_keys", action="append", default=[], type=Path, metavar="PUB",
+                   help="Ed25519 public key (PEM, or the raw key in base64) whose signed channels the initramfs "
+                   "boots with root=qcow2:channel:URL (repeatable: key rotation)")
     p.set_defaults(handler=_build_initrd, systemd=False)
 
 
 def _build_initrd(args: argparse.Namespace) -> int:
     from bootkit.boot.cmdline import describe_contract
-    from bootkit.host.initrd import InitrdOptions, build_initrd, describe
+    from bootkit.host.initrd import InitrdOptions, build_initrd, describe, read_trust_key
 
     drivers = None
     if args.drivers is not None:
@@ -47,8 +50,14 @@ def _build_initrd(args: argparse.Namespace) -> int:
             systemd=args.systemd,
             drivers=drivers,
             dracut_args=tuple(args.dracut_args),
+            trust_keys=tuple(read_trust_key(p) for p in args.trust_keys),
         )
     )
     print(describe(result))
     print(describe_contract())
+    if result.trust_keys:
+        from bootkit.boot.ed25519 import fingerprint
+
+        names = ", ".join(map(fingerprint, result.trust_keys))
+        print(f"signed channels (root=qcow2:channel:) trusted from keys {names}")
     return 0

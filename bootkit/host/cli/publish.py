@@ -41,6 +41,14 @@ def register(sub: Any) -> None:
                    " entry references and that have been unreferenced for --grace")
     p.add_argument("--grace", type=parse_duration, default=None, metavar="TIME",
                    help="how long a version stays after its last reference went (default: 1d)")
+    p.add_argument("--sign", type=Path, metavar="KEY", help="Ed25519 private key (openssl genpkey -algorithm "
+                   "ed25519): also write DOCROOT/CHANNEL.json pointing at the image, and its signature "
+                   "CHANNEL.json.sig, for machines booting root=qcow2:channel:URL")
+    p.add_argument("--channel", metavar="CHANNEL", help="with --sign: the channel's name (default: NAME)")
+    p.add_argument("--valid-for", type=parse_duration, default=None, metavar="TIME",
+                   help="with --sign: how long this channel version is valid (default: 30d)")
+    p.add_argument("--channel-version", type=int, metavar="N",
+                   help="with --sign: the version to write (default: the current one + 1); never lower")
     p.set_defaults(handler=_publish)
 
 
@@ -50,6 +58,21 @@ def _publish(args: argparse.Namespace) -> int:
 
     if args.grace is not None and args.prune is None:
         raise UsageError("--grace is about --prune")
+    channel = None
+    if args.sign is not None:
+        from bootkit.host.publish.channel import DEFAULT_VALID_FOR, ChannelOptions
+
+        channel = ChannelOptions(
+            key=args.sign,
+            name=args.channel or args.name or args.entry or args.image.name.removesuffix(".qcow2"),
+            valid_for=DEFAULT_VALID_FOR if args.valid_for is None else args.valid_for,
+            version=args.channel_version,
+        )
+    else:
+        for flag, value in (("--channel", args.channel), ("--valid-for", args.valid_for),
+                            ("--channel-version", args.channel_version)):  # fmt: skip
+            if value is not None:
+                raise UsageError(f"{flag} is about --sign (the signed channel)")
     opts = PublishOptions(
         image=args.image,
         docroot=args.docroot,
@@ -60,6 +83,7 @@ def _publish(args: argparse.Namespace) -> int:
         base_url=args.base_url,
         prune_keep=args.prune,
         grace=prune.DEFAULT_GRACE if args.grace is None else args.grace,
+        channel=channel,
     )
     result = publish(opts)
     for line in result.lines(args.toml):

@@ -11,10 +11,13 @@ For the image (and ``NAME.vmlinuz`` / ``NAME.initrd`` next to it, when present) 
 2. each file goes to ``DOCROOT/NAME-<sha256 prefix>.<suffix>`` (:mod:`.docroot`: never replacing a file),
    with ``.sha256`` sidecars for the image and its manifest, and the lazy-mode manifest
    ``NAME-<hash>.qcow2.manifest`` (the name the initramfs looks for next to a backing file);
-3. the TOML entry gets the new names and pinned hashes, and pins for every backing file of the chain
+3. ``--sign KEY``: the signed channel file ``DOCROOT/<channel>.json`` (+ ``.sig``) points at the image
+   (:mod:`.channel`);
+4. the TOML entry gets the new names and pinned hashes, and pins for every backing file of the chain
    (``rd.qcow2.sha256.<file>``, in lazy mode ``rd.qcow2.sha256.<file>.manifest`` too), and is loaded with
-   ``pxe-config``'s own loader before it replaces the old description;
-4. ``--prune N`` (:mod:`.prune`).
+   ``pxe-config``'s own loader before it replaces the old description; with ``--sign`` the entry names the
+   channel instead (``channel = "<channel>.json"``, no image, hashes or pins: the channel carries them);
+5. ``--prune N`` (:mod:`.prune`).
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bootkit.boot.channel import SUFFIX as CHANNEL_SUFFIX
+from bootkit.boot.channel import Pin
 from bootkit.errors import BootkitError
 from bootkit.host.publish import backing, docroot, prune, tomledit
+from bootkit.host.publish.channel import ChannelOptions, ChannelResult, Target, check_options, publish_channel
 from bootkit.host.publish.docroot import Placed, PublishError
 from bootkit.log import log
 
@@ -53,6 +59,8 @@ class PublishOptions:
     base_url: str | None = None
     prune_keep: int | None = None
     grace: float = prune.DEFAULT_GRACE
+    #: ``--sign KEY``: also point the signed channel at the image (:mod:`.channel`)
+    channel: ChannelOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,7 @@ class PublishResult:
     removed: list[Path] = field(default_factory=list)
     image: Published | None = None
     chain: list[Published] = field(default_factory=list)
+    channel: ChannelResult | None = None
 
     def lines(self, toml: Path | None) -> list[str]:
         entry = self.entry
@@ -82,6 +91,9 @@ class PublishResult:
                 out += [f"{toml}: entry {entry!r}: {c.line()}" for c in self.changes]
             else:
                 out.append(f"{toml}: entry {entry!r} unchanged")
+        if self.channel is not None:
+            out += [p.line() for p in self.channel.placed]
+            out.append(self.channel.line)
         out += [f"removed {p}" for p in self.removed]
         return out
 
@@ -106,6 +118,8 @@ def publish(opts: PublishOptions) -> PublishResult:
         raise PublishError("--prune needs --toml: a version is removed only when no entry references it")
     if opts.prune_keep is not None and opts.prune_keep < 1:
         raise PublishError(f"--prune {opts.prune_keep}: keep at least the version just published")
+    if opts.channel is not None:
+        check_options(opts.channel, root)
     toml_text = _toml_text(opts, root)
     mode = opts.mode or _current_mode(toml_text, entry, opts.toml) or "lazy"
 
@@ -122,14 +136,28 @@ def publish(opts: PublishOptions) -> PublishResult:
             result.placed.append(placed)
             files[key] = placed.path.name
     prune.record_published(root, [top.name, *files.values()])
+    if opts.channel is not None:
+        # before the TOML: a channel entry names the channel file, which must exist for pxe-config's loader
+        result.channel = publish_channel(opts.channel, _target(top, chain, root), root)
     if opts.toml is not None:
         assert toml_text is not None
-        _update_toml(opts.toml, toml_text, entry, mode, top, chain, files, root, result)
+        channel = None if opts.channel is None else opts.channel.name + CHANNEL_SUFFIX
+        _update_toml(opts.toml, toml_text, entry, mode, top, chain, files, root, result, channel)
         if opts.prune_keep is not None:
             result.removed = prune.prune(root, name, opts.toml, keep=opts.prune_keep, grace=opts.grace)
         else:
             prune.observe(root, name, opts.toml)  # starts the grace clock of the version this one replaced
     return result
+
+
+def _target(top: Published, chain: list[Published], root: Path) -> Target:
+    """What the channel points at: the published image, its size and pins, and its backing files'."""
+    return Target(
+        image=top.name,
+        size=(root / top.name).stat().st_size,
+        pin=Pin(top.sha256, top.manifest_sha256),
+        backing=tuple((b.name, Pin(b.sha256, b.manifest_sha256)) for b in chain),
+    )
 
 
 def _toml_text(opts: PublishOptions, root: Path) -> str | None:
@@ -237,7 +265,7 @@ def _publish_image(image: Path, name: str, rewrite: backing.Rewrite | None, sha:
 
 
 def _update_toml(toml: Path, text: str, entry: str, mode: str, top: Published, chain: list[Published],
-                 files: dict[str, str], root: Path, result: PublishResult) -> None:
+                 files: dict[str, str], root: Path, result: PublishResult, channel: str | None = None) -> None:
     # lazy and stream mode read ranges, each chunk checked against the manifest
     lazy = mode in ("lazy", "stream")
     values: dict[str, str | None] = {
@@ -248,6 +276,11 @@ def _update_toml(toml: Path, text: str, entry: str, mode: str, top: Published, c
         "manifest_sha256": top.manifest_sha256 if lazy else None,
         **files,
     }
+    if channel is not None:
+        # the entry follows the signed channel, which names the image and pins it and its backing files: the
+        # entry stays as it is when only the image changes
+        values.update(channel=channel, image=None, sha256=None, manifest=None, manifest_sha256=None)
+        chain = []
     pins: list[str] = []
     for base in chain:
         pins.append(f"{tomledit.PIN_PREFIX}{base.name}={base.sha256}")

@@ -8,7 +8,8 @@ is written.
 
 Keys publish owns in the entry: ``image``, ``sha256``, ``mode``, ``manifest`` and ``manifest_sha256`` (lazy
 mode; removed in ram mode), ``kernel`` and ``initrd`` (when the image came with them), and in ``args`` the
-``rd.qcow2.sha256.<file>`` pins of the backing chain (other arguments are kept, in order).
+``rd.qcow2.sha256.<file>`` pins of the backing chain (other arguments are kept, in order); with ``publish
+--sign``, ``channel`` (and then none of ``image``, the hashes or the pins).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tomlkit.items import AoT, Table
 from bootkit.host.publish.docroot import PublishError
 
 PIN_PREFIX = "rd.qcow2.sha256."
-OWNED = ("image", "sha256", "mode", "manifest", "manifest_sha256", "kernel", "initrd")
+OWNED = ("image", "sha256", "mode", "manifest", "manifest_sha256", "kernel", "initrd", "channel")
 
 
 @dataclass(frozen=True)

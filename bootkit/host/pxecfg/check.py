@@ -7,7 +7,10 @@ problem, ``URL: what is wrong``; an empty list means everything answered as desc
 
 Each initramfs must also understand every ``rd.qcow2.*`` option its entries pass (:func:`check_initrds`):
 ``bootkit build-initrd`` records the command-line contract in the image (``CONTRACT_FILE``), and an image
-built before an option existed would stop the boot at "unknown option".
+built before an option existed would stop the boot at "unknown option". An entry that follows a signed
+channel (``root=qcow2:channel:``) needs an initramfs that knows channels and trusts keys
+(``build-initrd --trust-key``), and a channel file that one of those keys signed and that is valid now
+(:func:`check_channel_entry`, the initramfs' own checks).
 """
 
 from __future__ import annotations
@@ -16,18 +19,33 @@ import contextlib
 import functools
 import hashlib
 import json
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 import requests
 
+from bootkit.boot.channel import (
+    MAX_CHANNEL_BYTES,
+    SIG_SUFFIX,
+    SUFFIX,
+    TRUST_FILE,
+    Channel,
+    ChannelRefused,
+    check_signature,
+)
+from bootkit.boot.channel import check_channel as check_channel_values
 from bootkit.boot.cmdline import CONTRACT_FILE, PREFIX, option_name
+from bootkit.boot.ed25519 import SIGNATURE_SIZE, BadKey, parse_public_key
 from bootkit.host.pxecfg.cmdline import kernel_args
 from bootkit.host.pxecfg.initramfs import UnreadableInitramfs, read_member
 from bootkit.host.pxecfg.model import Artifact, Config, Entry
 from bootkit.log import human_size, log
 
 CHUNK = 1 << 20
+#: an initramfs that lists this option follows root=qcow2:channel: (both came in the same release)
+CHANNEL_OPTION = PREFIX + "channel.min-version"
 
 
 @dataclass(frozen=True)
@@ -53,7 +71,8 @@ def targets(config: Config) -> list[Target]:
     for e in config.entries:
         add(Target(e.kernel))
         add(Target(e.initrd))
-        add(Target(e.image, e.sha256, sidecar=e.sha256 is None and e.manifest is None))
+        # a channel file is signed, not pinned: the initramfs checks it (only its presence is checked here)
+        add(Target(e.image, e.sha256, sidecar=e.sha256 is None and e.manifest is None and not e.channel))
         if e.manifest is not None:
             add(Target(e.manifest, e.manifest_sha256))
     if config.dhcp is not None and config.dhcp.http_boot is not None:
@@ -206,4 +225,58 @@ def check_initrds(config: Config, *, timeout: float = 30.0) -> list[str]:
                             f"{url}: this initramfs (contract {contract.version}) does not know {option}, "
                             f"which {who} passes: rebuild it with bootkit build-initrd"
                         )
+            channels = [e for e in entries if e.channel]
+            if not channels:
+                continue
+            if CHANNEL_OPTION not in contract.options:
+                problems.append(f"{url}: this initramfs (contract {contract.version}) does not know signed channels, "
+                                f"which entry {channels[0].name!r} boots: rebuild it with bootkit build-initrd")
+                continue
+            try:
+                with _initrd_reader(session, initrd, timeout) as read:
+                    keys = _trusted_keys(read_member(read, TRUST_FILE, what=url), url)
+            except (UnreadableInitramfs, requests.RequestException, OSError) as e:
+                problems.append(f"{url}: {TRUST_FILE}: {e}")
+                continue
+            if not keys:
+                problems.append(f"{url}: this initramfs trusts no channel key, and entry {channels[0].name!r} boots a "
+                                "signed channel: rebuild it with bootkit build-initrd --trust-key PUB")
+                continue
+            problems += [p for e in channels for p in check_channel_entry(session, e, keys, timeout)]
     return problems
+
+
+def _trusted_keys(data: bytes | None, url: str) -> tuple[bytes, ...]:
+    if data is None:
+        return ()
+    try:
+        text = data.decode("ascii")
+        return tuple(parse_public_key(line, f"{url}: {TRUST_FILE}") for line in text.splitlines() if line.strip())
+    except (UnicodeDecodeError, BadKey) as e:
+        raise UnreadableInitramfs(f"not a list of keys ({e})") from None
+
+
+def check_channel_entry(session: requests.Session, entry: Entry, keys: tuple[bytes, ...], timeout: float) -> list[str]:
+    """What the initramfs would refuse about ``entry``'s channel today (signature, name, validity period,
+    ``channel_min_version``); the version this machine remembers is the machine's, not checked here."""
+    url = entry.image.url
+    try:
+        got = []
+        for u, limit in ((url, MAX_CHANNEL_BYTES), (url + SIG_SUFFIX, SIGNATURE_SIZE)):
+            with session.get(u, stream=True, timeout=timeout) as r:
+                r.raise_for_status()
+                data = r.raw.read(limit + 1, decode_content=True)
+            if len(data) > limit:
+                return [f"{u}: larger than {limit} bytes"]
+            got.append(data)
+        data, signature = got
+        check_signature(data, signature, keys, url)
+        channel = Channel.parse(data, url)
+        name = unquote(url.rsplit("/", 1)[-1]).removesuffix(SUFFIX)
+        check_channel_values(channel, url, name, time.time(), entry.channel_min_version, None, "")
+    except requests.RequestException as e:
+        return [f"{url}: {e}"]
+    except ChannelRefused as e:
+        return [str(e)]
+    log.info("check: %s: %s, image %s", url, channel.describe(), channel.image)
+    return []

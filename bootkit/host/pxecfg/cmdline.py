@@ -72,7 +72,8 @@ def boot_config(entry: Entry, machine: Machine | None = None, network: Network =
         url=entry.image.url,
         sha256=entry.sha256,
         # lazy mode with a manifest: rd.qcow2.manifest-sha256 pins it; without a hash, the .sha256 sidecar
-        verify=Verify.pinned if entry.sha256 is not None or entry.manifest_sha256 is not None else Verify.sidecar,
+        verify=Verify.pinned if entry.sha256 is not None or entry.manifest_sha256 is not None or entry.channel
+        else Verify.sidecar,
         mode=entry.mode,
         root=entry.root,
         overlay=entry.overlay,
@@ -81,6 +82,8 @@ def boot_config(entry: Entry, machine: Machine | None = None, network: Network =
         snapshot=entry.snapshot,
         mirrors=entry.mirrors,
         report=entry.report,
+        channel=entry.channel,
+        channel_min_version=entry.channel_min_version,
         # With a tmpfs overlay the root is writable, so say so: without rw, dracut mounts it read-only and
         # systemd leaves a root that has no fstab entry as it found it.
         rw=entry.overlay.kind is OverlayKind.tmpfs,

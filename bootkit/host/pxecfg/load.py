@@ -76,8 +76,14 @@ def _entry(
 
     kernel = resolve.artifact(t, "kernel", t.required("kernel"), ctx, http_only=True)
     initrd = resolve.artifact(t, "initrd", t.required("initrd"), ctx, http_only=True)
-    image = resolve.artifact(t, "image", t.required("image"), ctx, http_only=False)
     mode: Mode = t.get("mode", Mode.ram)
+    channel_value = t.get("channel")
+    if channel_value is not None:
+        return _channel_entry(t, ctx, channel_value, name, title, kernel, initrd, mode, default_console, top,
+                              default_report)  # fmt: skip
+    if t.get("channel_min_version") is not None:
+        raise t.error("channel_min_version", "given without channel")
+    image = resolve.artifact(t, "image", t.required("image"), ctx, http_only=False)
     root = t.get("root", parse.root("auto"))
     overlay_kind: OverlayKind = t.get("overlay", OverlayKind.tmpfs)
     overlay = t.check("overlay_size", parse.overlay, overlay_kind, t.get("overlay_size"))
@@ -148,6 +154,43 @@ def _entry(
         report=report,
         net=spec,
     )
+
+
+def _channel_entry(
+    t: Table, ctx: Context, value: str, name: str, title: str, kernel: Artifact, initrd: Artifact, mode: Mode,
+    default_console: tuple[str, ...], top: NetSpec, default_report: str | None,
+) -> Entry:
+    """An entry that boots what a signed channel names: the channel pins the image, so nothing else may."""
+    for key in ("image", "sha256", "manifest", "manifest_sha256", "mirrors"):
+        if t.get(key) is not None:
+            raise t.error(key, "contradicts channel: the signed channel names the image and pins its hashes")
+    channel = resolve.artifact(t, "channel", value, ctx, http_only=False)
+    if not channel.url.endswith(".json"):
+        raise t.error("channel", f"{channel.url}: expected a NAME.json channel file (bootkit publish --sign)")
+    overlay_kind: OverlayKind = t.get("overlay", OverlayKind.tmpfs)
+    own = _net_spec(t)
+    spec = own.over(top)
+    _check_net_spec(t, own, spec, (channel.url,))
+    entry = Entry(
+        name=name,
+        title=title,
+        kernel=kernel,
+        initrd=initrd,
+        image=channel,
+        sha256=None,
+        mode=mode,
+        root=t.get("root", parse.root("auto")),
+        overlay=t.check("overlay_size", parse.overlay, overlay_kind, t.get("overlay_size")),
+        snapshot=t.get("snapshot"),
+        console=t.get("console", default_console),
+        args=t.get("args", ()),
+        report=t.get("report", default_report),
+        net=spec,
+        channel=True,
+        channel_min_version=t.get("channel_min_version", 0),
+    )
+    t.finish()
+    return entry
 
 
 def _fetched_by_initramfs(image: Artifact, manifest: Artifact | None) -> tuple[str, ...]:

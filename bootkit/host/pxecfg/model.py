@@ -216,6 +216,10 @@ class Entry:
     #: address method (``ip``), VLAN and bond of this entry, the top level's ``ip`` filled in; a machine's own
     #: keys win over them
     net: NetSpec = field(default_factory=NetSpec)
+    #: ``image`` is a signed channel file (``root=qcow2:channel:``), which names the image and pins its hashes
+    channel: bool = False
+    #: the lowest channel version machines boot (``rd.qcow2.channel.min-version``; 0: any)
+    channel_min_version: int = 0
 
     @property
     def initrd_name(self) -> str:

@@ -58,6 +58,11 @@ ENTRY_SETTINGS = (
     Setting("kernel", "kernel: URL, or path relative to base_url (and docroot)", metavar="FILE|URL"),
     Setting("initrd", "initramfs built by bootkit: URL, or path relative to base_url", metavar="FILE|URL"),
     Setting("image", "QCOW2 image: URL, or path relative to base_url", metavar="FILE|URL", aliases=("--image-url",)),
+    Setting("channel", "instead of image: a signed channel file (bootkit publish --sign), URL or path relative "
+            "to base_url; machines boot the image it names, with its hashes (root=qcow2:channel:)",
+            metavar="FILE|URL"),
+    Setting("channel_min_version", "with channel: the lowest channel version machines boot "
+            "(rd.qcow2.channel.min-version)", "int", "N", parse=v.non_negative),
     Setting(
         "sha256",
         "image SHA-256: 64 hex digits, 'compute' (hash the local file; the default in ram mode) or "
