@@ -19,12 +19,31 @@ from bootkit.errors import UnsupportedFeature, UsageError
 from bootkit.qcow2.compress import DEFLATE_WBITS, _Library, _zstd
 from bootkit.qcow2.header import COMPRESSION_DEFLATE, COMPRESSION_ZSTD
 
-Encoder = Callable[[bytearray, int, int], Optional[bytes]]
-"""``encode(buf, start, length)`` compresses one cluster, ``buf[start:start + length]``; None when the result
-would not be smaller than the cluster. Safe to call from any thread: each thread gets its own compressor
-state. The C encoders keep ``buf`` exported (it cannot be resized) while the thread uses it: the writer gives
-each thread one buffer, reused chunk after chunk, so the buffer's address is looked up once, not per cluster
-(a ctypes view per call cost as much as 3% of the compression time)."""
+
+class Buffer:
+    """A bytearray the C encoders read or write by address: exported through a ctypes view once, when it is
+    made (it can never be resized then), so no view is made per cluster (one per call cost as much as 3% of
+    the compression time). The writer makes a few and reuses them chunk after chunk."""
+
+    __slots__ = ("_view", "address", "data")
+
+    def __init__(self, size: int) -> None:
+        self.data = bytearray(size)
+        self.address = 0
+        self._view: Any = None
+        if size:
+            import ctypes
+
+            self._view = (ctypes.c_char * size).from_buffer(self.data)
+            self.address = ctypes.addressof(self._view)
+
+
+Encoder = Callable[[Buffer, int, int, Buffer, int], int]
+"""``encode(src, start, n, dst, at)`` compresses one cluster, ``src.data[start:start + n]``, into
+``dst.data[at:at + n - 1]`` and returns the compressed size; 0 when the result would not be smaller than the
+cluster (QEMU's rule: then the cluster is stored as it is). Compressing straight into the writer's output
+buffer spares a bytes object and a copy per cluster. Safe to call from any thread: each thread gets its own
+compressor state."""
 
 #: QEMU's zlib level: deflateInit2(Z_DEFAULT_COMPRESSION)
 DEFAULT_DEFLATE_LEVEL = 6
@@ -34,6 +53,8 @@ DEFAULT_ZSTD_LEVEL = 2
 #: libdeflate's level 2 makes smaller clusters than QEMU's zlib at level 6 with its 4 KiB window (4% on an
 #: ext4 of /usr in 64 KiB clusters) in a third of the time (bench/writer.py)
 DEFAULT_LIBDEFLATE_LEVEL = 2
+#: ZSTD_c_compressionLevel (zstd.h, stable API)
+ZSTD_C_COMPRESSION_LEVEL = 100
 
 
 def _bind_libdeflate_encoder(ctypes: Any, soname: str) -> Tuple[Any, Any, Any]:
@@ -58,28 +79,6 @@ class _Contexts:
         self.api = api
         self.by_level: Dict[int, Any] = {}
         self._free = free
-        self._out: Any = None
-        self._src: Optional[bytearray] = None
-        self._src_view: Any = None
-        self._src_address = 0
-
-    def output(self, size: int) -> Any:
-        """This thread's output buffer (a ctypes array of at least ``size`` bytes), reused cluster after cluster."""
-        if self._out is None or len(self._out) < size:
-            import ctypes
-
-            self._out = (ctypes.c_char * size)()
-        return self._out
-
-    def address(self, buf: bytearray) -> int:
-        """The address of ``buf``, exported through a ctypes view kept while ``buf`` is this thread's input."""
-        if self._src is not buf:
-            import ctypes
-
-            self._src_view = (ctypes.c_char * len(buf)).from_buffer(buf)
-            self._src = buf
-            self._src_address = ctypes.addressof(self._src_view)
-        return self._src_address
 
     def __del__(self) -> None:
         for handle in self.by_level.values():
@@ -96,12 +95,13 @@ LIBDEFLATE_ENCODER = _Library(
 def _bind_libzstd_encoder(ctypes: Any, soname: str) -> Any:
     c_size_t, c_void_p = ctypes.c_size_t, ctypes.c_void_p
     lib = ctypes.PyDLL(soname)  # quick calls keep the GIL (see _bind_libzstd); compressing releases it
-    compress = ctypes.CDLL(soname).ZSTD_compressCCtx
+    compress = ctypes.CDLL(soname).ZSTD_compress2
     compress.restype = c_size_t
-    compress.argtypes = [c_void_p, c_void_p, c_size_t, c_void_p, c_size_t, ctypes.c_int]
+    compress.argtypes = [c_void_p, c_void_p, c_size_t, c_void_p, c_size_t]
     for name, restype, argtypes in (
         ("ZSTD_createCCtx", c_void_p, []),
         ("ZSTD_freeCCtx", c_size_t, [c_void_p]),
+        ("ZSTD_CCtx_setParameter", c_size_t, [c_void_p, ctypes.c_int, ctypes.c_int]),
         ("ZSTD_isError", ctypes.c_uint, [c_size_t]),
         ("ZSTD_getErrorName", ctypes.c_char_p, [c_size_t]),
         ("ZSTD_minCLevel", ctypes.c_int, []),
@@ -110,7 +110,7 @@ def _bind_libzstd_encoder(ctypes: Any, soname: str) -> Any:
         fn = getattr(lib, name)
         fn.restype = restype
         fn.argtypes = argtypes
-    lib.compress_cctx = compress
+    lib.compress2 = compress
     return lib
 
 
@@ -120,11 +120,19 @@ LIBZSTD_ENCODER = _Library(
 )
 
 
+def _put(data: bytes, n: int, dst: Buffer, at: int) -> int:
+    """A Python encoder's result into ``dst`` at ``at``: its size, or 0 when it is not smaller than ``n``."""
+    if len(data) >= n:
+        return 0
+    dst.data[at : at + len(data)] = data
+    return len(data)
+
+
 def _libdeflate_encoder(level: int) -> Encoder:
     if not 0 <= level <= 12:
         raise UsageError(f"deflate level {level} is out of range (libdeflate: 0..12)")
 
-    def encode(buf: bytearray, start: int, n: int) -> Optional[bytes]:
+    def encode(src: Buffer, start: int, n: int, dst: Buffer, at: int) -> int:
         st: _Contexts = LIBDEFLATE_ENCODER.state()
         fn, alloc, _free = st.api
         handle = st.by_level.get(level)
@@ -132,11 +140,10 @@ def _libdeflate_encoder(level: int) -> Encoder:
             handle = st.by_level[level] = alloc(level)
             if not handle:
                 raise MemoryError("libdeflate_alloc_compressor")
-        out = st.output(n - 1)
         # libdeflate returns 0 when the result does not fit: QEMU's rule, a compressed cluster is smaller
         # than the cluster (block/qcow2.c: qcow2_co_compress(..., s->cluster_size - 1, ...))
-        size = fn(handle, st.address(buf) + start, n, out, n - 1)
-        return bytes(memoryview(out)[:size]) if size else None
+        size: int = fn(handle, src.address + start, n, dst.address + at, n - 1)
+        return size
 
     return encode
 
@@ -145,13 +152,11 @@ def _zlib_encoder(level: int) -> Encoder:
     if not -1 <= level <= 9:
         raise UsageError(f"deflate level {level} is out of range (zlib: 0..9)")
 
-    def encode(buf: bytearray, start: int, n: int) -> Optional[bytes]:
-        src = memoryview(buf)[start : start + n]
+    def encode(src: Buffer, start: int, n: int, dst: Buffer, at: int) -> int:
         # raw deflate; a 32 KiB window, wider than QEMU's 4 KiB, is read by QEMU all the same: every distance
         # stays inside the one cluster that QEMU inflates in a single call (see DEFLATE_WBITS)
         c = zlib.compressobj(level, zlib.DEFLATED, DEFLATE_WBITS)
-        data = c.compress(src) + c.flush()
-        return data if len(data) < len(src) else None
+        return _put(c.compress(memoryview(src.data)[start : start + n]) + c.flush(), n, dst, at)
 
     return encode
 
@@ -161,21 +166,24 @@ def _libzstd_encoder(level: int) -> Encoder:
     if not lib.ZSTD_minCLevel() <= level <= lib.ZSTD_maxCLevel():
         raise UsageError(f"zstd level {level} is out of range ({lib.ZSTD_minCLevel()}..{lib.ZSTD_maxCLevel()})")
 
-    def encode(buf: bytearray, start: int, n: int) -> Optional[bytes]:
+    def encode(src: Buffer, start: int, n: int, dst: Buffer, at: int) -> int:
         st: _Contexts = LIBZSTD_ENCODER.state()
-        cctx = st.by_level.get(0)  # the level is a parameter of each call: one context serves all
+        cctx = st.by_level.get(level)
         if cctx is None:
-            # one context per thread, reused for every cluster (QEMU makes one per cluster: slower, same bytes)
-            cctx = st.by_level[0] = lib.ZSTD_createCCtx()
+            # one context per thread and level, its level set once and reused for every cluster (QEMU makes
+            # one per cluster: slower, same bytes); ZSTD_compress2 keeps the parameters from call to call
+            cctx = lib.ZSTD_createCCtx()
             if not cctx:
                 raise MemoryError("ZSTD_createCCtx")
-        out = st.output(n - 1)
+            st.by_level[level] = cctx
+            if lib.ZSTD_isError(lib.ZSTD_CCtx_setParameter(cctx, ZSTD_C_COMPRESSION_LEVEL, level)):
+                raise UsageError(f"zstd level {level}: refused by libzstd")
         # One frame with its content size, as QEMU's ZSTD_compressStream2(..., ZSTD_e_end) writes it: the same
-        # parameters (level, and the source size known up front). Too big for n - 1 bytes is an error code.
-        size = lib.compress_cctx(cctx, out, n - 1, st.address(buf) + start, n, level)
-        if size >= n:  # an error code ((size_t)-code, ZSTD_isError): no result of at most n - 1 bytes is one
-            return None
-        return bytes(memoryview(out)[:size])
+        # parameters (level, and the source size known up front: the same bytes as ZSTD_compressCCtx). Too
+        # big for n - 1 bytes is an error code.
+        size: int = lib.compress2(cctx, dst.address + at, n - 1, src.address + start, n)
+        # an error code ((size_t)-code, ZSTD_isError): no result of at most n - 1 bytes is one
+        return size if size < n else 0
 
     return encode
 
@@ -184,13 +192,11 @@ def _zstandard_encoder(level: int) -> Encoder:
     zstd = _zstd()
     local = threading.local()
 
-    def encode(buf: bytearray, start: int, n: int) -> Optional[bytes]:
-        src = memoryview(buf)[start : start + n]
+    def encode(src: Buffer, start: int, n: int, dst: Buffer, at: int) -> int:
         c = getattr(local, "c", None)
         if c is None:
             c = local.c = zstd.ZstdCompressor(level=level, write_content_size=True)
-        data: bytes = c.compress(src)
-        return data if len(data) < len(src) else None
+        return _put(c.compress(memoryview(src.data)[start : start + n]), n, dst, at)
 
     return encode
 
