@@ -1,0 +1,141 @@
+"""Boot storm: N machines booting at once from one stock nginx, on an emulated network, with bootkit's real
+fetch code replaying a real boot's reads (issue 17)::
+
+    python bench/fleet.py [--clients 1,8,32,64] [--modes ram,lazy,stream,lazy+rack] [--uplink-mbit 400]
+                          [--rtt-ms 1] [--record] [--plot fleet.png] [--bulk-mib 0]
+
+1. The trace: every range request of one lazy-mode QEMU boot of the Debian/systemd test image, with when
+   the root was mounted (bench/fleetlib/trace.py); recorded once and kept next to the cached image, keyed by
+   its SHA-256 (``--record`` records it again).
+2. The network: namespaces ``bkf<PID>-*``, a bridge, the origin's uplink shaped with htb (``--uplink-mbit``)
+   and netem (``--rtt-ms``), a rack cache with the same link, one namespace per client
+   (bench/fleetlib/netem.py); all removed at the end, also on an error or Ctrl-C.
+3. The servers: nginx with docs/deploy-nginx.md's tested origin and rack-cache blocks; ``bootkit fleet
+   collect`` receives each client's boot report.
+4. The clients: forked processes, one per machine, each in its namespace, replaying the trace with its pauses
+   through ``HTTPSource`` / ``StreamSource`` + fill / ``download`` (bench/fleetlib/clients.py).
+
+Prints the Markdown table (per mode and N: time to root p50/p95/max, bytes from the origin, bytes per client,
+the physical limit max(trace's time to root, N x bytes needed / uplink), the ratios), issue 17's targets met
+or missed, and writes ``--plot`` (matplotlib: the ``bench`` extra) and artifacts/bench-fleet.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from types import FrameType
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "qemu-tests"))
+
+from bench.fleetlib import netem, storm, table, trace  # noqa: E402
+
+DEFAULT_MODES = "ram,lazy,stream,lazy+rack"
+DEFAULT_CLIENTS = "1,8,32,64"
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def image_and_trace(record: bool, bulk_mib: int, work: Path) -> tuple[Path, str, trace.Trace]:
+    """The cached Debian/systemd test image (QCOW2, zstd) and its boot trace (recorded if missing)."""
+    from bkharness import images
+
+    root = images.debian_bulk_image(bulk_mib) if bulk_mib else images.debian_image()
+    qcow2 = images.qcow2_image(root.raw, compression="zstd")
+    sha = trace.file_sha256(qcow2)
+    found = None if record else trace.load(qcow2, sha)
+    if found is not None:
+        return qcow2, sha, found
+    print(f"fleet: recording the boot trace of {qcow2.name} (one lazy-mode QEMU boot) ...", file=sys.stderr,
+          flush=True)  # fmt: skip
+    return qcow2, sha, trace.record(qcow2, sha, work / "trace")
+
+
+def run(tr: trace.Trace, qcow2: Path, sha: str, modes: Sequence[storm.Mode], counts: Sequence[int],
+        shaping: netem.Shaping, work: Path) -> tuple[list[storm.Row], str | None]:  # fmt: skip
+    """Every storm, smallest N first in each mode, in one testbed sized for the largest N; the rows, and why
+    the RTT could not be emulated (or None)."""
+    image = storm.publish(qcow2, sha, work / "www")
+    rows = []
+    with netem.Testbed(shaping, max(counts)) as tb:
+        if tb.delay_missing:
+            print(f"fleet: WARNING: no added RTT (netem: {tb.delay_missing})", file=sys.stderr, flush=True)
+        for mode in modes:
+            for n in counts:
+                t = time.monotonic()
+                row = storm.storm(tb, image, tr, mode, n, work)
+                print(f"fleet: {mode} N={n}: p95 {row.p95 if row.p95 is None else round(row.p95, 2)} s, "
+                      f"{row.failed} failed ({time.monotonic() - t:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+                rows.append(row)
+        return rows, tb.delay_missing
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--clients", default=DEFAULT_CLIENTS, help=f"comma-separated N (default {DEFAULT_CLIENTS})")
+    parser.add_argument("--modes", default=DEFAULT_MODES,
+                        help=f"comma-separated, of {','.join(storm.Mode)} (default {DEFAULT_MODES})")  # fmt: skip
+    parser.add_argument("--uplink-mbit", type=float, default=400.0, help="the origin's uplink (Mbit/s)")
+    parser.add_argument("--rtt-ms", type=float, default=1.0, help="round-trip time added on the uplink (ms)")
+    parser.add_argument("--record", action="store_true", help="record the boot trace again (one QEMU boot)")
+    parser.add_argument("--bulk-mib", type=int, default=0,
+                        help="use bench/bootmodes.py's image with this much bulk data (default: the plain image)")
+    parser.add_argument("--plot", type=Path, metavar="PNG", help="write p95 time to root against N per mode")
+    parser.add_argument("--work", type=Path, help="keep the run's files (logs, reports) in this directory")
+    args = parser.parse_args(argv)
+    try:
+        modes = [storm.Mode(m) for m in args.modes.split(",") if m]
+        counts = sorted({int(n) for n in args.clients.split(",") if n})
+    except ValueError as e:
+        parser.error(f"--modes/--clients: {e}")
+    if not modes or not counts or min(counts) < 1 or max(counts) > 1000:
+        parser.error("--modes and --clients (1..1000) must not be empty")
+    if args.uplink_mbit <= 0 or args.rtt_ms < 0:
+        parser.error("--uplink-mbit must be > 0 and --rtt-ms >= 0")
+    if os.geteuid() != 0:
+        print("error: the benchmark creates network namespaces: run it as root", file=sys.stderr)
+        return 2
+    if args.plot and (why := table.check_plot()):
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    signal.signal(signal.SIGTERM, _interrupt)
+    shaping = netem.Shaping(args.uplink_mbit, args.rtt_ms)
+    with tempfile.TemporaryDirectory(prefix="bench-fleet.") as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        qcow2, sha, tr = image_and_trace(args.record, args.bulk_mib, work)
+        rows, no_delay = run(tr, qcow2, sha, modes, counts, shaping, work)
+    needed = tr.bytes_needed(storm.CHUNK)
+    head = (f"boot storm: {qcow2.name} ({tr.image_size / 2**20:.1f} MiB), trace: {len(tr.to_root())} reads, "
+            f"{needed / 2**20:.1f} MiB of chunks, root after {tr.root_t:.2f} s; uplink {shaping.rate_mbit:g} "
+            f"Mbit/s, RTT {'not emulated (no netem)' if no_delay else f'{shaping.delay_ms:g} ms'}; "
+            f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(head + "\n")
+    print(table.markdown(rows) + "\n")
+    for line in table.verdict(rows, tr.image_size):
+        print(line)
+    out = ROOT / "artifacts" / "bench-fleet.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"head": head, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+    if args.plot:
+        table.plot(rows, args.plot, head)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
