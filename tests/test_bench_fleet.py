@@ -36,6 +36,12 @@ def test_trace_pauses_and_needed_bytes() -> None:
     # the second read overlaps the first (no pause); the third starts 0.5 s after the first ended
     assert tr.pauses() == pytest.approx([0.0, 0.0, 0.5])
     assert tr.bytes_needed(1 << 20) == 2 << 20
+    assert tr.own_time() == pytest.approx(1.1)
+    # the whole boot, on a clock twice as fast: every read counts, the pauses halve
+    whole = tr.variant(pace=0.5, through_end=True)
+    assert whole.to_root() == tuple(trace.Read(r.t / 2, r.offset, r.length, r.duration / 2) for r in reads)
+    assert whole.pauses() == pytest.approx([0.0, 0.0, 0.25, 0.95])
+    assert whole.own_time() == pytest.approx(1.5)
     again = trace.Trace.from_json(tr.to_json())
     assert again == tr
 

@@ -120,7 +120,7 @@ def physical_limit(trace: Trace, mode: Mode, n: int, shaping: netem.Shaping) -> 
     """max(the trace's own time to root, N x bytes needed / uplink rate); ram mode has no trace pauses to
     wait for, so its limit is the transfer alone."""
     transfer = n * mode.bytes_needed(trace) / shaping.bytes_per_s
-    return transfer if mode.fetch == "ram" else max(trace.root_t, transfer)
+    return transfer if mode.fetch == "ram" else max(trace.own_time(), transfer)
 
 
 def storm(tb: netem.Testbed, image: Image, trace: Trace, mode: Mode, n: int, work: Path,

@@ -9,7 +9,7 @@ Definitions the benchmark uses:
 * ``t`` of a read: its start, seconds after the boot's first request for the image;
 * ``root_t``: when the guest printed bootkit's ``mount:`` line (the root is mounted), on the same clock;
 * the reads *to root*: those that started before ``root_t``; a client's **time to root** is when the last of
-  them completes;
+  them completes (the recorded boot's own time to root, :meth:`Trace.own_time`, is the same on its clock);
 * a read's **pause**: the time between the end of the reads before it and its start -- what the guest spent
   computing (decompressing, udev, systemd) before it asked again. A replay waits that long after the
   previous read completes, so a slower network makes the boot slower by exactly its own delays.
@@ -55,6 +55,11 @@ class Trace:
     def to_root(self) -> tuple[Read, ...]:
         return tuple(r for r in self.reads if r.t < self.root_t)
 
+    def own_time(self) -> float:
+        """The recorded boot's own time to root: when its last read before the mount completed (what a
+        replay over an infinitely fast network measures)."""
+        return max((r.t + r.duration for r in self.to_root()), default=0.0)
+
     def pauses(self, reads: tuple[Read, ...] | None = None) -> list[float]:
         """Each read's pause: its start minus the latest end of the reads before it (0 when they overlap;
         the first read's pause is its start)."""
@@ -73,6 +78,14 @@ class Trace:
         last = (self.image_size - 1) // chunk_size
         tail = self.image_size - last * chunk_size
         return sum(tail if c == last else chunk_size for c in chunks)
+
+    def variant(self, *, pace: float = 1.0, through_end: bool = False) -> Trace:
+        """This trace with its clock scaled by ``pace`` (0.25: a machine four times faster than the recording
+        guest, e.g. real hardware against QEMU's TCG) and, with ``through_end``, the "root" moved after its
+        last read (the whole recorded boot counts, not only the part before the root was mounted)."""
+        root_t = max(r.t for r in self.reads) + 1e-3 if through_end and self.reads else self.root_t
+        reads = tuple(Read(r.t * pace, r.offset, r.length, r.duration * pace) for r in self.reads)
+        return Trace(self.image_sha256, self.image_size, root_t * pace, reads, self.origin)
 
     def to_json(self) -> dict[str, Any]:
         return {
