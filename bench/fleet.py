@@ -65,7 +65,8 @@ def image_and_trace(record: bool, bulk_mib: int, work: Path) -> tuple[Path, str,
 
 
 def run(tr: trace.Trace, qcow2: Path, sha: str, modes: Sequence[storm.Mode], counts: Sequence[int],
-        shaping: netem.Shaping, work: Path) -> tuple[list[storm.Row], str | None]:  # fmt: skip
+        shaping: netem.Shaping, work: Path, fill_rate: int | None = None,
+        ) -> tuple[list[storm.Row], str | None]:  # fmt: skip
     """Every storm, smallest N first in each mode, in one testbed sized for the largest N; the rows, and why
     the RTT could not be emulated (or None)."""
     image = storm.publish(qcow2, sha, work / "www")
@@ -76,7 +77,7 @@ def run(tr: trace.Trace, qcow2: Path, sha: str, modes: Sequence[storm.Mode], cou
         for mode in modes:
             for n in counts:
                 t = time.monotonic()
-                row = storm.storm(tb, image, tr, mode, n, work)
+                row = storm.storm(tb, image, tr, mode, n, work, fill_rate=fill_rate)
                 print(f"fleet: {mode} N={n}: p95 {row.p95 if row.p95 is None else round(row.p95, 2)} s, "
                       f"{row.failed} failed ({time.monotonic() - t:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
                 rows.append(row)
@@ -94,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="time to root (default) or to the trace's last read (the whole recorded boot)")
     parser.add_argument("--pace", type=float, default=1.0,
                         help="scale the trace's clock (0.25: a machine 4x faster than the TCG guest recorded)")
+    parser.add_argument("--fill-mib", type=float,
+                        help="stream mode: each client's fill cap in MiB/s (rd.qcow2.fill-rate; default the boot's)")
     parser.add_argument("--record", action="store_true", help="record the boot trace again (one QEMU boot)")
     parser.add_argument("--bulk-mib", type=int, default=0,
                         help="use bench/bootmodes.py's image with this much bulk data (default: the plain image)")
@@ -107,8 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--modes/--clients: {e}")
     if not modes or not counts or min(counts) < 1 or max(counts) > 1000:
         parser.error("--modes and --clients (1..1000) must not be empty")
-    if args.uplink_mbit <= 0 or args.rtt_ms < 0 or not 0 < args.pace <= 100:
-        parser.error("--uplink-mbit must be > 0, --rtt-ms >= 0, --pace in (0, 100]")
+    if args.uplink_mbit <= 0 or args.rtt_ms < 0 or not 0 < args.pace <= 100 or (args.fill_mib or 1) <= 0:
+        parser.error("--uplink-mbit and --fill-mib must be > 0, --rtt-ms >= 0, --pace in (0, 100]")
     if os.geteuid() != 0:
         print("error: the benchmark creates network namespaces: run it as root", file=sys.stderr)
         return 2
@@ -124,14 +127,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         qcow2, sha, recorded = image_and_trace(args.record, args.bulk_mib, work)
         tr = recorded.variant(pace=args.pace, through_end=args.until == "end")
-        rows, no_delay = run(tr, qcow2, sha, modes, counts, shaping, work)
+        fill_rate = None if args.fill_mib is None else int(args.fill_mib * 2**20)
+        rows, no_delay = run(tr, qcow2, sha, modes, counts, shaping, work, fill_rate)
     needed = tr.bytes_needed(storm.CHUNK)
     until = "the trace's last read" if args.until == "end" else "root"
     head = (f"boot storm: {qcow2.name} ({tr.image_size / 2**20:.1f} MiB), trace: {len(tr.to_root())} reads to "
             f"{until}, {needed / 2**20:.1f} MiB of chunks, {until} after {tr.own_time():.2f} s (pace {args.pace:g}); "
             f"uplink {shaping.rate_mbit:g} "
             f"Mbit/s, RTT {'not emulated (no netem)' if no_delay else f'{shaping.delay_ms:g} ms'}; "
-            f"{os.cpu_count()} CPUs, load {load:.1f} at start")  # fmt: skip
+            f"{os.cpu_count()} CPUs, load {load:.1f} at start"
+            + (f"; stream fill capped at {args.fill_mib:g} MiB/s per client" if args.fill_mib else ""))  # fmt: skip
     print(head + "\n")
     print(table.markdown(rows) + "\n")
     for line in table.verdict(rows, tr.image_size):

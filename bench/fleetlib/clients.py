@@ -6,7 +6,8 @@ with bootkit's real fetch code, and reports like a booted machine does (``rd.qco
 * ``lazy``: the trace's reads through :class:`bootkit.fetch.HTTPSource` (1 MiB chunks, read-ahead, each
   chunk verified against the manifest, whose hash is pinned), with the trace's pauses;
 * ``stream``: the same through :class:`bootkit.fetch.stream.StreamSource`, with the boot's fill copying the
-  whole image into a local directory behind the reads at the boot's default rate cap; the client ends when
+  whole image into a local directory behind the reads at the boot's default rate cap (or ``--fill-mib``, as
+  ``rd.qcow2.fill-rate`` would set it); the client ends when
   the fill is complete (a real machine goes on filling after its root is mounted, competing with the others).
 
 Processes, not threads: the clients (hashing, HTTP parsing) use both cores. They are forked after the
@@ -44,6 +45,8 @@ class Job:
     workdir: str
     report_url: str | None = None
     timeout: float = 600.0
+    #: stream mode's fill cap (bytes/s, ``rd.qcow2.fill-rate``); None: the boot's default
+    fill_rate: int | None = None
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,8 @@ def _boot(job: Job, t0: float) -> Outcome:
         from bootkit.fetch.stream import StreamSource, start_fill
 
         source = StreamSource(remote)
-        fill = start_fill([source], os.path.join(job.workdir, "fill"), rate=DEFAULT_FILL_RATE, reserve=0)
+        rate = DEFAULT_FILL_RATE if job.fill_rate is None else job.fill_rate
+        fill = start_fill([source], os.path.join(job.workdir, "fill"), rate=rate, reserve=0)
         try:
             _replay(source, job)
             ttr = time.monotonic() - t0

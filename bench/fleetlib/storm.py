@@ -124,8 +124,8 @@ def physical_limit(trace: Trace, mode: Mode, n: int, shaping: netem.Shaping) -> 
 
 
 def storm(tb: netem.Testbed, image: Image, trace: Trace, mode: Mode, n: int, work: Path,
-          timeout: float = 600.0) -> Row:  # fmt: skip
-    """Run one storm of ``n`` clients of ``mode``; its row."""
+          timeout: float = 600.0, fill_rate: int | None = None) -> Row:  # fmt: skip
+    """Run one storm of ``n`` clients of ``mode`` (stream: fill capped at ``fill_rate`` bytes/s); its row."""
     from bootkit.host.fleet import read_reports
 
     run_dir = work / f"{mode.value.replace('+', '-')}-{n}"
@@ -148,7 +148,7 @@ def storm(tb: netem.Testbed, image: Image, trace: Trace, mode: Mode, n: int, wor
             host = netem.CACHE_ADDR
         jobs = [clients.Job(c, mode.fetch, f"http://{host}/images/disk.qcow2", image.sha256,
                             image.manifest_sha256, reads, pauses, str(run_dir / f"c{c.index}"),
-                            f"http://{netem.ORIGIN_ADDR}:{COLLECT_PORT}/report", timeout)
+                            f"http://{netem.ORIGIN_ADDR}:{COLLECT_PORT}/report", timeout, fill_rate)
                 for c in tb.clients[:n]]  # fmt: skip
         outcomes = clients.run_clients(jobs, timeout + 30)
         time.sleep(0.3)  # the last reports and log lines

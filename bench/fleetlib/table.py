@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -99,9 +100,11 @@ def plot(rows: Sequence[Row], out: Path, title: str) -> None:
                 label=f"{mode} limit")  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ns = sorted({r.n for r in rows})
+    ax.set_xticks(ns, [str(n) for n in ns])
     ax.set_xlabel("clients booting at once (N)")
     ax.set_ylabel("time to root, p95 (s)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 100)), fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
