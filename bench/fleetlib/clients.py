@@ -71,11 +71,16 @@ def _options(job: Job) -> Any:
                         reserve_bytes=0, progress_interval=3600.0, timeout=60.0, total_timeout=job.timeout)  # fmt: skip
 
 
-def _replay(source: Any, job: Job) -> None:
-    for read, pause in zip(job.reads, job.pauses, strict=True):
+def _replay(source: Any, job: Job) -> dict[str, int]:
+    """The trace's reads with their pauses; each read's wait in ms (``read<i>_ms``), for where time goes."""
+    waits = {}
+    for i, (read, pause) in enumerate(zip(job.reads, job.pauses, strict=True)):
         if pause > 0:
             time.sleep(pause)
+        t = time.monotonic()
         source.pread(read.offset, read.length)
+        waits[f"read{i}_ms"] = round((time.monotonic() - t) * 1000)
+    return waits
 
 
 def _boot(job: Job, t0: float) -> Outcome:
@@ -92,9 +97,9 @@ def _boot(job: Job, t0: float) -> Outcome:
     manifest = Manifest.load(job.url + ".manifest", options, sha256=job.manifest_sha256)
     with HTTPSource(job.url, options, manifest=manifest) as remote:
         if job.fetch == "lazy":
-            _replay(remote, job)
+            waits = _replay(remote, job)
             ttr = time.monotonic() - t0
-            stats = dict(remote.stats)
+            stats = {**remote.stats, **waits}
             return Outcome(index, ttr, stats.get("bytes", 0), stats.get("requests", 0), extra=stats)
         if job.fetch != "stream":
             raise ValueError(f"unknown fetch mode {job.fetch!r}")
@@ -105,7 +110,7 @@ def _boot(job: Job, t0: float) -> Outcome:
         rate = DEFAULT_FILL_RATE if job.fill_rate is None else job.fill_rate
         fill = start_fill([source], os.path.join(job.workdir, "fill"), rate=rate, reserve=0)
         try:
-            _replay(source, job)
+            waits = _replay(source, job)
             ttr = time.monotonic() - t0
             fill.done.wait(job.timeout)
             fill_s = time.monotonic() - t0
@@ -114,7 +119,7 @@ def _boot(job: Job, t0: float) -> Outcome:
         finally:
             fill.stop()
             source.close()
-        stats = dict(remote.stats)
+        stats = {**remote.stats, **waits}
         return Outcome(index, ttr, stats.get("bytes", 0), stats.get("requests", 0), fill_s=fill_s, extra=stats)
 
 

@@ -11,7 +11,8 @@ Topology (one bridge in the switch namespace, a veth pair per host)::
     rack cache (10.201.0.2) --same shaping as the uplink--/
 
 The uplink's shaping is on the origin's egress (what it sends: the image) -- an htb class at the uplink rate
-with a netem child adding the one-way delay (the RTT; acknowledgements are not delayed). The rack cache's link
+with a netem child adding the one-way delay (the RTT; acknowledgements are not delayed), or a byte FIFO of
+``queue_ms`` where the kernel has no netem. Either queue is bounded (``queue_ms`` of the rate). The rack cache's link
 is shaped the same way (one machine like the origin, in the rack). Client links are not shaped: in a boot
 storm the shared uplink is the bottleneck, not each machine's port.
 """
@@ -36,11 +37,13 @@ CACHE_ADDR = "10.201.0.2"
 
 @dataclass(frozen=True)
 class Shaping:
-    """The uplink: ``rate_mbit`` (Mbit/s, shared by every client) and ``delay_ms`` (one way, = the RTT; needs
-    the kernel's netem qdisc)."""
+    """The uplink: ``rate_mbit`` (Mbit/s, shared by every client), ``delay_ms`` (one way, = the RTT; needs
+    the kernel's netem qdisc) and ``queue_ms``, the bound of the queue in front of it (a short FIFO)."""
 
     rate_mbit: float
     delay_ms: float = 1.0
+    #: the queue in front of the uplink, in milliseconds of its rate
+    queue_ms: float = 20.0
 
     @property
     def bytes_per_s(self) -> float:
@@ -147,14 +150,20 @@ class Testbed:
         run([*tc, "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "10"])
         run([*tc, "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:10", "htb",
              "rate", rate, "ceil", rate])  # fmt: skip
-        if self.shaping.delay_ms <= 0:
-            return
-        done = run([*tc, "qdisc", "add", "dev", "eth0", "parent", "1:10", "handle", "10:", "netem",
-                    "delay", f"{self.shaping.delay_ms}ms", "limit", "100000"], check=False)  # fmt: skip
-        if done.returncode != 0:
+        # the queue in front of the link: a real switch port or a server NIC (fq_codel) keeps it short; an
+        # unbounded FIFO (htb's default leaf, 1000 GSO packets = tens of MB) would make every request of a
+        # machine wait behind seconds of other machines' bulk transfers -- bufferbloat, not the link
+        limit = max(64 << 10, int(self.shaping.bytes_per_s * self.shaping.queue_ms / 1000))
+        if self.shaping.delay_ms > 0:
+            done = run([*tc, "qdisc", "add", "dev", "eth0", "parent", "1:10", "handle", "10:", "netem",
+                        "delay", f"{self.shaping.delay_ms}ms",
+                        "limit", str(max(16, limit // 1500))], check=False)  # fmt: skip
+            if done.returncode == 0:
+                return
             # some kernels (this benchmark's CI VM among them) are built without sch_netem: run without the
             # added delay and say so in the table's head, rather than not at all
             self.delay_missing = done.stderr.decode(errors="replace").strip()[:200]
+        run([*tc, "qdisc", "add", "dev", "eth0", "parent", "1:10", "handle", "10:", "bfifo", "limit", str(limit)])
 
     def _build(self) -> None:
         self._netns(self.switch)

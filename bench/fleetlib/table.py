@@ -66,6 +66,9 @@ def verdict(rows: Sequence[Row], image_size: int) -> list[str]:
             out.append(f"{mode} N={top.n}: p95 {top.p95:.2f} s = {a:.2f}x single ({one.p95:.2f} s, target <= 3x): "
                        f"{'met' if a <= 3 else 'MISSED'}; {b:.2f}x the physical limit ({top.limit:.2f} s, "
                        f"target <= 1.5x): {'met' if b <= 1.5 else 'MISSED'}")  # fmt: skip
+            if (a > 3 or b > 1.5) and top.read_ms:
+                out.append(f"  where the time went: each read to root waited {list(top.read_ms)} ms (median over "
+                           f"the clients) at N={top.n}, {list(one.read_ms)} ms at N=1")  # fmt: skip
         if mode.endswith("+rack"):
             share = top.origin_per_client / image_size
             out.append(f"{mode} N={top.n}: origin bytes per client {top.origin_per_client / MIB:.2f} MiB = "
