@@ -2,14 +2,15 @@
 fetch code replaying a real boot's reads (issue 17)::
 
     python bench/fleet.py [--clients 1,8,32,64] [--modes ram,lazy,stream,lazy+rack] [--uplink-mbit 400]
-                          [--rtt-ms 1] [--record] [--plot fleet.png] [--bulk-mib 0]
+                          [--rtt-ms 1] [--until root|end] [--pace 1] [--fill-mib M] [--record]
+                          [--plot fleet.png] [--bulk-mib 0] [--work DIR]
 
 1. The trace: every range request of one lazy-mode QEMU boot of the Debian/systemd test image, with when
    the root was mounted (bench/fleetlib/trace.py); recorded once and kept next to the cached image, keyed by
    its SHA-256 (``--record`` records it again).
 2. The network: namespaces ``bkf<PID>-*``, a bridge, the origin's uplink shaped with htb (``--uplink-mbit``)
-   and netem (``--rtt-ms``), a rack cache with the same link, one namespace per client
-   (bench/fleetlib/netem.py); all removed at the end, also on an error or Ctrl-C.
+   and a bounded queue, netem (``--rtt-ms``) where the kernel has it, a rack cache with the same link, one
+   namespace per client (bench/fleetlib/netem.py); all removed at the end, also on an error or Ctrl-C.
 3. The servers: nginx with docs/deploy-nginx.md's tested origin and rack-cache blocks; ``bootkit fleet
    collect`` receives each client's boot report.
 4. The clients: forked processes, one per machine, each in its namespace, replaying the trace with its pauses
