@@ -86,6 +86,14 @@ def run(tr: trace.Trace, qcow2: Path, sha: str, modes: Sequence[storm.Mode], cou
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: everything was cleaned up on the way out
+        print(f"fleet: interrupted ({e or 'Ctrl-C'}); namespaces, servers and clients are gone", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0], allow_abbrev=False)
     parser.add_argument("--clients", default=DEFAULT_CLIENTS, help=f"comma-separated N (default {DEFAULT_CLIENTS})")
     parser.add_argument("--modes", default=DEFAULT_MODES,

@@ -167,6 +167,7 @@ def run_clients(jobs: Sequence[Job], timeout: float) -> list[Outcome]:
     procs = [ctx.Process(target=_child, args=(job, start, results), name=f"fleet-client-{job.client.index}")
              for job in jobs]  # fmt: skip
     outcomes: dict[int, Outcome] = {}
+    grace = 0.0  # an interrupt or error stops the clients at once; a finished storm lets them exit
     try:
         for p in procs:
             p.start()
@@ -179,9 +180,10 @@ def run_clients(jobs: Sequence[Job], timeout: float) -> list[Outcome]:
             except queue.Empty:
                 break
             outcomes[o.index] = o
+        grace = 10.0
     finally:
         for p in procs:
-            p.join(timeout=10)
+            p.join(timeout=grace)
             if p.is_alive():  # a client that did not finish in time: ours, stopped by its process handle
                 p.kill()
                 p.join()
