@@ -51,9 +51,6 @@ docroot = "{docroot}"
 timeout = 0
 default = "unsigned"
 console = ["ttyS0,115200"]
-# DHCP in the initramfs: handing GRUB's lease over (ifname=bootnet:<mac>) cost this boot ~2 minutes of dracut
-# waiting for an interface named bootnet under TCG
-ip = "dhcp"
 
 [[entry]]
 name = "node"
