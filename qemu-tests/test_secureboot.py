@@ -38,15 +38,14 @@ from bkharness.guest import GUEST_KERNEL_ARGS, Guest, qemu_direct
 from bkharness.images import RootImage, qcow2_image
 from bkharness.initramfs import SMOKE_INIT, tiny_initramfs
 from bkharness.pieces import GUEST_BOOT_ARGS, bootkit
+from bkharness.secureboot import OVMF_EMPTY_VARS, OVMF_SECBOOT_CODE, require_files, require_tools
+from bkharness.secureboot import secure_boot_guest as ovmf_secure_boot_guest
 
 from bootkit.host import pe
 from bootkit.run import run
 
 pytestmark = pytest.mark.qemu
 
-OVMF_SECBOOT_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
-#: the variable store without any key: the test enrols its own
-OVMF_EMPTY_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 STUB = Path("/usr/lib/systemd/boot/efi/linuxx64.efi.stub")
 
 #: OVMF under TCG takes ~5 s to its boot manager; the HTTP Boot then fetches the ~28 MB UKI through the
@@ -63,18 +62,9 @@ SMOKE_CMDLINE = f"root=qcow2:http://{SERVER_IP}/disk.qcow2 rd.qcow2.sha256={PINN
 )
 
 
-def require_tools(*names: str) -> None:
-    """Skip, naming the command, when a tool the test runs is not installed."""
-    for name in names:
-        if shutil.which(name) is None:
-            pytest.skip(f"{name} not installed (scripts/setup.sh installs it)")
-
-
 def require_secure_boot_tools() -> None:
     require_tools("qemu-system-x86_64", "openssl", "objcopy", "sbsign", "sbverify")
-    for path, package in ((OVMF_SECBOOT_CODE, "ovmf"), (OVMF_EMPTY_VARS, "ovmf"), (STUB, "systemd-boot-efi")):
-        if not path.exists():
-            pytest.skip(f"{path} missing (package {package})")
+    require_files((OVMF_SECBOOT_CODE, "ovmf"), (OVMF_EMPTY_VARS, "ovmf"), (STUB, "systemd-boot-efi"))
     if _virt_fw_vars() is None:
         pytest.skip("virt-fw-vars missing (pip install virt-firmware: the dev extra of pyproject.toml)")
 
@@ -140,31 +130,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
 def secure_boot_guest(site: Site, devices: Sequence[str], *, log_dir: Path, name: str,
                       memory_mib: int = 1024) -> Iterator[Guest]:
     """OVMF with Secure Boot enforcing and the site's keys; ``devices`` are the rest of QEMU's arguments."""
-    vars_file = log_dir / f"{name}.OVMF_VARS.fd"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(site.vars_template, vars_file)
-    cmd = [
-        "qemu-system-x86_64",
-        "-accel", "tcg",
-        # the secboot build keeps its variables behind SMM: without smm=on and a secure flash it does not start
-        "-machine", "q35,smm=on",
-        "-global", "driver=cfi.pflash01,property=secure,value=on",
-        "-m", str(memory_mib),
-        "-smp", "1",
-        "-nodefaults",
-        "-display", "none",
-        "-no-reboot",
-        "-chardev", "stdio,id=ser0,signal=off",
-        "-serial", "chardev:ser0",
-        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_SECBOOT_CODE}",
-        "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}",
-        *devices,
-    ]  # fmt: skip
-    guest = Guest(cmd, name=name, log_path=log_dir / f"{name}.serial.log", boot_timeout=BOOT_TIMEOUT)
-    try:
+    with ovmf_secure_boot_guest(site.vars_template, devices, log_dir=log_dir, name=name, memory_mib=memory_mib,
+                                boot_timeout=BOOT_TIMEOUT) as guest:
         yield guest
-    finally:
-        guest.close()
 
 
 def build_uki(out: Path, *args: str | Path) -> Path:

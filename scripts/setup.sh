@@ -30,6 +30,8 @@ apt_packages=(
     pipx
     # build-uki: systemd's EFI stub, objcopy to add the UKI's sections, sbsign/sbverify for the site's key
     systemd-boot-efi binutils sbsigntool
+    # pxe-config's loader "shim" (Secure Boot with Debian's signatures): the signed shim and network GRUB
+    shim-signed grub-efi-amd64-signed
 )
 
 missing=()

@@ -72,6 +72,8 @@ class InitrdOptions:
     dracut_args: tuple[str, ...] = ()
     #: ``--trust-key``: raw Ed25519 public keys whose signed channels the initramfs boots (root=qcow2:channel:)
     trust_keys: tuple[bytes, ...] = ()
+    #: the kernel signed by Debian (shim's chain under Secure Boot): the signed package, or a check of the vmlinuz
+    signed_kernel: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,8 +123,13 @@ def check_tools() -> None:
         raise InitrdError("dhclient not found (network-legacy needs it): install 'isc-dhcp-client'")
 
 
-def resolve_kernel(kver: str | None, kmoddir: Path | None) -> tuple[str, Path, Path | None]:
-    """(kver, kmoddir, vmlinuz or None) for the options; fetches the Debian kernel when none is named."""
+def resolve_kernel(
+    kver: str | None, kmoddir: Path | None, *, signed: bool = False
+) -> tuple[str, Path, Path | None]:
+    """(kver, kmoddir, vmlinuz or None) for the options; fetches the Debian kernel when none is named.
+
+    ``signed``: fetch Debian's signed kernel package, or check that the given kernel's vmlinuz is signed.
+    """
     from bootkit.host import kernelpkg
 
     if kmoddir is not None:
@@ -135,7 +142,8 @@ def resolve_kernel(kver: str | None, kmoddir: Path | None) -> tuple[str, Path, P
     elif kver is not None and (Path("/lib/modules") / kver / "kernel").is_dir():
         kmoddir, vmlinuz = Path("/lib/modules") / kver, Path(f"/boot/vmlinuz-{kver}")
     else:
-        kernel = kernelpkg.ensure_kernel(kver)
+        flavour = kernelpkg.Flavour.signed if signed else kernelpkg.Flavour.unsigned
+        kernel = kernelpkg.ensure_kernel(kver, flavour=flavour)
         kver, kmoddir, vmlinuz = kernel.kver, kernel.kmoddir, kernel.vmlinuz
     if not (kmoddir / "kernel").is_dir():
         raise InitrdError(
@@ -146,6 +154,10 @@ def resolve_kernel(kver: str | None, kmoddir: Path | None) -> tuple[str, Path, P
         raise InitrdError(f"{kmoddir}: no modules.dep: run 'depmod -b <root> {kver}' first")
     if vmlinuz is not None and not vmlinuz.exists():
         vmlinuz = None
+    if signed:
+        if vmlinuz is None:
+            raise InitrdError(f"--signed-kernel: no vmlinuz next to {kmoddir} to check the signature of")
+        kernelpkg.check_signed(vmlinuz)
     return kver, kmoddir, vmlinuz
 
 
@@ -318,7 +330,7 @@ def build_initrd(opts: InitrdOptions) -> InitrdResult:
     check_tools()
     if opts.drivers is not None and not opts.drivers:
         raise UsageError("--drivers: name at least one network driver (e.g. virtio_net)")
-    kver, kmoddir, vmlinuz = resolve_kernel(opts.kver, opts.kmoddir)
+    kver, kmoddir, vmlinuz = resolve_kernel(opts.kver, opts.kmoddir, signed=opts.signed_kernel)
     if opts.drivers is not None:
         for drv in opts.drivers:
             found = run(["modinfo", "-k", kver, "-b", kmoddir.parent.parent.parent, "-F", "filename", drv],

@@ -5,18 +5,26 @@ directory, ``dpkg-deb -x`` unpacks it, and ``depmod -b`` writes the ``modules.de
 not ship. The result is a tree dracut accepts as ``--kmoddir``: it checks that the directory is
 ``…/lib/modules/<kver>`` (docs/initramfs.md, "A kernel without installing it").
 
+The signed flavour (:attr:`Flavour.signed`) takes Debian's ``linux-image-6.1.*-amd64`` instead: the same
+kernel and modules, with the ``vmlinuz`` carrying Debian's Authenticode signature, which shim and Debian's
+signed GRUB check under Secure Boot (docs/secure-boot.md, "Debian's signed chain"). Its signature is checked
+with ``sbverify --list`` once, when the package is unpacked. The unsigned package stays the default: it is what
+every cached tree and test already use, and a machine without Secure Boot gains nothing from the signature.
+
 Cache layout (under :func:`cache_dir`)::
 
     kernel/<package>_<version>.deb
     kernel/<kver>/vmlinuz
     kernel/<kver>/lib/modules/<kver>/...      (depmod'ed)
     kernel/<kver>/.complete                   (written last: the tree is usable)
+    kernel/signed/...                         (the same for the signed package)
 
 Host side only.
 """
 
 from __future__ import annotations
 
+import enum
 import os
 import re
 import shutil
@@ -29,12 +37,37 @@ from bootkit.host import pkgdata
 from bootkit.log import log
 from bootkit.run import run
 
-#: package name pattern of the plain (not cloud, not rt) x86-64 kernel, unsigned so the vmlinuz is in the .deb
-_PACKAGE_RE = re.compile(r"^linux-image-(6\.1\.\d+-\d+-amd64)-unsigned$")
-
 
 class KernelPackageError(BootkitError):
     """The kernel package could not be found, downloaded or unpacked."""
+
+
+class Flavour(enum.StrEnum):
+    """Which Debian package of the plain (not cloud, not rt) x86-64 kernel: both hold the vmlinuz and modules."""
+
+    #: ``linux-image-<kver>-unsigned``: the kernel as built
+    unsigned = "unsigned"
+    #: ``linux-image-<kver>``: the same, the vmlinuz signed by Debian's Secure Boot key (shim trusts it)
+    signed = "signed"
+
+    def package(self, kver: str) -> str:
+        return f"linux-image-{kver}-unsigned" if self is Flavour.unsigned else f"linux-image-{kver}"
+
+    @property
+    def package_re(self) -> re.Pattern[str]:
+        suffix = "-unsigned" if self is Flavour.unsigned else ""
+        return re.compile(rf"^linux-image-(6\.1\.\d+-\d+-amd64){suffix}$")
+
+    @property
+    def apt_search(self) -> str:
+        """The ``apt-cache search --names-only`` expression of this flavour's packages."""
+        suffix = "-unsigned" if self is Flavour.unsigned else ""
+        return rf"^linux-image-6\.1\.[0-9.-]*-amd64{suffix}$"
+
+    def cache_subdir(self, cache: Path) -> Path:
+        """Where this flavour's packages and trees live: unsigned ones where they always did."""
+        base = cache / "kernel"
+        return base if self is Flavour.unsigned else base / "signed"
 
 
 @dataclass(frozen=True)
@@ -70,9 +103,9 @@ def _kernel_from_tree(root: Path, kver: str) -> Kernel:
     return Kernel(kver=kver, vmlinuz=root / "vmlinuz", kmoddir=root / "lib" / "modules" / kver)
 
 
-def cached_kernels(cache: Path | None = None) -> list[Kernel]:
-    """Unpacked kernels already in the cache, newest ABI first."""
-    base = (cache or cache_dir()) / "kernel"
+def cached_kernels(cache: Path | None = None, flavour: Flavour = Flavour.unsigned) -> list[Kernel]:
+    """Unpacked kernels of ``flavour`` already in the cache, newest ABI first."""
+    base = flavour.cache_subdir(cache or cache_dir())
     found = [_kernel_from_tree(d, d.name) for d in base.glob("6.1.*") if (d / ".complete").exists()]
     return sorted(found, key=lambda k: _abi_key(k.kver), reverse=True)
 
@@ -81,41 +114,63 @@ def _abi_key(kver: str) -> tuple[int, ...]:
     return tuple(int(n) for n in re.findall(r"\d+", kver))
 
 
-def latest_package() -> str:
-    """The newest ``linux-image-6.1.0-N-amd64-unsigned`` apt can download (it must have a candidate)."""
-    out = run(
-        ["apt-cache", "search", "--names-only", r"^linux-image-6\.1\.[0-9.-]*-amd64-unsigned$"],
-        capture=True,
-    ).stdout.decode()
+def latest_package(flavour: Flavour = Flavour.unsigned) -> str:
+    """The newest ``linux-image-6.1.0-N-amd64[-unsigned]`` apt can download (it must have a candidate)."""
+    out = run(["apt-cache", "search", "--names-only", flavour.apt_search], capture=True).stdout.decode()
     names = [line.split(" ", 1)[0] for line in out.splitlines()]
-    names = [n for n in names if _PACKAGE_RE.match(n)]
+    names = [n for n in names if flavour.package_re.match(n)]
     for name in sorted(names, key=lambda n: _abi_key(n), reverse=True):
         policy = run(["apt-cache", "policy", name], capture=True).stdout.decode()
         if re.search(r"Candidate: (?!\(none\))", policy):
             return name
     raise KernelPackageError(
-        "no linux-image-6.1.*-amd64-unsigned package known to apt: run 'apt-get update' "
+        f"no {flavour.package('6.1.*-amd64')} package known to apt: run 'apt-get update' "
         "(Debian bookworm main must be in the apt sources)"
     )
 
 
-def ensure_kernel(kver: str | None = None, *, cache: Path | None = None) -> Kernel:
+def signature_signers(image: Path) -> tuple[str, ...]:
+    """The subjects of the certificates that signed the EFI ``image`` (``sbverify --list``); () when unsigned.
+
+    Only lists: whether a signer is trusted is for the firmware and shim to decide. Needs ``sbsigntool``.
+    """
+    if shutil.which("sbverify") is None:
+        raise KernelPackageError("sbverify not found: install the Debian package 'sbsigntool'")
+    # sbverify exits 1 for an image without signature table ("No signature table present"): that is an answer
+    out = run(["sbverify", "--list", image], capture=True, check=False).stdout.decode(errors="replace")
+    return tuple(m.group(1).strip() for m in re.finditer(r"^\s*-\s*subject:\s*(.+)$", out, re.MULTILINE))
+
+
+def check_signed(vmlinuz: Path) -> tuple[str, ...]:
+    """The signers of a kernel that must be signed; :class:`KernelPackageError` naming the file when it is not."""
+    signers = signature_signers(vmlinuz)
+    if not signers:
+        raise KernelPackageError(
+            f"{vmlinuz}: no Authenticode signature (sbverify --list): shim and Debian's signed GRUB would refuse it"
+        )
+    return signers
+
+
+def ensure_kernel(
+    kver: str | None = None, *, cache: Path | None = None, flavour: Flavour = Flavour.unsigned
+) -> Kernel:
     """Return an unpacked, depmod'ed kernel, downloading it first if the cache does not have it.
 
     ``kver`` (e.g. ``6.1.0-56-amd64``) pins the version; without it a cached kernel is reused if there is
-    one, else the newest package apt knows is fetched. Idempotent; a cache hit runs no command.
+    one, else the newest package apt knows is fetched. ``flavour`` picks the unsigned or the signed package;
+    a signed kernel's signature is checked when it is unpacked. Idempotent; a cache hit runs no command.
     """
-    base = (cache or cache_dir()) / "kernel"
+    base = flavour.cache_subdir(cache or cache_dir())
     if kver is None:
-        have = cached_kernels(cache)
+        have = cached_kernels(cache, flavour)
         if have:
             return have[0]
-        package = latest_package()
-        m = _PACKAGE_RE.match(package)
+        package = latest_package(flavour)
+        m = flavour.package_re.match(package)
         assert m is not None
         kver = m.group(1)
     else:
-        package = f"linux-image-{kver}-unsigned"
+        package = flavour.package(kver)
     tree = base / kver
     if (tree / ".complete").exists():
         return _kernel_from_tree(tree, kver)
@@ -146,6 +201,9 @@ def ensure_kernel(kver: str | None = None, *, cache: Path | None = None) -> Kern
         vmlinuz = unpacked / "boot" / f"vmlinuz-{kver}"
         if not modules.is_dir() or not vmlinuz.exists():
             raise KernelPackageError(f"{deb}: no lib/modules/{kver} or boot/vmlinuz-{kver} inside")
+        if flavour is Flavour.signed:
+            signers = check_signed(vmlinuz)
+            log.info("kernel: vmlinuz-%s signed by %s", kver, "; ".join(signers))
         out = work / "tree"
         (out / "lib" / "modules").mkdir(parents=True)
         modules.rename(out / "lib" / "modules" / kver)

@@ -104,7 +104,7 @@ def cached_initrd(kernel: Any, progress: Progress) -> Path:
     return target
 
 
-def run_demo(console: bool, keep: bool, out: TextIO) -> int:
+def run_demo(console: bool, keep: bool, out: TextIO, signed_kernel: bool = False) -> int:
     from bkharness import images, pieces
     from bkharness.guest import GuestError
     from bkharness.netboot import netboot
@@ -114,7 +114,8 @@ def run_demo(console: bool, keep: bool, out: TextIO) -> int:
     progress = Progress(out, console)
     total = 6
     progress.step(1, total, "kernel: Debian linux-image package, unpacked into the cache")
-    kernel = pieces.kernel()
+    # the signed package holds the same build (same modules): only the vmlinuz the guest boots differs
+    kernel = pieces.signed_kernel() if signed_kernel else pieces.kernel()
     progress.say(f"    {kernel.kver}: {kernel.vmlinuz}")
     progress.step(2, total, "root image: busybox root in a GPT disk (ESP + root), as a deflate QCOW2")
     root = images.root_image("busybox")
@@ -162,12 +163,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-console", dest="console", action="store_false",
                         help="show only the progress lines, not the guest's serial console")
     parser.add_argument("--keep", action="store_true", help="keep the web root under cache/demo/run")
+    parser.add_argument("--signed-kernel", action="store_true",
+                        help="boot Debian's signed kernel package (linux-image-VER) instead of the unsigned one")
     args = parser.parse_args(argv)
     from bkharness.pieces import MissingPiece
     from bootkit.errors import BootkitError
 
     try:
-        return run_demo(args.console, args.keep, sys.stdout)
+        return run_demo(args.console, args.keep, sys.stdout, args.signed_kernel)
     except MissingPiece as e:
         sys.stdout.write(f"FAILURE: a part of bootkit is missing, the demo cannot boot: {e}\n")
         return 1

@@ -56,6 +56,13 @@ def kernel() -> Any:
     return kernelpkg.ensure_kernel()
 
 
+def signed_kernel() -> Any:
+    """The same Debian kernel from its signed package (``linux-image-<kver>``: vmlinuz signed for shim), fetched if
+    needed; its signature is checked with ``sbverify --list`` when it is unpacked."""
+    kernelpkg = importlib.import_module("bootkit.host.kernelpkg")
+    return kernelpkg.ensure_kernel(flavour=kernelpkg.Flavour.signed)
+
+
 def initrd(out: Path, *, systemd: bool, drivers: Sequence[str] = ("virtio_net",),
            extra: Sequence[str] = ()) -> Path:
     """``bootkit build-initrd -o OUT`` for the cached kernel: a systemd or a shell (network-legacy) initramfs.

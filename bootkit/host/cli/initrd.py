@@ -19,6 +19,9 @@ def register(sub: Any) -> None:
     p.add_argument("-o", "--output", required=True, type=Path, metavar="FILE", help="initramfs to write")
     p.add_argument("--kver", metavar="VER", help="kernel version (default: the cached Debian kernel)")
     p.add_argument("--kmoddir", type=Path, metavar="DIR", help="kernel modules, .../lib/modules/VER")
+    p.add_argument("--signed-kernel", action="store_true",
+                   help="Debian's signed kernel package (linux-image-VER, for shim under Secure Boot) instead of "
+                   "the unsigned one; with --kmoddir: refuse unless the vmlinuz next to it is signed")
     flavour = p.add_mutually_exclusive_group()
     flavour.add_argument("--systemd", dest="systemd", action="store_true",
                          help="systemd initramfs, network through systemd-networkd")
@@ -51,6 +54,7 @@ def _build_initrd(args: argparse.Namespace) -> int:
             drivers=drivers,
             dracut_args=tuple(args.dracut_args),
             trust_keys=tuple(read_trust_key(p) for p in args.trust_keys),
+            signed_kernel=args.signed_kernel,
         )
     )
     print(describe(result))

@@ -38,6 +38,7 @@ from bootkit.host.pxecfg.model import (
     Mode,
     NetSpec,
     OverlayKind,
+    PxeLoader,
 )
 from bootkit.host.pxecfg.resolve import Context
 from bootkit.host.pxecfg.settings import (
@@ -242,9 +243,13 @@ def _http_boot(t: Table, mode: DhcpMode, ctx: Context) -> Artifact | None:
 
 def _dhcp(t: Table, bootloaders: frozenset[Bootloader], ctx: Context) -> Dhcp:
     mode: DhcpMode = t.get("mode", DhcpMode.proxy)
-    loader: Bootloader = t.get("loader", Bootloader.ipxe)
-    if loader not in bootloaders:
+    loader: PxeLoader = t.get("loader", PxeLoader.ipxe)
+    if loader.bootloader not in bootloaders:
         raise t.error("loader", f"{loader.value!r} is not among the configured bootloaders")
+    if loader is PxeLoader.shim:
+        from bootkit.host.pxecfg import shim
+
+        t.check("loader", shim.check_sources, shim.DEBIAN)
     subnet = t.get("subnet")
     range_start = t.get("range_start")
     range_end = t.get("range_end")
@@ -379,6 +384,14 @@ def _config(top: Table, base_dir: Path) -> Config:
 
     dhcp_table = top.table("dhcp")
     dhcp = None if dhcp_table is None else _dhcp(dhcp_table, bootloaders, ctx)
+    if dhcp is not None and dhcp.loader is PxeLoader.shim:
+        from bootkit.host.pxecfg import shim
+
+        # the signed GRUB reads kernel and initramfs over TFTP (pxe-config copies them) and refuses an unsigned
+        # kernel at boot: say so now
+        for t, entry in zip(entry_tables, entries.values(), strict=True):
+            t.check("kernel", shim.check_kernel, entry.kernel)
+            t.check("initrd", shim.check_local, entry.initrd)
     serial_speed = None
     grub_table = top.table("grub")
     if grub_table is not None:

@@ -29,6 +29,21 @@ class Bootloader(enum.StrEnum):
     grub = "grub"
 
 
+class PxeLoader(enum.StrEnum):
+    """What a firmware PXE ROM loads first (``[dhcp] loader``)."""
+
+    ipxe = "ipxe"
+    grub = "grub"
+    #: UEFI clients: Debian's signed shim, then Debian's signed network GRUB (Secure Boot; pxecfg/shim.py);
+    #: BIOS clients, which have no Secure Boot: GRUB as with ``grub``
+    shim = "shim"
+
+    @property
+    def bootloader(self) -> Bootloader:
+        """The bootloader whose configuration this chain reads."""
+        return Bootloader.ipxe if self is PxeLoader.ipxe else Bootloader.grub
+
+
 class Firmware(enum.StrEnum):
     """The two x86-64 firmware families a PXE client can run, and what each needs."""
 
@@ -261,7 +276,7 @@ class Dhcp:
 
     mode: DhcpMode
     #: the bootloader a firmware PXE ROM gets first (clients already running iPXE always get boot.ipxe)
-    loader: Bootloader
+    loader: PxeLoader
     #: proxy mode: the network (address) dnsmasq answers on, e.g. ``192.168.1.0``
     subnet: str | None = None
     #: full mode: the address pool, netmask, lease time, router and DNS servers handed out

@@ -9,6 +9,10 @@ Layout (also in docs/pxe.md, "Output directory")::
     OUT/tftp/boot/grub/grub.cfg                 GRUB menu; grub.cfg-01-<mac> per machine
     OUT/tftp/boot/grub/i386-pc/core.0           BIOS GRUB netboot image (grub-mknetdir)
     OUT/tftp/boot/grub/x86_64-efi/core.efi      UEFI GRUB netboot image (grub-mknetdir)
+    OUT/tftp/shimx64.efi, grubx64.efi           Debian's signed shim and network GRUB ([dhcp] loader = "shim")
+    OUT/tftp/grub/grub.cfg                      the signed GRUB's menus, every machine in one file
+    OUT/tftp/grub/entries/<entry>/              each entry's kernel and initramfs, which the signed GRUB reads
+                                                over TFTP (it has no http)
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from bootkit.host.pxecfg import grub
-from bootkit.host.pxecfg.model import Bootloader, Config, Firmware
+from bootkit.host.pxecfg import grub, shim
+from bootkit.host.pxecfg.model import Bootloader, Config, Firmware, PxeLoader
 from bootkit.host.pxecfg.render import render_all
 from bootkit.log import log
 
@@ -49,7 +53,9 @@ def write(config: Config, out: Path, *, grub_images: bool = True, ipxe_lib: Path
             image = grub.make_netdir(tftp, firmware)
             if image is not None:
                 written.append(image)
-    if config.dhcp is not None and config.dhcp.loader is Bootloader.ipxe:
+    if config.dhcp is not None and config.dhcp.loader is PxeLoader.shim:
+        written += shim.install(config, tftp)
+    if config.dhcp is not None and config.dhcp.loader is PxeLoader.ipxe:
         for firmware in Firmware:
             source = ipxe_lib / firmware.ipxe_binary()
             if not source.is_file():

@@ -26,8 +26,9 @@ import jinja2
 
 from bootkit.boot.cmdline import Arg, Loader, LoaderVar
 from bootkit.errors import ConfigError
+from bootkit.host.pxecfg import shim
 from bootkit.host.pxecfg.cmdline import Network, kernel_words, network_choices
-from bootkit.host.pxecfg.model import Artifact, Bootloader, Config, DhcpMode, Entry, Firmware, Machine
+from bootkit.host.pxecfg.model import Artifact, Bootloader, Config, DhcpMode, Entry, Firmware, Machine, PxeLoader
 
 #: paths of the generated text files, relative to the output directory
 IPXE_SCRIPT = PurePosixPath("tftp/boot.ipxe")
@@ -85,7 +86,7 @@ class DnsmasqBoot:
     file: str
 
 
-def _environment() -> jinja2.Environment:
+def environment() -> jinja2.Environment:
     return jinja2.Environment(
         # names are unique across the two folders: boot.ipxe.j2, dnsmasq.conf.j2 | grub.cfg.j2
         loader=jinja2.ChoiceLoader([
@@ -184,14 +185,14 @@ def menus(config: Config) -> tuple[MenuView, ...]:
 def render_ipxe(config: Config) -> str:
     """The iPXE script (``boot.ipxe``)."""
     all_menus = menus(config)
-    return _environment().get_template("boot.ipxe.j2").render(
+    return environment().get_template("boot.ipxe.j2").render(
         source=config.source, menus=all_menus, default_menu=all_menus[0], machine_menus=all_menus[1:]
     )
 
 
 def render_grub(config: Config) -> dict[PurePosixPath, str]:
     """``grub.cfg`` and one ``grub.cfg-01-<mac>`` per machine, keyed by output path."""
-    template = _environment().get_template("grub.cfg.j2")
+    template = environment().get_template("grub.cfg.j2")
     result = {}
     for menu in menus(config):
         name = "grub.cfg" if menu.machine is None else f"grub.cfg-01-{menu.machine.hexhyp}"
@@ -205,7 +206,7 @@ def dnsmasq_boots(config: Config) -> tuple[DnsmasqBoot, ...]:
     """Which boot file each kind of client gets, in the order dnsmasq should see the rules."""
     assert config.dhcp is not None
     rules = []
-    if config.dhcp.loader is Bootloader.ipxe:
+    if config.dhcp.loader is PxeLoader.ipxe:
         rules.append(
             DnsmasqBoot(
                 "clients already running iPXE get the boot script",
@@ -227,6 +228,18 @@ def dnsmasq_boots(config: Config) -> tuple[DnsmasqBoot, ...]:
             )
     else:
         for fw in Firmware:
+            if fw is Firmware.uefi and config.dhcp.loader is PxeLoader.shim:
+                rules.append(
+                    DnsmasqBoot(
+                        "UEFI clients load Debian's signed shim, which loads the signed GRUB (grubx64.efi, next to "
+                        "it), which reads grub/grub.cfg (Secure Boot)",
+                        f"tag:{fw.value}",
+                        None,
+                        fw.pxe_csas(),
+                        shim.SHIM_NAME,
+                    )
+                )
+                continue
             rules.append(
                 DnsmasqBoot(
                     f"{fw.name.upper()} clients load GRUB (built by grub-mknetdir), which reads boot/grub/grub.cfg",
@@ -243,7 +256,7 @@ def render_dnsmasq(config: Config, tftp_root: str) -> str:
     """The dnsmasq configuration; ``tftp_root`` is used when the description does not set one."""
     dhcp = config.dhcp
     assert dhcp is not None
-    return _environment().get_template("dnsmasq.conf.j2").render(
+    return environment().get_template("dnsmasq.conf.j2").render(
         source=config.source,
         dhcp=dhcp,
         proxy=dhcp.mode is DhcpMode.proxy,
@@ -264,4 +277,6 @@ def render_all(config: Config, tftp_root: str) -> dict[PurePosixPath, str]:
         files.update(render_grub(config))
     if config.dhcp is not None:
         files[DNSMASQ_CONF] = render_dnsmasq(config, tftp_root)
+        if config.dhcp.loader is PxeLoader.shim:
+            files[shim.CONFIG] = shim.render(config)
     return files

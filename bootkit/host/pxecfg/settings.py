@@ -15,7 +15,7 @@ from typing import Any
 
 from bootkit.host.pxecfg import network as net
 from bootkit.host.pxecfg import values as v
-from bootkit.host.pxecfg.model import Bootloader, DhcpMode, IpConfig, Mode, OverlayKind
+from bootkit.host.pxecfg.model import DhcpMode, IpConfig, Mode, OverlayKind, PxeLoader
 
 
 @dataclass(frozen=True)
@@ -110,8 +110,8 @@ DHCP_SETTINGS = (
         "mode", "proxy: next to an existing DHCP server (default); full: dnsmasq hands out addresses", metavar="MODE",
         parse=v.choice(DhcpMode),
     ),
-    Setting("loader", "what firmware PXE clients load first: ipxe (default) or grub", metavar="LOADER",
-            parse=v.choice(Bootloader)),
+    Setting("loader", "what firmware PXE clients load first: ipxe (default), grub, or shim (UEFI: Debian's signed "
+            "shim and network GRUB, for Secure Boot; BIOS: grub)", metavar="LOADER", parse=v.choice(PxeLoader)),
     Setting("subnet", "proxy mode: address of the network to answer on (192.168.1.0)", metavar="ADDR",
             parse=v.ipv4),
     Setting("range_start", "full mode: first address of the pool", metavar="ADDR", parse=v.ipv4),
