@@ -60,7 +60,7 @@ def test_address_report_format() -> None:
     proc = subprocess.run(["sh", str(MODULE / "bootkit-netinfo.sh")], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0
     for line in proc.stdout.splitlines():
-        assert re.fullmatch(r"bootkit: address: [A-Za-z0-9._?-]+ [0-9./]+ (static|dynamic)", line), line
+        assert re.fullmatch(r"bootkit: address: [A-Za-z0-9._?-]+ [0-9a-f:./]+ (static|dynamic)", line), line
 
 
 def _bootif_generator(tmp_path: Path, cmdline: str) -> dict[str, str]:

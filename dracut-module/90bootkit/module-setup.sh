@@ -115,6 +115,9 @@ EOF
                 "$systemdutildir/system-generators/bootkit-bootif-generator"
             # with vlan=/bond=, network-online waits for the VLAN or bond rather than --any link
             inst_script "$moddir/bootkit-top-generator.sh" "$systemdutildir/system-generators/bootkit-top-generator"
+            # the IPv6 configuration handed over: no router solicitation of networkd's own
+            inst_script "$moddir/bootkit-static6-generator.sh" \
+                "$systemdutildir/system-generators/bootkit-static6-generator"
         fi
     else
         # netroot handler: /sbin/netroot runs /sbin/<scheme>root once an interface is up
