@@ -130,3 +130,53 @@ def test_a_truncated_attribute_header_is_refused(tmp_path: Path) -> None:
     (d / f"BootCurrent-{EFI_GLOBAL_VARIABLE}").write_bytes(b"\x07\x00")
     with pytest.raises(BadVariable, match=r"^BootCurrent: 2 bytes, shorter than its 4 attribute bytes$"):
         boot_mac(d)
+
+
+# -- the systemd flavour's generator: BOOTIF= from the UEFI variables ---------------------------------------
+
+MODULE = Path(__file__).resolve().parent.parent / "dracut-module" / "90bootkit"
+
+
+def _generator(tmp_path: Path, cmdline: str, efivars_dir: Path) -> dict[str, str]:
+    proc_cmdline = tmp_path / "cmdline"
+    proc_cmdline.write_text(cmdline + "\n")
+    helper = tmp_path / "bootkit-efi-bootif"
+    # the initramfs's entry point, with this interpreter and tree
+    helper.write_text(f'#!/bin/sh\nexec {sys.executable} -m bootkit.boot.efiboot "$@"\n')
+    helper.chmod(0o755)
+    out = tmp_path / "network"
+    env = {"PATH": "/usr/bin:/bin", "BOOTKIT_PROC_CMDLINE": str(proc_cmdline), "BOOTKIT_NETWORK_DIR": str(out),
+           "BOOTKIT_EFIVARS": str(efivars_dir), "BOOTKIT_EFI_BOOTIF": str(helper),
+           "PYTHONPATH": str(Path(efiboot.__file__).resolve().parents[2])}  # fmt: skip
+    proc = subprocess.run(["sh", str(MODULE / "bootkit-bootif-generator.sh")], env=env, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return {p.name: p.read_text() for p in sorted(out.iterdir())} if out.exists() else {}
+
+
+def test_uki_line_with_http_boot_variables_configures_the_boot_nic_only(tmp_path: Path) -> None:
+    """The line build-uki writes (ip=dhcp rd.neednet=1, no BOOTIF=) on a machine OVMF booted over HTTP."""
+    from bootkit.host.uki import UKI_NETWORK
+
+    line = "root=qcow2:http://h/d.qcow2 " + " ".join(a.render(None) for a in UKI_NETWORK)
+    assert "ip=dhcp" in line.split() and "BOOTIF=" not in line
+    files = _generator(tmp_path, line, efivars(tmp_path, load_option(http_boot_path())))
+    assert list(files) == ["10-bootkit-bootif.network", "11-bootkit-other.network"]
+    assert "MACAddress=52:54:00:12:34:56\n" in files["10-bootkit-bootif.network"]
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        load_option(http_boot_path(mac_node(if_type=6))),  # malformed: refused by the reader
+        load_option(node(2, 1, bytes(8)) + node(0x7F, 0xFF, b"")),  # not a network boot
+    ],
+)
+def test_without_a_usable_mac_every_nic_keeps_dhcp(tmp_path: Path, option: bytes) -> None:
+    assert _generator(tmp_path, "ip=dhcp rd.neednet=1", efivars(tmp_path, option)) == {}
+
+
+def test_bootif_on_the_line_wins_over_the_variables(tmp_path: Path) -> None:
+    files = _generator(tmp_path, "ip=dhcp BOOTIF=01-52-54-00-aa-bb-cc",
+                       efivars(tmp_path, load_option(http_boot_path())))  # fmt: skip
+    assert "MACAddress=52:54:00:aa:bb:cc\n" in files["10-bootkit-bootif.network"]
