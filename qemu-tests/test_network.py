@@ -1,9 +1,11 @@
 """Netboots over the networks pxe-config's ``ip``, ``vlan`` and ``bond`` keys describe (docs/pxe.md, "VLAN,
-bonding, IPv6"): an IPv6-only network, and a VLAN on a bond of two NICs served by a second guest.
+bonding, IPv6"): an IPv6-only network with iPXE's configuration handed over, and a VLAN on a bond of two NICs
+served by a second guest.
 
-To save boot time the client starts by direct kernel boot with the kernel line ``pxe-config`` wrote for the
-entry (the iPXE line minus ``initrd=``, which only the EFI stub reads): what these tests prove is the
-initramfs's side; test_netboot.py and test_pxecfg_qemu.py prove the boot loaders carry the line.
+The IPv6 client boots iPXE (``ipxe.lkrn``) and the script pxe-config wrote. To save boot time the VLAN client
+starts by direct kernel boot with the kernel line ``pxe-config`` wrote for the entry (the iPXE line minus
+``initrd=``, which only the EFI stub reads): what that test proves is the initramfs's side;
+test_netboot.py and test_pxecfg_qemu.py prove the boot loaders carry the line.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from bkharness.fixtures import BootDir
 from bkharness.guest import Guest, Nic, qemu_command
 from bkharness.images import RootImage, qcow2_image
@@ -75,7 +79,6 @@ docroot = "{www}"
 timeout = 0
 bootloaders = ["ipxe"]
 console = ["ttyS0,115200"]
-ip = "auto6"
 
 [[entry]]
 name = "v6"
@@ -87,14 +90,36 @@ manifest = "disk.qcow2.manifest"
 args = {args}
 """
 
+#: iPXE as a Linux kernel (QEMU boots it directly; it runs its initrd as a script): Debian's build has IPv6
+IPXE_LKRN = Path("/usr/lib/ipxe/ipxe.lkrn")
+V6_MAC = "52:54:00:12:34:56"
+#: iPXE under TCG: ifconf and the kernel and initramfs over QEMU's user network take 15-20 s idle, more busy
+IPXE_STAGE = 120.0
+#: what iPXE's router advertisement handling (SLAAC in libslirp's fec0::/64) gives the NIC with V6_MAC
+V6_ADDRESS = "fec0::5054:ff:fe12:3456"
 
-def test_ipv6_only_auto6_lazy_with_manifest(kernel: Any, systemd_initrd: Path, debian_root: RootImage,
-                                            boot_dir: BootDir) -> None:
-    """No IPv4 at all (QEMU's user network with ipv4=off): the systemd initramfs (systemd-network-generator,
-    networkd) configures the NIC from router advertisements (ip=auto6), bootkit reads the image lazily from
-    http://[fec0::2]:PORT/ and checks every chunk against a manifest whose URL is an IPv6 literal too; the
-    Debian root's systemd then runs on it."""
+#: the stand-in for iPXE's autoboot on an IPv6 network (ifconf, then the boot file): the script pxe-config wrote
+AUTOBOOT = """\
+#!ipxe
+ifconf --configurator ipv6 net0 || goto failed
+chain http://[{host}]:{port}/boot.ipxe || goto failed
+:failed
+echo AUTOBOOT-FAILED
+poweroff
+"""
+
+
+def test_ipv6_only_lease_handed_over_from_ipxe_lazy_with_manifest(kernel: Any, systemd_initrd: Path,
+                                                                  debian_root: RootImage, boot_dir: BootDir) -> None:
+    """No IPv4 at all (QEMU's user network with ipv4=off): iPXE configures the NIC from router advertisements
+    and runs the script pxe-config wrote, which hands iPXE's IPv6 address, prefix length and router to the
+    systemd initramfs as a static ip= on the boot NIC (ip = "lease", the default, with an image at an IPv6
+    address); networkd takes it as given (no DHCP, no router solicitation of its own: the address stays
+    static, without lifetimes), bootkit reads the image lazily from http://[fec0::2]:PORT/ and checks every
+    chunk against a manifest whose URL is an IPv6 literal too; the Debian root's systemd then runs on it."""
     require_boot_code()
+    if not IPXE_LKRN.exists():
+        pytest.skip(f"{IPXE_LKRN} missing (package ipxe)")
     image = qcow2_image(debian_root.raw, compression="zstd")
     manifest = boot_dir.path / "disk.qcow2.manifest"
     bootkit("manifest", "-o", manifest, image)
@@ -103,27 +128,39 @@ def test_ipv6_only_auto6_lazy_with_manifest(kernel: Any, systemd_initrd: Path, d
     log = boot_dir.path / "serve-http.log"
     with _serve_http_v6(www, log) as port:
         args = "[" + ", ".join(f'"{a}"' for a in GUEST_BOOT_ARGS) + "]"
-        line, script = _pxe_config(boot_dir.path, V6_DESCRIPTION.format(host=SLIRP_HOST6, port=port, www=www,
-                                                                         args=args))  # fmt: skip
+        _, script = _pxe_config(boot_dir.path, V6_DESCRIPTION.format(host=SLIRP_HOST6, port=port, www=www,
+                                                                      args=args))  # fmt: skip
         url = f"http://[{SLIRP_HOST6}]:{port}"
-        assert f"root=qcow2:{url}/disk.qcow2 " in line and f"rd.qcow2.manifest={url}/disk.qcow2.manifest " in line
-        assert " ip=auto6 rd.neednet=1" in line
-        assert f"initrd=initrd.img {line}" in script  # what iPXE would hand the kernel
-        cmd = qemu_command(kernel=Path(kernel.vmlinuz), initrd=systemd_initrd, append=line,
-                           netdev="user,id=n0,ipv4=off,ipv6=on")  # fmt: skip
-        with _guest(cmd, boot_dir.path, "ipv6-auto6") as vm:
-            boot_dir.prove(vm, debian_root, BOOT_TIMEOUT, network="ipv6-auto6", mode="lazy", root="debian",
-                           initrd="systemd")  # fmt: skip
+        assert f"root=qcow2:{url}/disk.qcow2 " in script and f"rd.qcow2.manifest={url}/disk.qcow2.manifest " in script
+        handover = "ip=[${netX/ip6}]::[${netX/gateway6}]:${netX/len6}::bootnet:none"
+        assert f" ifname=bootnet:${{netX/mac}} {handover} rd.neednet=1 " in script
+        (www / "boot.ipxe").write_text(script)
+        autoboot = boot_dir.path / "autoboot.ipxe"
+        autoboot.write_text(AUTOBOOT.format(host=SLIRP_HOST6, port=port))
+        cmd = qemu_command(kernel=IPXE_LKRN, initrd=autoboot, netdev="user,id=n0,ipv4=off,ipv6=on", mac=V6_MAC)
+        with _guest(cmd, boot_dir.path, "ipv6-lease", IPXE_STAGE) as vm:
+            # iPXE's own stage (ifconf, the kernel and initramfs over HTTP) comes before the usual netboot
+            boot_dir.prove(vm, debian_root, BOOT_TIMEOUT + IPXE_STAGE, network="ipv6-lease", mode="lazy",
+                           root="debian", initrd="systemd", loader="ipxe")  # fmt: skip
             assert vm.seen(r"read lazily"), "the boot code did not report lazy mode"
+            # the kernel line iPXE expanded: its own IPv6 configuration, numbers only
+            assert vm.seen(re.escape(f"ip=[{V6_ADDRESS}]::[fe80::2]:64::bootnet:none")), vm.tail(80)
+            # networkd configured the handed-over address as given, and got none of its own from the RA
+            assert vm.seen(re.escape(f"bootkit: address: bootnet {V6_ADDRESS}/64 static")), vm.tail(80)
+            assert not vm.seen(r"bootkit: address: .* dynamic"), vm.tail(80)
+            assert not vm.seen(r"AUTOBOOT-FAILED")
     requests = log.read_text(errors="replace")
-    # partial content of the image and the whole manifest, all over IPv6
+    # iPXE fetched its script, the kernel and the initramfs over IPv6; bootkit partial content of the image
+    # and the whole manifest
+    for path in ("boot.ipxe", "vmlinuz", "initrd.img", "disk.qcow2.manifest"):
+        assert re.search(rf'"GET /{re.escape(path)} HTTP/1\.[01]" 200', requests), (path, requests[-2000:])
     assert re.search(r'"GET /disk\.qcow2 HTTP/1\.[01]" 206', requests), requests[-2000:]
-    assert re.search(r'"GET /disk\.qcow2\.manifest HTTP/1\.[01]" 200', requests), requests[-2000:]
 
 
 @contextmanager
-def _guest(cmd: list[str], log_dir: Path, name: str) -> Iterator[Guest]:
-    guest = Guest(cmd, name=name, log_path=log_dir / f"{name}.serial.log", boot_timeout=BOOT_TIMEOUT + 120)
+def _guest(cmd: list[str], log_dir: Path, name: str, extra: float = 0.0) -> Iterator[Guest]:
+    """The guest of ``cmd``, killed after the netboot's time plus ``extra`` seconds (a boot loader's stage)."""
+    guest = Guest(cmd, name=name, log_path=log_dir / f"{name}.serial.log", boot_timeout=BOOT_TIMEOUT + 120 + extra)
     try:
         yield guest
     finally:
@@ -221,14 +258,19 @@ def _sockets(cmd: list[str], sockdir: str, *, server: bool, macs: tuple[str, str
     return cmd
 
 
-def test_vlan_on_a_bond_of_two_nics(kernel: Any, shell_initrd: Path, busybox_root: RootImage,
-                                    boot_dir: BootDir) -> None:
-    """The shell initramfs (dracut's network-legacy: parse-bond, parse-vlan, ifup) builds bond0 of eth0 and
-    eth1, VLAN 100 on it, gets an address by DHCP on the VLAN, and bootkit's netroot handler boots the image
-    served there. (The systemd flavour boots IPv6 above; its vlan=/bond= handling, systemd-network-generator,
-    is checked on the host in tests/test_pxecfg_net.py.)"""
+@pytest.mark.parametrize("flavour", ["shell", "systemd"])
+def test_vlan_on_a_bond_of_two_nics(kernel: Any, boot_dir: BootDir, request: pytest.FixtureRequest,
+                                    flavour: str) -> None:
+    """Both initramfs flavours build bond0 of eth0 and eth1, VLAN 100 on it, get an address by DHCP on the
+    VLAN and boot the image served there. The shell one with dracut's network-legacy (parse-bond, parse-vlan,
+    ifup), then bootkit's netroot handler on the VLAN; the systemd one with systemd-network-generator's
+    .netdev/.network files for networkd (systemd 252 writes no [Bond] section: the bond is balance-rr, as the
+    server's), wait-online waiting for the VLAN only (bootkit-top-generator), then bootkit-root.service. The
+    systemd flavour boots the Debian root: systemd's switch-root wants an OS tree."""
     require_boot_code()
-    image = qcow2_image(busybox_root.raw, compression="zstd")
+    initrd: Path = request.getfixturevalue(f"{flavour}_initrd")
+    root: RootImage = request.getfixturevalue("busybox_root" if flavour == "shell" else "debian_root")
+    image = qcow2_image(root.raw, compression="zstd")
     www = publish(boot_dir.path / "www", {"disk.qcow2": image})
     args = "[" + ", ".join(f'"{a}"' for a in (*GUEST_BOOT_ARGS, "net.ifnames=0")) + "]"
     line, _ = _pxe_config(boot_dir.path, VLAN_DESCRIPTION.format(server_ip=SERVER_IP, www=www, vid=VLAN_ID,
@@ -236,17 +278,109 @@ def test_vlan_on_a_bond_of_two_nics(kernel: Any, shell_initrd: Path, busybox_roo
     assert f" vlan=bond0.{VLAN_ID}:bond0 bond=bond0:eth0,eth1:mode=balance-rr ip=bond0.{VLAN_ID}:dhcp " in line
     server_initrd = _server_initramfs(kernel, www, boot_dir.path)
     with tempfile.TemporaryDirectory(prefix="bk-vlan-") as sockdir:  # unix socket paths: 108 bytes at most
-        server_cmd = _sockets(qemu_command(kernel=Path(kernel.vmlinuz), initrd=server_initrd, memory_mib=512,
+        server_cmd = _sockets(qemu_command(kernel=Path(kernel.vmlinuz), initrd=server_initrd, memory_mib=768,
                                            append="console=ttyS0,115200 panic=-1 quiet"),
                               sockdir, server=True, macs=("52:54:00:00:60:01", "52:54:00:00:60:02"))  # fmt: skip
         with _guest(server_cmd, boot_dir.path, "vlan-server") as server:
             server.expect(r"SERVER-READY", BOOT_TIMEOUT)
-            client_cmd = _sockets(qemu_command(kernel=Path(kernel.vmlinuz), initrd=shell_initrd, append=line),
+            client_cmd = _sockets(qemu_command(kernel=Path(kernel.vmlinuz), initrd=initrd, append=line),
                                   sockdir, server=False, macs=("52:54:00:00:61:01", "52:54:00:00:61:02"))  # fmt: skip
             with _guest(client_cmd, boot_dir.path, "vlan-client") as vm:
-                boot_dir.prove(vm, busybox_root, BOOT_TIMEOUT, network="vlan-on-bond", mode="ram", root="busybox",
-                               initrd="shell")  # fmt: skip
-                # dracut's ifup ran bootkit's netroot handler on the VLAN, the top interface
-                assert vm.seen(r"bootkit: network up on bond0\.100"), vm.tail(60)
+                boot_dir.prove(vm, root, BOOT_TIMEOUT, network="vlan-on-bond", mode="ram", root=root.kind,
+                               initrd=flavour)  # fmt: skip
+                addresses = re.findall(r"bootkit: address: (\S+) (\S+) (static|dynamic)", vm.output)
+                if flavour == "shell":
+                    # dracut's ifup ran bootkit's netroot handler on the VLAN, the top interface
+                    assert vm.seen(r"bootkit: network up on bond0\.100"), vm.tail(60)
+            # the only address: DHCP's on the VLAN, none on the bond or its NICs
+            assert [(n, k) for n, _, k in addresses] == [(f"bond0.{VLAN_ID}", "dynamic")], addresses
+            assert addresses[0][1].startswith("192.168.60."), addresses
             # the only way to the image: udhcpd and httpd answer on the tagged VLAN of the server's bond only
             assert server.seen(r"SERVER-READY on bond0\.100")
+
+
+# -- DHCPv6, systemd flavour: dnsmasq in a network namespace of the test's own ----------------------------------
+#
+# QEMU's user network has no DHCPv6. The guest's NIC is a tap device in a network namespace this test makes
+# (``unshare -n``), which holds the server side: dnsmasq (router advertisements with the managed flag, and
+# DHCPv6) and ``bootkit serve-http``. (A VLAN on it would need the host's 8021q module or a VLAN-filtering
+# bridge; the machine the tests run on may have neither, so the VLAN boots stay with the server guest above.)
+
+V6_SERVER = "fd00:100::1"
+V6_PORT = 8080
+
+NETNS_SETUP = """\
+set -e
+ip link set lo up
+ip tuntap add tap0 mode tap
+ip link set tap0 up
+# nodad: serve-http binds the address at once, before duplicate address detection would have finished
+ip addr add {server}/64 dev tap0 nodad
+dnsmasq --conf-file=/dev/null --keep-in-foreground --port=0 --no-resolv --bind-interfaces --interface=tap0 \\
+    --enable-ra --dhcp-range=fd00:100::100,fd00:100::1ff,64,1h --dhcp-leasefile={work}/dnsmasq.leases \\
+    --log-dhcp --log-facility={work}/dnsmasq.log &
+echo $! > {work}/dnsmasq.pid
+{python} -m bootkit -v serve-http --bind [{server}]:{port} {www} > {work}/serve-http.out 2> {work}/serve-http.log &
+echo $! > {work}/serve-http.pid
+exec "$@"
+"""
+
+DHCP6_DESCRIPTION = """\
+base_url = "http://[{server}]:{port}/"
+docroot = "{www}"
+timeout = 0
+bootloaders = ["ipxe"]
+console = ["ttyS0,115200"]
+ip = "dhcp6"
+
+[[entry]]
+name = "dhcp6"
+kernel = "vmlinuz"
+initrd = "initrd.img"
+image = "disk.qcow2"
+args = {args}
+"""
+
+
+def test_dhcp6_from_dnsmasq_systemd_flavour(kernel: Any, systemd_initrd: Path, debian_root: RootImage,
+                                            boot_dir: BootDir) -> None:
+    """The systemd initramfs (systemd-network-generator: ip=dhcp6; networkd's DHCPv6 client) gets its address
+    from dnsmasq's DHCPv6 (router advertisement with the managed flag, no SLAAC prefix) and boots the image
+    served at that network's IPv6 address."""
+    require_boot_code()
+    for tool in ("unshare", "dnsmasq", "ip"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} missing")
+    if subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a network namespace (unshare -n): needs root or user namespaces")
+    work = boot_dir.path
+    image = qcow2_image(debian_root.raw, compression="zstd")
+    www = publish(work / "www", {"vmlinuz": Path(kernel.vmlinuz), "initrd.img": systemd_initrd, "disk.qcow2": image})
+    args = "[" + ", ".join(f'"{a}"' for a in GUEST_BOOT_ARGS) + "]"
+    line, _ = _pxe_config(work, DHCP6_DESCRIPTION.format(server=V6_SERVER, port=V6_PORT, www=www, args=args))
+    assert " ip=dhcp6 rd.neednet=1 " in line
+    setup = NETNS_SETUP.format(server=V6_SERVER, port=V6_PORT, www=www, work=work, python=sys.executable)
+    cmd = qemu_command(kernel=Path(kernel.vmlinuz), initrd=systemd_initrd, append=line,
+                       netdev="tap,id=n0,ifname=tap0,script=no,downscript=no")  # fmt: skip
+    try:
+        with _guest(["unshare", "-n", "--", "sh", "-c", setup, "netns", *cmd], work, "dhcp6-client") as vm:
+            boot_dir.prove(vm, debian_root, BOOT_TIMEOUT, network="dhcp6", mode="ram", root="debian",
+                           initrd="systemd")  # fmt: skip
+            addresses = re.findall(r"bootkit: address: (\S+) (\S+) (static|dynamic)", vm.output)
+    finally:
+        # dnsmasq and serve-http, started by the namespace's shell (stopped by PID, as they were started)
+        for pid_file in ("dnsmasq.pid", "serve-http.pid"):
+            pid = (work / pid_file).read_text().strip() if (work / pid_file).exists() else ""
+            if pid.isdigit():
+                try:
+                    os.kill(int(pid), signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+    # the only address: DHCPv6's (a /128 with a lifetime; the advertisement's prefix has no SLAAC flag)
+    assert len(addresses) == 1, addresses
+    _name, address, kind = addresses[0]
+    assert kind == "dynamic" and address.startswith("fd00:100::") and address.endswith("/128"), addresses
+    dhcp_log = (work / "dnsmasq.log").read_text(errors="replace")
+    assert re.search(rf"DHCPREPLY\(tap0\) {re.escape(address.split('/')[0])} ", dhcp_log), dhcp_log[-3000:]
+    requests = (work / "serve-http.log").read_text(errors="replace")
+    assert re.search(r'"GET /disk\.qcow2 HTTP/1\.[01]" 200', requests), requests[-2000:]

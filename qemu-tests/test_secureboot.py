@@ -320,6 +320,10 @@ def test_http_boot_of_the_signed_uki_to_the_root(
                 vm.expect(r"secureboot: Secure boot enabled", 60)
                 boot_dir.prove(vm, busybox_root, BOOT_TIMEOUT, firmware="uefi-secureboot", loader="uki-http",
                                mode="ram", root="busybox", initrd="shell")  # fmt: skip
+                # no boot loader, no BOOTIF=: the UEFI variables named the NIC OVMF booted from (docs/pxe.md,
+                # "Secure paths"), and dracut ran DHCP on that one only
+                bootif = "01-" + CLIENT_MAC.replace(":", "-")
+                assert vm.seen(rf"bootkit: boot interface from the UEFI variables: BOOTIF={bootif}"), vm.tail(60)
             server_log = server.output
 
     assert booted_line == expected_line

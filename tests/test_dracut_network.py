@@ -60,7 +60,7 @@ def test_address_report_format() -> None:
     proc = subprocess.run(["sh", str(MODULE / "bootkit-netinfo.sh")], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0
     for line in proc.stdout.splitlines():
-        assert re.fullmatch(r"bootkit: address: [A-Za-z0-9._?-]+ [0-9./]+ (static|dynamic)", line), line
+        assert re.fullmatch(r"bootkit: address: [A-Za-z0-9._?-]+ [0-9a-f:./]+ (static|dynamic)", line), line
 
 
 def _bootif_generator(tmp_path: Path, cmdline: str) -> dict[str, str]:
@@ -109,3 +109,28 @@ def test_plain_dhcp_with_bootif_configures_the_boot_interface_only(tmp_path: Pat
 def test_bootif_generator_leaves_every_other_line_alone(tmp_path: Path, cmdline: str) -> None:
     (tmp_path / "01-52-54-00-12-34-56").touch()  # what an unquoted glob would match in the working directory
     assert _bootif_generator(tmp_path, cmdline) == {}
+
+
+def test_address_report_lists_ipv4_and_ipv6_but_not_link_local() -> None:
+    """In a network namespace of its own: a static IPv4 and a static site-local IPv6 address (QEMU's user
+    network hands out fec0::/64, scope site) are reported as static, an address with a lifetime as dynamic,
+    link-local ones not at all."""
+    setup = (
+        "ip link set lo up && ip link add bootnet type veth peer name peer0 && ip link set peer0 up && "
+        "ip link set bootnet up && ip addr add 10.0.2.15/24 dev bootnet && "
+        "ip addr add fec0::5054:ff:fe12:3456/64 dev bootnet && "
+        "ip addr add 2001:db8::7/64 dev peer0 valid_lft 600 preferred_lft 600"
+    )
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a network namespace: {probe.stderr.decode(errors='replace').strip()}")
+    proc = subprocess.run(
+        ["unshare", "-n", "sh", "-c", f'{setup} && sh "$0"', str(MODULE / "bootkit-netinfo.sh")],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.splitlines()) == [
+        "bootkit: address: bootnet 10.0.2.15/24 static",
+        "bootkit: address: bootnet fec0::5054:ff:fe12:3456/64 static",
+        "bootkit: address: peer0 2001:db8::7/64 dynamic",
+    ]

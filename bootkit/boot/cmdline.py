@@ -125,6 +125,11 @@ class LoaderVar(_Choice):
     mac = "mac"
     #: the first DNS server of the lease
     dns = "dns"
+    #: IPv6: the address (DHCPv6 over SLAAC over link-local: iPXE's settings order), the prefix length of the
+    #: router advertisement's prefix and the router (a link-local address)
+    ip6 = "ip6"
+    len6 = "len6"
+    gateway6 = "gateway6"
 
     def render(self, loader: Loader) -> str:
         text = _LOADER_SYNTAX[loader].get(self)
@@ -135,13 +140,19 @@ class LoaderVar(_Choice):
 
 # iPXE: settings of the interface it booted through (``netX``, the last one opened, which is the one whose
 # DHCP succeeded); every one is ipv4- or hex-typed, so iPXE prints dotted quads and colon-separated hex only.
-# An unset one (a lease without router or DNS) expands to nothing. GRUB: the variables its ``net_bootp`` sets
+# An unset one (a lease without router or DNS) expands to nothing. IPv6 (iPXE built with NET_PROTO_IPV6, as
+# Debian's is): ``ip6``, ``len6`` and ``gateway6`` are ipv6- and int-typed settings of the IPv6 scope, which
+# ``netX`` finds in its child blocks: ``netX.dhcpv6`` (the DHCPv6 address), ``netX.ndp.<n>`` (SLAAC address,
+# prefix length and router of a router advertisement) and ``netX.link`` (fe80::, length 64); the highest order
+# wins (DHCPv6, then SLAAC, then link-local: iPXE's ``enum ipv6_settings_order``). ``dns6`` is not used: two
+# settings of that name live in two scopes (NDP's RDNSS and DHCPv6). GRUB: the variables its ``net_bootp`` sets
 # for the default interface (2.06 has no gateway, netmask or DNS variable). Braced, so that a following
 # letter cannot extend the name.
 _LOADER_SYNTAX: Dict[Loader, Dict[LoaderVar, str]] = {
     Loader.ipxe: {
         **{v: "${netX/" + v.value + "}" for v in (LoaderVar.ip, LoaderVar.gateway, LoaderVar.netmask, LoaderVar.mac)},
         LoaderVar.dns: "${dns}",
+        **{v: "${netX/" + v.value + "}" for v in (LoaderVar.ip6, LoaderVar.len6, LoaderVar.gateway6)},
     },
     Loader.grub: {LoaderVar.ip: "${net_default_ip}", LoaderVar.mac: "${net_default_mac}"},
 }
@@ -153,6 +164,9 @@ WIDEST_LEASE: Dict[LoaderVar, str] = {
     LoaderVar.netmask: "255.255.255.255",
     LoaderVar.mac: "ff:ff:ff:ff:ff:ff",
     LoaderVar.dns: "255.255.255.255",
+    LoaderVar.ip6: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+    LoaderVar.len6: "128",
+    LoaderVar.gateway6: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
 }
 
 
@@ -232,11 +246,27 @@ def lease_network(hostname: Optional[str] = None) -> Tuple[Arg, ...]:
     )  # fmt: skip
 
 
-def boot_nic_dhcp_network(hostname: Optional[str] = None) -> Tuple[Arg, ...]:
-    """DHCP in the initramfs on the interface the boot loader booted from (by MAC), and on no other."""
+def lease6_network(hostname: Optional[str] = None) -> Tuple[Arg, ...]:
+    """The boot loader's IPv6 configuration handed over: a static address, prefix length and router on the
+    interface it booted from (by MAC). IPv6 addresses go in brackets, the prefix length in the netmask field
+    (dracut's net-lib.sh ip_to_var and ifup.sh do_static, systemd-network-generator alike). The router is
+    never empty: iPXE's script hands over only when it has one (``isset``)."""
     return (
         Arg.of(f"ifname={BOOT_IFNAME}:", LoaderVar.mac),
-        Arg.of(f"ip=::::{hostname or ''}:{BOOT_IFNAME}:dhcp"),
+        Arg.of(
+            "ip=[", LoaderVar.ip6, "]::[", LoaderVar.gateway6, "]:", LoaderVar.len6,
+            f":{hostname or ''}:{BOOT_IFNAME}:none",
+        ),
+        Arg.of("rd.neednet=1"),
+    )  # fmt: skip
+
+
+def boot_nic_dhcp_network(hostname: Optional[str] = None, autoconf: str = "dhcp") -> Tuple[Arg, ...]:
+    """DHCP (or ``autoconf``: ``auto6``, ``dhcp6``) in the initramfs on the interface the boot loader booted
+    from (by MAC), and on no other."""
+    return (
+        Arg.of(f"ifname={BOOT_IFNAME}:", LoaderVar.mac),
+        Arg.of(f"ip=::::{hostname or ''}:{BOOT_IFNAME}:{autoconf}"),
         Arg.of("rd.neednet=1"),
     )
 

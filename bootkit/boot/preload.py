@@ -36,6 +36,7 @@ BOOTKIT_MODULES: Tuple[str, ...] = (
     "bootkit.boot.mount",
     "bootkit.boot.serve",
     "bootkit.boot.report",
+    "bootkit.boot.efiboot",
     "bootkit.qcow2",
     "bootkit.qcow2.chain",
     "bootkit.qcow2.compress",

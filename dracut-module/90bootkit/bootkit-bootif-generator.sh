@@ -8,8 +8,10 @@
 #   11-bootkit-other.network   every other physical interface: not managed, so nothing waits for it
 # Any other network line (ip= naming an interface or an address, ifname=, a quote anywhere) is left alone:
 # the user's explicit configuration wins. Only a well-formed MAC address from BOOTIF= is written.
+# Without BOOTIF= (a UKI over UEFI HTTP Boot), the NIC the UEFI variables name stands in for it.
 #
-# BOOTKIT_PROC_CMDLINE and BOOTKIT_NETWORK_DIR point elsewhere for the host tests.
+# BOOTKIT_PROC_CMDLINE, BOOTKIT_NETWORK_DIR, BOOTKIT_EFIVARS and BOOTKIT_EFI_BOOTIF point elsewhere for the
+# host tests.
 
 dir=${BOOTKIT_NETWORK_DIR:-/run/systemd/network}
 cmdline=
@@ -31,6 +33,15 @@ for word in "$@"; do
     esac
 done
 [ "$dhcp" = 1 ] || exit 0
+# No BOOTIF= (a UKI started by UEFI HTTP Boot: no boot loader hands one over): the UEFI variables name the
+# NIC the firmware booted from (bootkit/boot/efiboot.py prints its BOOTIF= value, or nothing). systemd has
+# mounted efivarfs before generators run.
+if [ -z "$bootif" ]; then
+    efivars=${BOOTKIT_EFIVARS:-/sys/firmware/efi/efivars}
+    if [ -d "$efivars" ]; then
+        bootif=$("${BOOTKIT_EFI_BOOTIF:-/usr/lib/bootkit/bootkit-efi-bootif}" --efivars "$efivars" 2> /dev/null)
+    fi
+fi
 
 # 01-52-54-00-12-34-56 (hardware type 1, Ethernet) -> 52:54:00:12:34:56
 h='[0-9A-Fa-f][0-9A-Fa-f]'

@@ -34,6 +34,10 @@ installkernel() {
     # kernels that build it as a module (Debian's has it built in; instmods skips built-ins).
     hostonly='' instmods 8021q bonding ipv6
 
+    # the UEFI variables (efivarfs, a module in Debian's kernel): which NIC the firmware booted from, for a UKI
+    # over UEFI HTTP Boot that no boot loader hands a BOOTIF= (bootkit-efi-bootif.sh, bootkit/boot/efiboot.py)
+    hostonly='' instmods efivarfs
+
     # The buses the NIC drivers sit on. 90kernel-network-modules (or bootkit's --drivers stand-in) installs
     # only drivers/net; the transports come with dracut's 90kernel-modules, which a bootkit initramfs leaves
     # out, and without them a NIC driver never sees its device (virtio_net without virtio_pci: no eth0).
@@ -103,6 +107,18 @@ sys.exit(main())
 EOF
     chmod 0755 "$initdir/usr/lib/bootkit/bootkit-boot"
     inst_hook cmdline 90 "$moddir/parse-qcow2.sh"
+    # the boot NIC's BOOTIF= from the UEFI variables (bootkit/boot/efiboot.py), for both flavours
+    cat > "$initdir/usr/lib/bootkit/bootkit-efi-bootif" << 'EOF'
+#!/usr/bin/python3 -sE
+"""Print the BOOTIF= value of the NIC the firmware booted from (bootkit/boot/efiboot.py)."""
+import sys
+
+sys.path.insert(0, "/usr/lib/bootkit")
+from bootkit.boot.efiboot import main
+
+sys.exit(main())
+EOF
+    chmod 0755 "$initdir/usr/lib/bootkit/bootkit-efi-bootif"
     # prints the addresses the boot uses before the boot code starts (both flavours)
     inst_script "$moddir/bootkit-netinfo.sh" /usr/lib/bootkit/bootkit-netinfo
 
@@ -115,8 +131,13 @@ EOF
                 "$systemdutildir/system-generators/bootkit-bootif-generator"
             # with vlan=/bond=, network-online waits for the VLAN or bond rather than --any link
             inst_script "$moddir/bootkit-top-generator.sh" "$systemdutildir/system-generators/bootkit-top-generator"
+            # the IPv6 configuration handed over: no router solicitation of networkd's own
+            inst_script "$moddir/bootkit-static6-generator.sh" \
+                "$systemdutildir/system-generators/bootkit-static6-generator"
         fi
     else
+        # before network-legacy's parse-ip-opts.sh (cmdline 20): BOOTIF= from the UEFI variables
+        inst_hook cmdline 15 "$moddir/bootkit-efi-bootif.sh"
         # netroot handler: /sbin/netroot runs /sbin/<scheme>root once an interface is up
         inst_script "$moddir/qcow2root.sh" /sbin/qcow2root
         inst_hook pre-mount 10 "$moddir/qcow2-failed.sh"

@@ -19,13 +19,16 @@ from bootkit.boot.cmdline import (
     Arg,
     BootConfig,
     Loader,
+    LoaderVar,
     OverlayKind,
     Verify,
     boot_nic_dhcp_network,
     join_args,
+    lease6_network,
     lease_network,
 )
 from bootkit.host.pxecfg.model import Entry, Machine, NetSpec
+from bootkit.host.pxecfg.network import literal_version
 
 #: x86 COMMAND_LINE_SIZE (arch/x86/include/asm/setup.h): longer lines are cut by the kernel
 MAX_CMDLINE = 2048
@@ -36,8 +39,18 @@ class Network(enum.Enum):
 
     #: the loader's lease as a static address on the boot interface (iPXE)
     lease = "lease"
+    #: the loader's IPv6 address, prefix length and router as a static address on the boot interface (iPXE)
+    lease6 = "lease6"
     #: DHCP in the initramfs on the boot interface only, pinned by the MAC the loader booted from
     boot_nic_dhcp = "boot-nic-dhcp"
+    #: SLAAC (router advertisements; DHCPv6 where they ask for it) on the boot interface only
+    boot_nic_auto6 = "boot-nic-auto6"
+
+    @property
+    def loader_checks(self) -> tuple[LoaderVar, ...]:
+        """The loader values that must be set for this line to be written (else the fallback): a lease without
+        a netmask, or an IPv6 configuration without a router (iPXE's link-local address alone), is no lease."""
+        return {Network.lease: (LoaderVar.netmask,), Network.lease6: (LoaderVar.gateway6,)}.get(self, ())
     #: the initramfs configures the network the keys describe (:meth:`NetSpec.args`): ``ip=dhcp`` on every
     #: interface, or DHCP, DHCPv6 or SLAAC (dracut's ``<autoconf>``) on the VLAN or bond
     autoconf = "autoconf"
@@ -54,13 +67,16 @@ def network_choices(entry: Entry, machine: Machine | None, loader: Loader) -> tu
     configuration switches to at boot when it lacks a value (None: no fallback).
 
     With the lease (``ip = "lease"``, no VLAN, no bond), iPXE hands it over, or DHCP on the boot interface when
-    the lease has no netmask; GRUB 2.06 has variables for the address and MAC only, not the netmask or
+    the lease has no netmask; with an image at an IPv6 address, iPXE's IPv6 configuration, or SLAAC on the boot
+    interface when iPXE has no router; GRUB 2.06 has variables for the address and MAC only, not the netmask or
     gateway: DHCP on the boot interface, or on every interface when it did not boot from the network (no
     ``net_default_mac``). Otherwise both write the keys' own network: ``ip=dhcp``, or the VLAN, the bond, IPv6.
     """
     if not net_spec(entry, machine).hands_over:
         return Network.autoconf, None
     if loader is Loader.ipxe:
+        if literal_version(entry.image.url) == 6:
+            return Network.lease6, Network.boot_nic_auto6
         return Network.lease, Network.boot_nic_dhcp
     return Network.boot_nic_dhcp, Network.autoconf
 
@@ -89,7 +105,9 @@ def boot_config(entry: Entry, machine: Machine | None = None, network: Network =
         rw=entry.overlay.kind is OverlayKind.tmpfs,
         network={
             Network.lease: lease_network(hostname),
+            Network.lease6: lease6_network(hostname),
             Network.boot_nic_dhcp: boot_nic_dhcp_network(hostname),
+            Network.boot_nic_auto6: boot_nic_dhcp_network(hostname, "auto6"),
             Network.autoconf: net_spec(entry, machine).args(hostname),
         }[network],
     )

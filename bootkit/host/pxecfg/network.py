@@ -111,17 +111,20 @@ def combine(network: NetSpec) -> NetSpec:
     return network
 
 
-def reachable(network: NetSpec, url: str) -> None:
-    """An IPv6-only network (``dhcp6``, ``auto6``) cannot fetch from an IPv4 address."""
-    if not network.method.ipv6_only:
-        return
+def literal_version(url: str) -> int | None:
+    """4 or 6 when ``url``'s host is an IP address (``http://[2001:db8::1]/``), None for a host name (whatever
+    DNS answers) or a URL the URL checks refuse."""
     try:
         host = split_authority(urlsplit(url).netloc).name
     except BadHost:
-        return  # the URL checks name it
+        return None
     try:
-        address = ipaddress.ip_address(host.partition("%")[0])
+        return ipaddress.ip_address(host.partition("%")[0]).version
     except ValueError:
-        return  # a host name: whatever DNS answers
-    if address.version == 4:
+        return None
+
+
+def reachable(network: NetSpec, url: str) -> None:
+    """An IPv6-only network (``dhcp6``, ``auto6``) cannot fetch from an IPv4 address."""
+    if network.method.ipv6_only and literal_version(url) == 4:
         raise BadValue(f"ip = {network.method.value!r} configures IPv6 only, but {url} names an IPv4 address")

@@ -29,6 +29,7 @@ from bootkit.errors import ConfigError
 from bootkit.host.pxecfg import shim
 from bootkit.host.pxecfg.cmdline import Network, kernel_words, network_choices
 from bootkit.host.pxecfg.model import Artifact, Bootloader, Config, DhcpMode, Entry, Firmware, Machine, PxeLoader
+from bootkit.host.pxecfg.network import literal_version
 
 #: paths of the generated text files, relative to the output directory
 IPXE_SCRIPT = PurePosixPath("tftp/boot.ipxe")
@@ -53,9 +54,14 @@ class BootView:
     grub_initrd: str
     grub_args: str
     #: the line each loader switches to when it lacks a value of the first one (None: no switch):
-    #: iPXE without a netmask in its lease, GRUB without a boot interface (docs/pxe.md, "The lease")
+    #: iPXE without a netmask in its lease (or a router in its IPv6 one), GRUB without a boot interface
+    #: (docs/pxe.md, "The lease")
     ipxe_fallback_args: str | None = None
     grub_fallback_args: str | None = None
+    #: the iPXE settings (``${netX/netmask}``) that must be set for ``ipxe_args``, else the fallback
+    ipxe_checks: tuple[str, ...] = ()
+    #: what the lease is, for the script's comment
+    ipxe_lease: str = "lease"
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,8 @@ def _boot_view(entry: Entry, machine: Machine | None, menu_label: str, *, with_g
         grub_args=grub(grub_first),
         ipxe_fallback_args=None if ipxe_fallback is None else ipxe(ipxe_fallback),
         grub_fallback_args=None if grub_fallback is None else grub(grub_fallback),
+        ipxe_checks=tuple(v.render(Loader.ipxe) for v in ipxe_first.loader_checks),
+        ipxe_lease="IPv6 configuration" if ipxe_first is Network.lease6 else "lease",
     )
 
 
@@ -186,7 +194,9 @@ def render_ipxe(config: Config) -> str:
     """The iPXE script (``boot.ipxe``)."""
     all_menus = menus(config)
     return environment().get_template("boot.ipxe.j2").render(
-        source=config.source, menus=all_menus, default_menu=all_menus[0], machine_menus=all_menus[1:]
+        source=config.source, menus=all_menus, default_menu=all_menus[0], machine_menus=all_menus[1:],
+        # an IPv6-only network has no ${ip}: IPv6 configuration is enough to go on when an image needs it
+        ipv6=any(literal_version(u) == 6 for e in config.entries for u in (e.kernel.url, e.image.url)),
     )
 
 
