@@ -34,6 +34,8 @@ BOOTKIT_MODULES: Tuple[str, ...] = (
     "bootkit.boot.mount",
     "bootkit.boot.serve",
     "bootkit.boot.report",
+    "bootkit.boot.cacheopts",
+    "bootkit.boot.cachedev",
     "bootkit.qcow2",
     "bootkit.qcow2.chain",
     "bootkit.qcow2.compress",
@@ -64,6 +66,8 @@ BOOTKIT_MODULES: Tuple[str, ...] = (
     "bootkit.fetch.ranges",
     "bootkit.fetch.rangeclient",
     "bootkit.fetch.stream",
+    "bootkit.fetch.deferred",
+    "bootkit.fetch.diskcache",
     "bootkit.boot.main",
 )
 
