@@ -331,6 +331,8 @@ class ImageFetcher:
         self.verified[url] = "manifest " + manifest.digest
         self.sources.append(source)
         behind = ", the rest filled into the cache behind the boot" if self.cfg.mode == "stream" else ""
+        if store.complete():
+            behind = ": the image server is not needed"
         self.stages.done(f"{name}: {human_size(source.size)}, {store.present} of {manifest.chunk_count} chunks in "
                          f"the local cache{behind} (chunks verified by manifest)")  # fmt: skip
         return source
