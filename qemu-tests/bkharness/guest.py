@@ -371,11 +371,13 @@ def qemu_pxe(
     mac: str | None = None,
     firmware_pxe: bool = False,
     nic: Nic = Nic.virtio,
+    writable_disks: Sequence[Path] = (),
 ) -> Iterator[Guest]:
     """Boot a guest from the network: firmware PXE -> QEMU's DHCP/TFTP hands out ``bootfile`` from ``tftp_dir``."""
     vars_file = _vars_file(firmware, log_dir, name)
     cmd = qemu_command(firmware=firmware, memory_mib=memory_mib, tftp_dir=tftp_dir, bootfile=bootfile,
-                       vars_file=vars_file, mac=mac, firmware_pxe=firmware_pxe, nic=nic)
+                       vars_file=vars_file, mac=mac, firmware_pxe=firmware_pxe, nic=nic,
+                       writable_disks=writable_disks)
     with _guest(cmd, name, log_dir, boot_timeout, on_line) as guest:
         yield guest
 
