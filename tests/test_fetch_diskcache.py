@@ -268,3 +268,14 @@ def test_stream_fill_goes_into_the_cache(cache_dir: Path, server: tuple[str, Fau
     assert not (tmp_path / "ram").exists()  # nothing went to RAM
     assert all(cache.has(h) for h in manifest_of(DATA).chunks)
     assert source.pread(0, len(DATA)) == DATA
+
+
+def test_a_huge_file_under_a_chunk_name_is_not_read(cache_dir: Path) -> None:
+    cache = DiskCache.open(str(cache_dir))
+    digest = hashlib.sha256(b"x").hexdigest()
+    (cache_dir / "chunks" / digest[:2]).mkdir()
+    with open(cache_dir / "chunks" / digest[:2] / digest, "wb") as f:
+        f.truncate((64 << 20) + 1)  # sparse: larger than any chunk can be
+    assert cache.get(bytes.fromhex(digest)) is None
+    assert not (cache_dir / "chunks" / digest[:2] / digest).exists()
+    assert cache.stats["cache_repaired"] == 1

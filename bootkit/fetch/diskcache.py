@@ -36,6 +36,7 @@ import threading
 from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 from bootkit.errors import BootkitError
+from bootkit.fetch.manifest import MAX_CHUNK_SIZE, Manifest
 from bootkit.log import human_size, log
 
 MARKER = "bootkit-cache"
@@ -169,7 +170,8 @@ class DiskCache:
             self._count("cache_misses")
             return None
         try:
-            data = _read_all(fd)
+            # a file larger than any chunk cannot be one: not read (memory stays bounded)
+            data = _read_all(fd) if os.fstat(fd).st_size <= MAX_CHUNK_SIZE else b""
         except OSError as e:
             log.warning("cache: %s: cannot read chunk %s: %s", self.where, digest.hex(), e.strerror)
             data = b""
@@ -311,8 +313,6 @@ class DiskCache:
 
     def needed(self) -> Set[str]:
         """Hashes (hex) of every chunk a remembered manifest names."""
-        from bootkit.fetch.manifest import Manifest
-
         keep: Set[str] = set()
         for name in self._manifests()[:RECENT_MANIFESTS]:
             data = self.get_manifest(name)
