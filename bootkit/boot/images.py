@@ -7,6 +7,10 @@ manifest; ``rd.qcow2.mode=stream`` reads like lazy and has each file filled into
 Where the expected hash comes from is ``rd.qcow2.verify``: pinned on the command line
 (``rd.qcow2.sha256``, ``rd.qcow2.sha256.<file>``), a sidecar from the same server, or nothing.
 
+With ``rd.qcow2.cache=`` (lazy and stream mode), every file is read through the local chunk cache
+(``bootkit.fetch.diskcache``): the manifest comes from the cache when it holds the pinned one, cached chunks from
+the disk, and the server is contacted only for a chunk the cache lacks (``bootkit.fetch.deferred``).
+
 ``rd.qcow2.mirror=`` names the same image on other servers (only with a pinned hash, see
 ``bootkit.boot.cmdline``); a backing file comes from each mirror's own directory, as from the primary's.
 
