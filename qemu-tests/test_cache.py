@@ -104,6 +104,7 @@ def after_fill(vm: Guest, web: WebServer | None, bulk_sha256: str) -> None:
     assert int(m[1]) >= 10, m[0]
 
 
+@pytest.mark.timeout(3 * BOOT_TIMEOUT)  # three boots: under a loaded host more than the suite's 600 s per test
 def test_cache_fills_then_boots_offline_then_fetches_only_the_delta(
     kernel: Any, shell_initrd: Path, boot_dir: BootDir
 ) -> None:
