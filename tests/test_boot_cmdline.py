@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import string
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bootkit.boot.cacheopts import CacheFormat
 from bootkit.boot.cmdline import (
     DEFAULT_FILL_RATE,
     DHCP_NETWORK,
@@ -400,7 +402,25 @@ def boot_configs(draw: st.DrawFn) -> BootConfig:
         rw=draw(st.booleans()),
         network=draw(_NETWORK),
         mirrors=mirrors,
+        **draw(_cache_options(mode, verify)),
     )
+
+
+@st.composite
+def _cache_options(draw: st.DrawFn, mode: Mode, verify: Verify) -> dict[str, Any]:
+    """rd.qcow2.cache*: only in lazy and stream mode with a manifest."""
+    if mode is Mode.ram or verify is Verify.none or not draw(st.booleans()):
+        return {}
+    name = st.text(string.ascii_letters + string.digits + "._:+@-", min_size=1, max_size=64)
+    device = draw(
+        name.map(lambda n: "LABEL=" + n) | name.map(lambda n: "PARTLABEL=" + n)
+        | st.sampled_from(["/dev/vdb", "/dev/disk/by-id/virtio-cache", "UUID=0b6e4c8e-5f0b-4b8e-9b1e-3f1c2d4e5f60"])
+    )  # fmt: skip
+    return {
+        "cache": device,
+        "cache_format": draw(st.sampled_from(CacheFormat)),
+        "cache_max": draw(st.none() | st.sampled_from(["20G", "512M", "50%", "100%", "1048576"])),
+    }
 
 
 def _loader_fills_in(line: str, loader: Loader, values: dict[LoaderVar, str]) -> str:

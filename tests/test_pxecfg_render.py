@@ -170,6 +170,9 @@ def test_command_line_order_and_options() -> None:
         "rw",
         "rd.qcow2.manifest=http://192.0.2.10:8080/netboot/images/debian-12.qcow2.manifest",
         "rd.qcow2.manifest-sha256=2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae",
+        # the top level's cache device, the entry's cache_format
+        "rd.qcow2.cache=PARTLABEL=bootkit-cache",
+        "rd.qcow2.cache.format=auto",
         # the widest values a loader fills in; the host name from the description
         "ifname=bootnet:ff:ff:ff:ff:ff:ff",
         "ip=255.255.255.255::255.255.255.255:255.255.255.255:node1:bootnet:none:255.255.255.255",

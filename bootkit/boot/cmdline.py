@@ -29,6 +29,7 @@ import shlex
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Mapping, Optional, Tuple, Union, cast
 
+from bootkit.boot.cacheopts import CacheFormat, parse_cache_device, parse_cache_format, parse_cache_max
 from bootkit.boot.urlhost import BadHost, split_authority
 from bootkit.errors import ConfigError
 
@@ -291,7 +292,7 @@ _VALUED = (
 #: options that may be given more than once, each adding a value (in the order written)
 _REPEATABLE = ("mirror",)
 #: valued options added after the first contract-2 release, listed last in KNOWN_OPTIONS (added, not reshuffled)
-_VALUED_LATER = ("report", "channel.min-version")
+_VALUED_LATER = ("report", "channel.min-version", "cache", "cache.format", "cache.max")
 #: ``root=qcow2:channel:<URL>``: the URL names a signed channel file (bootkit.boot.channel), not an image
 CHANNEL_ROOT = "channel:"
 #: every option this initramfs understands, as written on the command line
@@ -387,6 +388,12 @@ class BootConfig:
     channel: bool = False
     #: ``rd.qcow2.channel.min-version=``: the lowest channel version this machine boots (0: any)
     channel_min_version: int = 0
+    #: ``rd.qcow2.cache=``: the local cache device (``bootkit.boot.cacheopts``), lazy and stream mode only
+    cache: Optional[str] = None
+    #: ``rd.qcow2.cache.format=auto``: format a bootkit cache partition that has no filesystem
+    cache_format: CacheFormat = CacheFormat.off
+    #: ``rd.qcow2.cache.max=``: the cache's size bound (``20G``, ``50%``); None: 90 % of its filesystem
+    cache_max: Optional[str] = None
 
     @classmethod
     def parse(cls, text: str) -> Optional[BootConfig]:
@@ -445,6 +452,12 @@ class BootConfig:
             args.append(f"{PREFIX}report={self.report}")
         if self.channel_min_version:
             args.append(f"{PREFIX}channel.min-version={self.channel_min_version}")
+        if self.cache is not None:
+            args.append(f"{PREFIX}cache={self.cache}")
+        if self.cache_format is not CacheFormat.off:
+            args.append(f"{PREFIX}cache.format={self.cache_format.value}")
+        if self.cache_max is not None:
+            args.append(f"{PREFIX}cache.max={self.cache_max}")
         if self.rootfstype is not None:
             args.append(f"rootfstype={self.rootfstype}")
         if self.rootflags is not None:
@@ -696,6 +709,12 @@ def _parse_value(option: str, name: str, value: str) -> object:
         return value
     if name == "fill-rate":
         return parse_rate(option, value)
+    if name == "cache":
+        return parse_cache_device(option, value)
+    if name == "cache.format":
+        return parse_cache_format(option, value)
+    if name == "cache.max":
+        return parse_cache_max(option, value)
     raise AssertionError(name)
 
 
@@ -742,6 +761,13 @@ def _build(
     if mode is not Mode.stream and "fill-rate" in values:
         raise ConfigError(f"{PREFIX}fill-rate is only used with {PREFIX}mode=stream")
     _check_mirrors(url, mirrors, verify)
+    if "cache" in values and (not mode.reads_ranges or verify is Verify.none):
+        raise ConfigError(
+            f"{PREFIX}cache needs {PREFIX}mode=lazy or stream with a manifest (not {PREFIX}mode={mode}, "
+            f"{PREFIX}verify={verify}): the cache holds chunks by their manifest hash"
+        )
+    if ("cache.format" in values or "cache.max" in values) and "cache" not in values:
+        raise ConfigError(f"{PREFIX}cache.format and {PREFIX}cache.max need {PREFIX}cache=<device>")
     # a channel pins, when it is followed at boot, what the two checks below ask the command line for
     if verify is Verify.pinned and mode is Mode.ram and not sha256 and not channel:
         raise ConfigError(f"{PREFIX}verify=pinned needs {PREFIX}sha256=<hex>")
@@ -778,4 +804,7 @@ def _build(
         report=values.get("report"),  # type: ignore[arg-type]
         channel=channel,
         channel_min_version=values.get("channel.min-version", 0),  # type: ignore[arg-type]
+        cache=values.get("cache"),  # type: ignore[arg-type]
+        cache_format=values.get("cache.format", CacheFormat.off),  # type: ignore[arg-type]
+        cache_max=values.get("cache.max"),  # type: ignore[arg-type]
     )

@@ -7,6 +7,10 @@ manifest; ``rd.qcow2.mode=stream`` reads like lazy and has each file filled into
 Where the expected hash comes from is ``rd.qcow2.verify``: pinned on the command line
 (``rd.qcow2.sha256``, ``rd.qcow2.sha256.<file>``), a sidecar from the same server, or nothing.
 
+With ``rd.qcow2.cache=`` (lazy and stream mode), every file is read through the local chunk cache
+(``bootkit.fetch.diskcache``): the manifest comes from the cache when it holds the pinned one, cached chunks from
+the disk, and the server is contacted only for a chunk the cache lacks (``bootkit.fetch.deferred``).
+
 ``rd.qcow2.mirror=`` names the same image on other servers (only with a pinned hash, see
 ``bootkit.boot.cmdline``); a backing file comes from each mirror's own directory, as from the primary's.
 
@@ -27,7 +31,7 @@ from bootkit.boot.cmdline import BootConfig
 from bootkit.boot.stages import BootFailed, Stages
 from bootkit.boot.status import RUN_DIR
 from bootkit.errors import ConfigError, ImageError
-from bootkit.log import human_size
+from bootkit.log import human_size, log
 from bootkit.run import run
 from bootkit.source import ByteSource, FileSource
 
@@ -111,6 +115,15 @@ class ImageFetcher:
         #: per-mirror counters of finished downloads (ram mode), by URL
         self._mirror_results: Dict[str, Dict[str, object]] = {}
         self._warned_unauthenticated = False
+        #: the local chunk cache (``rd.qcow2.cache=``, opened by ``bootkit.boot.cachedev``), or None
+        self.cache: Any = None
+        #: per file: the deferred remote of a file read through the cache (did the boot contact its server?)
+        self.remotes: List[Any] = []
+
+    @property
+    def offline(self) -> bool:
+        """True when every file came from the local cache and no image server was contacted."""
+        return bool(self.remotes) and not any(r.opened for r in self.remotes)
 
     def top(self) -> ByteSource:
         return self._get(self.cfg.url, _decoded_name(self.cfg.url), top=True)
@@ -265,13 +278,17 @@ class ImageFetcher:
             if msha is None:
                 self._warn_if_unauthenticated(murl)
                 msha, _where = sidecar_checksum(murl, options)
-            # pinned, so any mirror may supply it; a sidecar hash comes from the primary only (no mirrors then)
-            manifest = _load_manifest([murl, *(m + ".manifest" for m in mirrors)], options, msha)
+            manifest = self._cached_manifest(msha, murl)
+            if manifest is None:
+                # pinned, so any mirror may supply it; a sidecar hash comes from the primary only (no mirrors then)
+                manifest = _load_manifest([murl, *(m + ".manifest" for m in mirrors)], options, msha)
             # an image pin cannot check chunks (lazy mode never reads the whole file); it must agree with the
             # manifest's whole-image hash, so one command line pins both modes and a wrong pin fails here
             if check.sha256 and manifest.sha256 != check.sha256:
                 raise BootFailed(f"{murl}: describes an image with sha256 {manifest.sha256}, "
                                  f"{check.option} pins {check.sha256}")  # fmt: skip
+        if self.cache is not None and manifest is not None:
+            return self._through_cache(url, name, options, manifest, mirrors)
         remote = HTTPSource(url, options, manifest=manifest, mirrors=mirrors)
         source: ByteSource = remote
         how = "read lazily"
@@ -285,6 +302,43 @@ class ImageFetcher:
         self.sources.append(source)
         self.stages.done(f"{name}: {human_size(source.size)}, {how} "
                          f"({'chunks verified by manifest' if manifest else 'NOT verified'})")  # fmt: skip
+        return source
+
+
+    def _cached_manifest(self, sha256: str, url: str) -> Any:
+        """The manifest with SHA-256 ``sha256`` from the local cache (checked there), or None."""
+        from bootkit.fetch import Manifest
+
+        if self.cache is None:
+            return None
+        data = self.cache.get_manifest(sha256)
+        if data is None:
+            return None
+        log.info("[%8.2f] fetch: manifest %s from the local cache (the pinned hash)", time.monotonic(), sha256)
+        return Manifest.parse(data, url, sha256)
+
+    def _through_cache(self, url: str, name: str, options: Any, manifest: Any, mirrors: Sequence[str]) -> ByteSource:
+        """A file read through the local cache: cached chunks from the disk (verified there), the others from
+        the server, which is contacted only when the first chunk is missing (``bootkit.fetch.deferred``)."""
+        from bootkit.fetch.deferred import DeferredRemote
+        from bootkit.fetch.diskcache import CacheStore
+        from bootkit.fetch.stream import StreamSource
+
+        self.cache.put_manifest(manifest.dumps())  # remembered: its chunks are kept when the cache evicts
+        remote = DeferredRemote(url, options, manifest, mirrors)
+        source = StreamSource(remote)
+        store = CacheStore(self.cache, manifest.chunks)
+        source.attach(store)
+        self.remotes.append(remote)
+        if self.cfg.mode == "stream":
+            self.streams.append(source)
+        self.verified[url] = "manifest " + manifest.digest
+        self.sources.append(source)
+        behind = ", the rest filled into the cache behind the boot" if self.cfg.mode == "stream" else ""
+        if store.complete():
+            behind = ": the image server is not needed"
+        self.stages.done(f"{name}: {human_size(source.size)}, {store.present} of {manifest.chunk_count} chunks in "
+                         f"the local cache{behind} (chunks verified by manifest)")  # fmt: skip
         return source
 
 

@@ -37,6 +37,8 @@ BOOTKIT_MODULES: Tuple[str, ...] = (
     "bootkit.boot.serve",
     "bootkit.boot.report",
     "bootkit.boot.efiboot",
+    "bootkit.boot.cacheopts",
+    "bootkit.boot.cachedev",
     "bootkit.qcow2",
     "bootkit.qcow2.chain",
     "bootkit.qcow2.compress",
@@ -67,6 +69,8 @@ BOOTKIT_MODULES: Tuple[str, ...] = (
     "bootkit.fetch.ranges",
     "bootkit.fetch.rangeclient",
     "bootkit.fetch.stream",
+    "bootkit.fetch.deferred",
+    "bootkit.fetch.diskcache",
     "bootkit.boot.main",
 )
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import time
 from typing import Any, Dict, Optional
 
 from bootkit.boot.channel import ChannelRefused, Trust, follow
@@ -37,15 +38,18 @@ class Prepared:
         self.fetcher.close()
 
 
-def prepare(cfg: BootConfig, stages: Stages, image_dir: str = IMAGE_DIR, trust: Optional[Trust] = None) -> Prepared:
+def prepare(cfg: BootConfig, stages: Stages, image_dir: str = IMAGE_DIR, trust: Optional[Trust] = None,
+            cache: Any = None) -> Prepared:
     """Follow the signed channel (``root=qcow2:channel:``, checked against ``trust``, default: the initramfs'
-    keys), fetch and verify the image (and its backing files), open the chain, choose the root partition."""
+    keys), fetch and verify the image (and its backing files), open the chain, choose the root partition; with a
+    local ``cache`` (``bootkit.fetch.diskcache.DiskCache``), chunks are read from it first and kept in it."""
     from bootkit import qcow2
 
     channel = None
     if cfg.channel:
         cfg, channel = follow(cfg, stages, trust or Trust.installed())
     fetcher = ImageFetcher(cfg, stages, image_dir)
+    fetcher.cache = cache
     try:
         top = fetcher.top()
         if channel is not None and top.size != channel.size:
@@ -81,8 +85,11 @@ def run_daemon(cfg: BootConfig, stages: Stages, report: Any) -> int:
         daemon.harden()
         if cfg.mode in ("ram", "stream"):
             grow_run(cfg)
-        ready = prepare(cfg, stages)
+        from bootkit.boot.cachedev import open_cache
+
+        ready = prepare(cfg, stages, cache=open_cache(cfg, stages))
         image, fetcher, root, cfg = ready.image, ready.fetcher, ready.root, ready.cfg
+        _say_if_local(fetcher)
         stages.begin("attach")
         attachment = kernel.attach(image, connections=1)
         device = attachment.device if root.number == 0 else f"{attachment.device}p{root.number}"
@@ -127,6 +134,16 @@ def run_daemon(cfg: BootConfig, stages: Stages, report: Any) -> int:
     return 0
 
 
+def _say_if_local(fetcher: ImageFetcher) -> None:
+    """One console line when the local cache holds every chunk of the image: the boot needs no image server."""
+    stores = [getattr(s, "store", None) for s in fetcher.sources]
+    if not fetcher.remotes or not all(store is not None and store.complete() for store in stores):
+        return
+    contacted = "" if fetcher.offline else " (it was contacted for the chunks that were missing)"
+    log.info("[%8.2f] cache: booted from the local cache: every chunk is local, the image server is not needed%s",
+             time.monotonic(), contacted if not fetcher.offline else ", and was not contacted")  # fmt: skip
+
+
 #: Documentation/block/stat.rst: reads completed, reads merged, sectors read, ms reading, ..., in flight
 _BLOCK_STAT_FIELDS = (("nbd_reads", 0), ("nbd_read_sectors", 2), ("nbd_read_ms", 3), ("nbd_in_flight", 8))
 
@@ -158,6 +175,8 @@ def counters(
         stats = getattr(source, "stats", None)
         if stats:
             result.update({f"http_{k}": v for k, v in dict(stats).items()})
+    if fetcher.cache is not None:
+        result.update(fetcher.cache.stats)
     mirrors = fetcher.mirror_status()
     if mirrors:
         result["mirrors"] = mirrors

@@ -26,9 +26,10 @@ import enum
 import os
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Union
 
 from bootkit.errors import BootkitError
+from bootkit.fetch.deferred import DeferredRemote
 from bootkit.fetch.lazy import HTTPSource
 from bootkit.fetch.room import local_error, space_budget
 from bootkit.log import human_size, log
@@ -43,13 +44,15 @@ PROGRESS_STEP_PERCENT = 10
 
 
 class ChunkStore(Protocol):
-    """Where verified chunks go: the stream fill's destination (RAM now; a local cache disk can be another)."""
+    """Where verified chunks go: the stream fill's destination (:class:`RamStore`, or a local cache disk:
+    ``bootkit.fetch.diskcache.CacheStore``)."""
 
     def has(self, index: int) -> bool:
         """Whether chunk ``index`` is stored (and verified: nothing else is ever put)."""
 
-    def read(self, index: int) -> bytes:
-        """The stored chunk ``index`` (only after ``has(index)``)."""
+    def read(self, index: int) -> Optional[bytes]:
+        """The stored chunk ``index`` (only after ``has(index)``); None when the store lost it (a disk cache
+        whose copy failed verification): the caller fetches it again."""
 
     def put(self, index: int, data: bytes) -> None:
         """Store chunk ``index``; ``data`` was verified against the manifest by the caller."""
@@ -87,7 +90,7 @@ class RamStore:
     def has(self, index: int) -> bool:
         return bool(self._have[index])
 
-    def read(self, index: int) -> bytes:
+    def read(self, index: int) -> Optional[bytes]:
         offset = index * self.chunk_size
         return os.pread(self._fd, min(self.chunk_size, self.size - offset), offset)
 
@@ -126,7 +129,7 @@ class StreamSource:
     ``busy`` and ``last_read`` tell the fill whether the boot is waiting for the network.
     """
 
-    def __init__(self, remote: HTTPSource) -> None:
+    def __init__(self, remote: Union[HTTPSource, DeferredRemote]) -> None:
         self.remote = remote
         self.name = remote.name
         self.chunk_size = remote.chunk_size
@@ -179,7 +182,9 @@ class StreamSource:
     def _chunk(self, index: int) -> bytes:
         store = self.store
         if store is not None and (self._complete or store.has(index)):
-            return store.read(index)
+            local = store.read(index)
+            if local is not None:
+                return local
         base = index * self.chunk_size
         with self._lock:
             self.busy += 1
@@ -279,6 +284,8 @@ class Fill:
         self.yields = 0
         self.refetched = 0
         self.done = threading.Event()
+        #: where the chunks go, for the console: RAM, or the local cache (``start_fill``)
+        self.where = "RAM"
         self._report = report
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -319,12 +326,19 @@ class Fill:
                 self._fill_source(source)
                 if self._stop.is_set():
                     return
+            kept = [s for s in self.sources if s.store is not None and s.store.complete()]
+            if len(kept) < len(self.sources):  # a full disk cache: what it could not keep stays lazy
+                self.error = "the local cache could not keep every chunk"
+                self._set(FillState.lazy)
+                log.warning("[%8.2f] fill: WARNING: %s: reads of the rest still need the server", time.monotonic(),
+                            self.error)  # fmt: skip
+                return
             for source in self.sources:
                 source.mark_complete()
             elapsed = time.monotonic() - self._started
             self._set(FillState.complete)
-            log.info("[%8.2f] fill complete: %s in RAM in %.1f s (%s); reads no longer need the server",
-                     time.monotonic(), human_size(self.total), elapsed,
+            log.info("[%8.2f] fill complete: %s in %s in %.1f s (%s); reads no longer need the server",
+                     time.monotonic(), human_size(self.total), self.where, elapsed,
                      ", ".join(os.path.basename(s.name) for s in self.sources))  # fmt: skip
         except BaseException as e:  # one line; the machine carries on reading lazily
             self.error = str(e) if isinstance(e, BootkitError) else f"{type(e).__name__}: {e}"
@@ -402,10 +416,18 @@ def start_fill(
     reserve: int,
     report: Optional[Callable[[Dict[str, Any]], None]] = None,
 ) -> Fill:
-    """Attach a :class:`RamStore` under ``directory`` (made if missing) to each source and start the fill; when
+    """Attach a :class:`RamStore` under ``directory`` (made if missing) to each source and start the fill (with a
+    local cache attached to every source already, the fill goes into the cache instead); when
     the image does not fit or the copy cannot be made, warn once and leave the sources lazy (the returned fill
     is in state ``lazy`` and never runs)."""
     fill = Fill(sources, rate, report=report)
+    if sources and all(s.store is not None for s in sources):
+        # a local cache is attached already (bootkit.fetch.diskcache): the fill goes there, not into RAM
+        fill.where = "the local cache"
+        log.info("[%8.2f] fill: filling %s into the local cache behind the boot (%s)", time.monotonic(),
+                 human_size(fill.total), f"at most {human_size(rate)}/s" if rate else "no rate cap")  # fmt: skip
+        fill.start()
+        return fill
     stores: List[RamStore] = []
     try:
         # root's only, like ram mode's images: the copy holds every file of the root filesystem

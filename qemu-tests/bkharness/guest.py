@@ -268,6 +268,7 @@ def qemu_command(
     initrd: Path | None = None,
     append: str | None = None,
     disks: Sequence[Path] = (),
+    writable_disks: Sequence[Path] = (),
     vars_file: Path | None = None,
     netdev: str | None = None,
     mac: str | None = None,
@@ -278,7 +279,8 @@ def qemu_command(
 
     ``netdev`` replaces QEMU's user network (``tftp_dir``/``bootfile``) with another ``-netdev`` value whose
     id is ``n0``, e.g. a socket to a second guest; ``mac`` sets the NIC's address; ``firmware_pxe`` see
-    :meth:`Firmware.nic_options`.
+    :meth:`Firmware.nic_options`. ``disks`` are attached with ``snapshot=on`` (the guest's writes are dropped),
+    ``writable_disks`` (raw files) after them without it (a local cache disk that must outlive the boot).
     """
     cmd = [
         "qemu-system-x86_64",
@@ -316,6 +318,11 @@ def qemu_command(
         cmd += [
             "-drive", f"if=none,id=d{i},format={fmt},file={disk},snapshot=on",
             "-device", f"virtio-blk-pci,drive=d{i}",
+        ]  # fmt: skip
+    for i, disk in enumerate(writable_disks, start=len(disks)):
+        cmd += [
+            "-drive", f"if=none,id=d{i},format=raw,file={disk}",
+            "-device", f"virtio-blk-pci,drive=d{i},serial=bootkit-disk{i}",
         ]  # fmt: skip
     if kernel is not None:
         cmd += ["-kernel", str(kernel)]
@@ -364,11 +371,13 @@ def qemu_pxe(
     mac: str | None = None,
     firmware_pxe: bool = False,
     nic: Nic = Nic.virtio,
+    writable_disks: Sequence[Path] = (),
 ) -> Iterator[Guest]:
     """Boot a guest from the network: firmware PXE -> QEMU's DHCP/TFTP hands out ``bootfile`` from ``tftp_dir``."""
     vars_file = _vars_file(firmware, log_dir, name)
     cmd = qemu_command(firmware=firmware, memory_mib=memory_mib, tftp_dir=tftp_dir, bootfile=bootfile,
-                       vars_file=vars_file, mac=mac, firmware_pxe=firmware_pxe, nic=nic)
+                       vars_file=vars_file, mac=mac, firmware_pxe=firmware_pxe, nic=nic,
+                       writable_disks=writable_disks)
     with _guest(cmd, name, log_dir, boot_timeout, on_line) as guest:
         yield guest
 
@@ -381,6 +390,7 @@ def qemu_direct(
     *,
     log_dir: Path,
     disks: Sequence[Path] = (),
+    writable_disks: Sequence[Path] = (),
     memory_mib: int = 1024,
     name: str = "guest",
     boot_timeout: float = 600.0,
@@ -393,7 +403,7 @@ def qemu_direct(
     ``netdev`` replaces QEMU's user network (see :func:`qemu_command`).
     """
     cmd = qemu_command(memory_mib=memory_mib, kernel=kernel, initrd=initrd, append=append, disks=disks,
-                       netdev=netdev, nic=nic)
+                       writable_disks=writable_disks, netdev=netdev, nic=nic)
     with _guest(cmd, name, log_dir, boot_timeout, on_line) as guest:
         yield guest
 

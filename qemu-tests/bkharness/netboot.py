@@ -77,6 +77,7 @@ def netboot(
     name: str = "guest",
     on_line: LineHandler | None = None,
     nic: Nic = Nic.virtio,
+    writable_disks: Sequence[Path] = (),
 ) -> Iterator[Netboot]:
     """Serve kernel, initrd and ``image`` (as ``disk.qcow2``), render the PXE tree, boot QEMU from the network.
 
@@ -92,5 +93,5 @@ def netboot(
                         grub=loader == "grub", kernel_args=kernel_args, extra=pxe_args)
         boot = bootfile(firmware, loader)
         with qemu_pxe(tftp, boot, log_dir=work, firmware=firmware, memory_mib=memory_mib, name=name,
-                      boot_timeout=boot_timeout, on_line=on_line, nic=nic) as vm:
+                      boot_timeout=boot_timeout, on_line=on_line, nic=nic, writable_disks=writable_disks) as vm:
             yield Netboot(vm, web, tftp, boot)

@@ -193,7 +193,7 @@ def nginx_server(root: Path, *, log_dir: Path) -> Iterator[WebServer]:
                 raise
             continue  # the port was taken between free_port() and nginx's bind: try another
         try:
-            yield WebServer(root, port, prefix / "access.log")
+            yield WebServer(root, port, prefix / "access.log", proc)
         finally:
             _stop(proc)
         return

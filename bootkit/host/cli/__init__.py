@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "bootkit.host.cli.publish",
     "bootkit.host.cli.status",
     "bootkit.host.cli.fleet",
+    "bootkit.host.cli.cache",
 )
 
 #: which module registers each subcommand: ``bootkit convert`` imports only the reader's CLI module, not the
@@ -54,6 +55,7 @@ COMMANDS = {
     "publish": "bootkit.host.cli.publish",
     "status": "bootkit.host.cli.status",
     "fleet": "bootkit.host.cli.fleet",
+    "cache": "bootkit.host.cli.cache",
 }
 
 _SIZE = re.compile(r"(\d+)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)

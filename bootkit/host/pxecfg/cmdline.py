@@ -13,6 +13,7 @@ it picks at boot (:func:`network_choices`).
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 from bootkit.boot.cmdline import (
     WIDEST_LEASE,
@@ -81,6 +82,18 @@ def network_choices(entry: Entry, machine: Machine | None, loader: Loader) -> tu
     return Network.boot_nic_dhcp, Network.autoconf
 
 
+def _cache_options(entry: Entry, machine: Machine | None) -> dict[str, Any]:
+    """``rd.qcow2.cache=`` and ``rd.qcow2.cache.format=``: the machine's over the entry's, lazy and stream only."""
+    cache, cache_format = entry.cache, entry.cache_format
+    if machine is not None and machine.cache is not None:
+        cache = machine.cache
+    if machine is not None and machine.cache_format is not None:
+        cache_format = machine.cache_format
+    if cache is None or not entry.mode.reads_ranges:
+        return {}
+    return {"cache": cache, "cache_format": cache_format}
+
+
 def boot_config(entry: Entry, machine: Machine | None = None, network: Network = Network.autoconf) -> BootConfig:
     """What the initramfs is asked for when ``machine`` (None: any machine) boots ``entry`` with ``network``."""
     hostname = machine.hostname if machine is not None else None
@@ -100,6 +113,7 @@ def boot_config(entry: Entry, machine: Machine | None = None, network: Network =
         report=entry.report,
         channel=entry.channel,
         channel_min_version=entry.channel_min_version,
+        **_cache_options(entry, machine),
         # With a tmpfs overlay the root is writable, so say so: without rw, dracut mounts it read-only and
         # systemd leaves a root that has no fstab entry as it found it.
         rw=entry.overlay.kind is OverlayKind.tmpfs,

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bootkit.boot.cacheopts import CacheFormat
 from bootkit.boot.cmdline import BootConfig, Loader
 from bootkit.errors import ConfigError
 from bootkit.host.pxecfg import network as net
@@ -67,7 +68,12 @@ def _check_net_spec(t: Table, own: NetSpec, spec: NetSpec, urls: tuple[str, ...]
 
 
 def _entry(
-    t: Table, ctx: Context, default_console: tuple[str, ...], top: NetSpec, default_report: str | None = None
+    t: Table,
+    ctx: Context,
+    default_console: tuple[str, ...],
+    top: NetSpec,
+    default_report: str | None = None,
+    default_cache: tuple[str | None, CacheFormat | None] = (None, None),
 ) -> Entry:
     name = t.get("name", FLAGS_ENTRY_NAME if ctx.origin.file is None else None)
     if name is None:
@@ -132,6 +138,15 @@ def _entry(
     console = t.get("console", default_console)
     args = t.get("args", ())
     report = t.get("report", default_report)
+    own_cache, own_format = t.get("cache"), t.get("cache_format")
+    cache = own_cache or default_cache[0]
+    cache_format: CacheFormat = own_format or default_cache[1] or CacheFormat.off
+    if own_cache is not None and not mode.reads_ranges:
+        raise t.error("cache", f"contradicts mode = {mode.value!r}: the cache holds chunks of lazy and stream reads")
+    if not mode.reads_ranges:  # a cache set at the top level applies to the lazy and stream entries only
+        cache, cache_format = None, CacheFormat.off
+    if cache is None and own_format is not None:
+        raise t.error("cache_format", "given without cache (the device)")
     own = _net_spec(t)
     spec = own.over(top)
     _check_net_spec(t, own, spec, _fetched_by_initramfs(image, manifest))
@@ -153,6 +168,8 @@ def _entry(
         console=console,
         args=args,
         report=report,
+        cache=cache,
+        cache_format=cache_format,
         net=spec,
     )
 
@@ -211,10 +228,13 @@ def _machine(t: Table, entries: dict[str, Entry], default: str, timeout: int) ->
     for entry in entries.values():
         _check_net_spec(t, spec, spec.over(entry.net), _fetched_by_initramfs(entry.image, entry.manifest))
     hostname = t.get("hostname")
+    cache = t.get("cache")
+    cache_format = t.get("cache_format")
     t.finish()
     return Machine(
-        mac=mac, default=machine_default, timeout=machine_timeout, args=args, name=name, net=spec, hostname=hostname
-    )
+        mac=mac, default=machine_default, timeout=machine_timeout, args=args, name=name, net=spec, hostname=hostname,
+        cache=cache, cache_format=cache_format,
+    )  # fmt: skip
 
 
 #: the BOOTP header's file field, where dnsmasq's dhcp-boot puts the boot file (RFC 2131: 128 bytes, NUL-ended)
@@ -361,8 +381,9 @@ def _config(top: Table, base_dir: Path) -> Config:
     if not entry_tables:
         raise top.error("entry", "missing: describe at least one [[entry]]")
     entries: dict[str, Entry] = {}
+    default_cache = (top.get("cache"), top.get("cache_format"))
     for i, t in enumerate(entry_tables):
-        entry = _entry(t, ctx, console, top_net, report)
+        entry = _entry(t, ctx, console, top_net, report, default_cache)
         if entry.name in entries:
             raise ConfigError(f"{origin.where((f'entry[{i}]', 'name'))}: {entry.name!r} is used by another entry too")
         entries[entry.name] = entry

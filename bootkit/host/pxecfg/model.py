@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
+from bootkit.boot.cacheopts import CacheFormat
 from bootkit.boot.cmdline import Arg
 from bootkit.boot.cmdline import Mode as Mode
 from bootkit.boot.cmdline import Overlay as Overlay
@@ -228,6 +229,10 @@ class Entry:
     args: tuple[str, ...] = ()
     #: where the machine POSTs its boot report (``rd.qcow2.report=``); None: no report
     report: str | None = None
+    #: lazy and stream mode: the local cache device (``rd.qcow2.cache=``) and whether the initramfs may format a
+    #: bootkit cache partition (``rd.qcow2.cache.format=``); a machine's own keys win
+    cache: str | None = None
+    cache_format: CacheFormat = CacheFormat.off
     #: address method (``ip``), VLAN and bond of this entry, the top level's ``ip`` filled in; a machine's own
     #: keys win over them
     net: NetSpec = field(default_factory=NetSpec)
@@ -258,6 +263,9 @@ class Machine:
     net: NetSpec = field(default_factory=NetSpec)
     #: the host name the initramfs sets (``ip=``'s hostname field): from here, never from DHCP
     hostname: str | None = None
+    #: this machine's cache device and format rule over every lazy and stream entry's (None: the entry's)
+    cache: str | None = None
+    cache_format: CacheFormat | None = None
 
     @property
     def hexhyp(self) -> str:

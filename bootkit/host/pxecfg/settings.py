@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from bootkit.boot.cacheopts import CacheFormat
 from bootkit.host.pxecfg import network as net
 from bootkit.host.pxecfg import values as v
 from bootkit.host.pxecfg.model import DhcpMode, IpConfig, Mode, OverlayKind, PxeLoader
@@ -90,6 +91,10 @@ ENTRY_SETTINGS = (
     Setting("args", "extra kernel argument (repeatable)", "list", "ARG", parse=v.kernel_args),
     Setting("report", "URL machines POST their boot report to (rd.qcow2.report=; bootkit fleet collect)",
             metavar="URL", parse=v.report_url),
+    Setting("cache", "lazy and stream mode: local cache device (rd.qcow2.cache=): PARTLABEL=bootkit-cache, LABEL=.., "
+            "UUID=.., /dev/disk/by-..", metavar="DEVICE", parse=v.cache_device),
+    Setting("cache_format", "auto: the initramfs formats a bootkit cache partition that has no filesystem yet; off "
+            "(default)", metavar="auto|off", parse=v.choice(CacheFormat)),
     *NETWORK_SETTINGS,
 )
 
@@ -103,6 +108,10 @@ MACHINE_SETTINGS = (
     *NETWORK_SETTINGS,
     Setting("hostname", "host name the initramfs sets (letters, digits, '-'; never taken from DHCP)",
             metavar="NAME", parse=v.hostname),
+    Setting("cache", "this machine's local cache device over its entries' (lazy and stream entries; "
+            "rd.qcow2.cache=)", metavar="DEVICE", parse=v.cache_device),
+    Setting("cache_format", "this machine's cache_format over its entries'", metavar="auto|off",
+            parse=v.choice(CacheFormat)),
 )
 
 DHCP_SETTINGS = (
@@ -142,6 +151,9 @@ TOP_SETTINGS = (
             parse=v.kernel_args),
     Setting("report", "report URL for entries that set none (bootkit fleet collect's POST /report URL)",
             metavar="URL", parse=v.report_url),
+    Setting("cache", "cache device for entries that set none (lazy and stream entries)", metavar="DEVICE",
+            parse=v.cache_device),
+    Setting("cache_format", "cache_format for entries that set none", metavar="auto|off", parse=v.choice(CacheFormat)),
     Setting("bootloaders", "bootloaders to configure: ipxe, grub (default both; the flag repeats)", "list", "NAME",
             parse=v.bootloaders),
     NETWORK_SETTINGS[0],

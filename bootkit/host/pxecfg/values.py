@@ -122,6 +122,17 @@ def report_url(value: str) -> str:
     return value
 
 
+def cache_device(value: str) -> str:
+    """``rd.qcow2.cache=``: ``PARTLABEL=..``, ``LABEL=..``, ``UUID=..``, ``PARTUUID=..`` or a ``/dev/`` path, as the
+    initramfs reads it."""
+    from bootkit.boot.cacheopts import parse_cache_device
+
+    try:
+        return parse_cache_device("cache", value)
+    except ConfigError as e:
+        raise BadValue(f"{value!r}: {str(e).split(': ', 1)[1]}") from None
+
+
 def root(value: str) -> RootSpec:
     """``auto``, a partition number, ``LABEL=..``, ``UUID=..`` or ``PARTUUID=..``, as the initramfs reads it."""
     if value == "auto":
