@@ -35,24 +35,27 @@ HEAVY = ("ssl", "_ssl", "http.client", "email.parser", "concurrent.futures", "zs
          "bootkit.fetch", "bootkit.nbd", "bootkit.qcow2", "bootkit.daemon", "bootkit.boot.serve")
 
 
-def loaded_by(*args: str) -> tuple[int, set[str]]:
+def loaded_by(*args: str) -> tuple[int, set[str], str]:
+    """Exit code, loaded modules and stderr of bootkit-boot's main() run with ``args``."""
     proc = subprocess.run([sys.executable, "-s", "-E", "-c", _PROBE, str(ROOT), *args],
                           capture_output=True, text=True, check=False, timeout=60)
     report = json.loads(proc.stdout.splitlines()[-1])
-    return int(report["code"]), set(report["modules"])
+    return int(report["code"]), set(report["modules"]), proc.stderr
 
 
 def test_check_cmdline_imports_only_the_parser() -> None:
-    code, modules = loaded_by("--check-cmdline", "--cmdline", "root=qcow2:http://10.0.2.2:8080/disk.qcow2")
-    assert code == 0
+    code, modules, err = loaded_by("--check-cmdline", "--cmdline", "root=qcow2:http://10.0.2.2:8080/disk.qcow2")
+    assert (code, err) == (0, "")
     assert modules & set(HEAVY) == set()
     # a sample of what it does need
     assert {"bootkit.boot.cmdline", "bootkit.log"} <= modules
 
 
 def test_bad_cmdline_is_refused_without_the_runtime() -> None:
-    code, modules = loaded_by("--check-cmdline", "--cmdline", "root=qcow2:http://10.0.2.2/d.qcow2 rd.qcow2.nosuch=1")
+    bad = "root=qcow2:http://10.0.2.2/d.qcow2 rd.qcow2.nosuch=1"
+    code, modules, err = loaded_by("--check-cmdline", "--cmdline", bad)
     assert code == 2
+    assert err.startswith("error: ") and "rd.qcow2.nosuch" in err and len(err.splitlines()) == 1
     assert modules & set(HEAVY) == set()
 
 
