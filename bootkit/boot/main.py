@@ -27,35 +27,38 @@ Runs inside the initramfs: standard library only, Python >= 3.9.
 
 from __future__ import annotations
 
-# Import everything first: after switch_root the daemon cannot import anything
-# (docs/initramfs.md, "After the root switch").
-from bootkit.boot.preload import preload
+# Only what checking the command line needs is imported here: ``--check-cmdline`` runs in dracut's cmdline
+# hook, before udev and the network, and every module costs its import again under an emulated CPU (the whole
+# runtime took about 4 s there under TCG; docs/performance.md, "Where the boot time goes"). The boot path
+# imports everything in main() (bootkit.boot.preload) before it forks the daemon: after switch_root the daemon
+# cannot import anything (docs/initramfs.md, "After the root switch").
+import argparse
+import os
+import shutil
+import sys
+import time
+from typing import Optional, Sequence
 
-preload(strict=False)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from typing import Optional, Sequence  # noqa: E402
-
-from bootkit.boot.cmdline import BootConfig, parse_cmdline  # noqa: E402
-from bootkit.boot.mount import mount_root, wait_for  # noqa: E402
-from bootkit.boot.report import daemon_timeline, send_report  # noqa: E402
-from bootkit.boot.serve import run_daemon  # noqa: E402
-from bootkit.boot.stages import Stages, leave_failure, setup_console  # noqa: E402
-from bootkit.boot.status import RUN_DIR, STATUS_FILE  # noqa: E402
-from bootkit.errors import BootkitError, ConfigError  # noqa: E402
-from bootkit.log import log, safe_text  # noqa: E402
+from bootkit.boot.cmdline import BootConfig, parse_cmdline
+from bootkit.boot.stages import Stages, leave_failure, setup_console
+from bootkit.errors import BootkitError, ConfigError
+from bootkit.log import log, safe_text
 
 CMDLINE = "/proc/cmdline"
 
 
 def boot(cfg: BootConfig, newroot: str, unit: Optional[str]) -> int:
-    """Fork the daemon, wait for its device, mount the root; 0 once the root is mounted at ``newroot``."""
+    """Fork the daemon, wait for its device, mount the root; 0 once the root is mounted at ``newroot``.
+
+    Called after :func:`bootkit.boot.preload.preload`: these imports find their modules loaded.
+    """
+    import json
+
     from bootkit import daemon
+    from bootkit.boot.mount import mount_root, wait_for
+    from bootkit.boot.report import daemon_timeline, send_report
+    from bootkit.boot.serve import run_daemon
+    from bootkit.boot.status import RUN_DIR, STATUS_FILE
 
     stages = Stages()
     os.makedirs(RUN_DIR, exist_ok=True)
@@ -113,6 +116,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if cfg.debug:
             log.info("python %s: command line ok: %s", sys.version.split()[0], cfg)
         return 0
+    from bootkit.boot.preload import preload
+
     missing = preload(strict=False)
     if missing:
         return leave_failure(Stages().failed(f"bootkit runtime incomplete, missing modules: {', '.join(missing)}"))
