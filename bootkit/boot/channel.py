@@ -44,6 +44,7 @@ from bootkit.boot.cmdline import HEX64, PREFIX, BootConfig, Verify
 from bootkit.boot.stages import Stages
 from bootkit.boot.status import RUN_DIR
 from bootkit.errors import BootkitError
+from bootkit.log import log, safe_text
 
 FORMAT = 1
 MAGIC_KEY = "bootkit-channel"
@@ -331,13 +332,14 @@ def check_signature(data: bytes, signature: bytes, keys: Tuple[bytes, ...], wher
 
 
 def check_channel(channel: Channel, where: str, expected_name: str, now: float, min_version: int,
-                  remembered: Optional[int], store: str) -> None:  # fmt: skip
-    """Name, validity period and version; ChannelRefused with one line naming what failed."""
+                  remembered: Optional[int], store: str, grace: float = 0) -> None:  # fmt: skip
+    """Name, validity period (``grace`` seconds past its expiry still pass: an offline boot from the local
+    cache) and version; ChannelRefused with one line naming what failed."""
     what = channel.describe()
     if channel.name != expected_name:
         raise ChannelRefused(f"{where}: signed for channel {channel.name!r}, but the file is {expected_name!r}")
     clock = format_time(now)
-    if now > channel.expires:
+    if now > channel.expires + grace:
         raise ChannelRefused(f"{where}: {what} expired at {format_time(channel.expires)} (this machine's clock "
                              f"says {clock}): publish it again, or set the clock if it is wrong")  # fmt: skip
     if now < channel.not_before - CLOCK_SKEW:
@@ -379,9 +381,15 @@ def _fetch(url: str, options: Any) -> Tuple[bytes, bytes]:
     return data, signature
 
 
-def follow(cfg: BootConfig, stages: Stages, trust: Trust) -> Tuple[BootConfig, Channel]:
-    """Fetch, verify and check the channel ``cfg`` names; the configuration that boots its image, pinned."""
+def follow(cfg: BootConfig, stages: Stages, trust: Trust, cache: Any = None) -> Tuple[BootConfig, Channel]:
+    """Fetch, verify and check the channel ``cfg`` names; the configuration that boots its image, pinned.
+
+    With a local ``cache`` (``bootkit.fetch.diskcache.DiskCache``) the verified channel is kept there, and
+    when the server cannot be reached the kept copy is verified again and used (``bootkit.boot.channelcache``).
+    """
+    from bootkit.boot.channelcache import OFFLINE_GRACE, OFFLINE_WAIT, ChannelCopy
     from bootkit.fetch import FetchOptions
+    from bootkit.fetch.errors import FetchTimeout, GaveUp, TransientError
 
     url = cfg.url
     stages.begin("channel", url)
@@ -389,12 +397,27 @@ def follow(cfg: BootConfig, stages: Stages, trust: Trust) -> Tuple[BootConfig, C
     if not base.endswith(SUFFIX) or not NAME.match(base[: -len(SUFFIX)]):
         raise ChannelRefused(f"root=qcow2:channel:{url}: expected the URL of a NAME{SUFFIX} channel file")
     expected = base[: -len(SUFFIX)]
-    options = FetchOptions(verify="none", retries=cfg.retries, timeout=cfg.timeout, cacert=cfg.cacert,
+    copy = ChannelCopy(cache, expected) if cache is not None else None
+    kept = copy.load() if copy is not None else None
+    # with a verified copy at hand, an unreachable server costs one short attempt, not the whole retry budget
+    retries, timeout = (min(cfg.retries, 1), min(cfg.timeout, OFFLINE_WAIT)) if kept else (cfg.retries, cfg.timeout)
+    options = FetchOptions(verify="none", retries=retries, timeout=timeout, cacert=cfg.cacert,
                            insecure=cfg.insecure)  # fmt: skip
-    data, signature = _fetch(url, options)
+    offline = False
+    try:
+        data, signature = _fetch(url, options)
+    except (TransientError, GaveUp, FetchTimeout) as e:
+        if kept is None:
+            raise
+        data, signature = kept
+        offline = True
+        log.warning("[%8.2f] channel: %s: the server is unreachable (%s): the last verified channel from the "
+                    "local cache", time.monotonic(), url, safe_text(str(e), 200))  # fmt: skip
     try:
         key = check_signature(data, signature, trust.keys, url)
     except ChannelRefused:
+        if offline:
+            raise
         # publish replaces the signature, then the channel file: a machine that read one of each in between
         # reads both again, once
         again, signature = _fetch(url, options)
@@ -405,9 +428,21 @@ def follow(cfg: BootConfig, stages: Stages, trust: Trust) -> Tuple[BootConfig, C
     channel = Channel.parse(data, url)
     remembered = trust.versions.highest(channel.name)
     now = time.time() if trust.now is None else trust.now
-    check_channel(channel, url, expected, now, cfg.channel_min_version, remembered, trust.versions.where())
+    check_channel(channel, url, expected, now, cfg.channel_min_version, remembered, trust.versions.where(),
+                  grace=OFFLINE_GRACE if offline else 0)  # fmt: skip
+    if offline and now > channel.expires:
+        log.warning("[%8.2f] channel: WARNING: %s expired at %s; booting it offline within the %d-day grace "
+                    "of a channel kept in the local cache (until %s)", time.monotonic(), channel.describe(),
+                    format_time(channel.expires), OFFLINE_GRACE // 86400,
+                    format_time(channel.expires + OFFLINE_GRACE))  # fmt: skip
     if remembered is None or channel.version > remembered:
         trust.versions.remember(channel.name, channel.version)
-    stages.done(f"{channel.describe()} signed by key {ed25519.fingerprint(key)}, valid until "
+    if copy is not None and not offline:
+        try:
+            copy.save(data, signature)
+        except (OSError, BootkitError) as e:  # the cache is a help, never a reason to fail the boot
+            log.warning("[%8.2f] channel: WARNING: cannot keep the channel in the local cache: %s", time.monotonic(), e)
+    source = " (from the local cache: the image server is unreachable)" if offline else ""
+    stages.done(f"{channel.describe()}{source} signed by key {ed25519.fingerprint(key)}, valid until "
                 f"{format_time(channel.expires)}: {channel.image} sha256 {channel.pin.sha256}")  # fmt: skip
     return pinned_config(cfg, channel), channel

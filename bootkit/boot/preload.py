@@ -33,6 +33,7 @@ BOOTKIT_MODULES: Tuple[str, ...] = (
     "bootkit.boot.images",
     "bootkit.boot.ed25519",
     "bootkit.boot.channel",
+    "bootkit.boot.channelcache",
     "bootkit.boot.mount",
     "bootkit.boot.serve",
     "bootkit.boot.report",

@@ -47,7 +47,12 @@ def prepare(cfg: BootConfig, stages: Stages, image_dir: str = IMAGE_DIR, trust: 
 
     channel = None
     if cfg.channel:
-        cfg, channel = follow(cfg, stages, trust or Trust.installed())
+        if trust is None and cache is not None:  # versions remembered on the cache disk survive power-off
+            from bootkit.boot.channel import load_keys
+            from bootkit.boot.channelcache import CacheVersionStore
+
+            trust = Trust(load_keys(), CacheVersionStore(cache))
+        cfg, channel = follow(cfg, stages, trust or Trust.installed(), cache)
     fetcher = ImageFetcher(cfg, stages, image_dir)
     fetcher.cache = cache
     try:
