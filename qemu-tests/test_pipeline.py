@@ -74,7 +74,7 @@ def _boot(boot_dir: BootDir, site: Path, name: str, known_sha256: str, cache_dis
         expect_clean_poweroff(vm)
         boot_dir.record(vm, firmware="bios", loader="ipxe", mode="lazy", root="debian-built", initrd="built")
         assert proof.problems(None, sha256=known_sha256) == [], f"{name}: {proof}"
-        assert vm.seen(r"read lazily"), "the boot code did not report lazy mode"
+        assert vm.seen(r"fetch: .*\(lazy, "), "the boot code did not report lazy mode"
         assert vm.seen(r"cache: .*PARTLABEL=bootkit-cache|local cache"), "the boot did not use the cache disk"
 
 

@@ -244,3 +244,24 @@ def test_the_boots_reads_go_first(faulty: tuple[str, FaultState], tmp_path: Path
     assert not fill.may_go(time.monotonic())  # it just finished: the boot is likely to read again
     assert fill.may_go(time.monotonic() + 0.2)
     source.close()
+
+
+def test_the_fill_waits_for_the_root_to_be_mounted(faulty: tuple[str, FaultState], tmp_path: Path) -> None:
+    from bootkit.boot.mount import mark_root_mounted, root_mounted
+
+    url, state = faulty
+    source = stream_source(url)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    fill = start_fill([source], str(run_dir / "images"), rate=0, reserve=0,
+                      gate=lambda: root_mounted(str(run_dir)))  # fmt: skip
+    # the boot reads what it needs before its root is mounted; the fill asks for nothing yet
+    assert source.pread(2 * CHUNK, 10) == DATA[2 * CHUNK : 2 * CHUNK + 10]
+    boot_reads = fill_requests(state)
+    assert not fill.done.wait(0.5)
+    assert fill.state is FillState.waiting and fill.filled == 0 and fill_requests(state) == boot_reads
+    mark_root_mounted(str(run_dir))  # what bootkit-boot does once the root is mounted
+    assert fill.done.wait(30) and fill.state is FillState.complete
+    assert fill_requests(state) > boot_reads
+    assert source.pread(0, len(DATA)) == DATA
+    source.close()

@@ -8,7 +8,8 @@ with bootkit's real fetch code, and reports like a booted machine does (``rd.qco
 * ``stream``: the same through :class:`bootkit.fetch.stream.StreamSource`, with the boot's fill copying the
   whole image into a local directory behind the reads at the boot's default rate cap (or ``--fill-mib``, as
   ``rd.qcow2.fill-rate`` would set it); the client ends when
-  the fill is complete (a real machine goes on filling after its root is mounted, competing with the others).
+  the fill is complete; the fill starts when the client reaches its root, as the boot's fill starts once the root
+  is mounted (a real machine goes on filling after that, competing with the others).
 
 Processes, not threads: the clients (hashing, HTTP parsing) use both cores. They are forked after the
 parent has prepared everything, wait for one start event, and put one :class:`Outcome` on a queue.
@@ -20,6 +21,7 @@ import multiprocessing
 import os
 import queue
 import shutil
+import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -108,10 +110,14 @@ def _boot(job: Job, t0: float) -> Outcome:
 
         source = StreamSource(remote)
         rate = DEFAULT_FILL_RATE if job.fill_rate is None else job.fill_rate
-        fill = start_fill([source], os.path.join(job.workdir, "fill"), rate=rate, reserve=0)
+        # as at boot, the fill starts once the root is mounted: here, once the client's reads up to its root are
+        # done (with --until end that is after the trace's last read)
+        mounted = threading.Event()
+        fill = start_fill([source], os.path.join(job.workdir, "fill"), rate=rate, reserve=0, gate=mounted.is_set)
         try:
             waits = _replay(source, job)
             ttr = time.monotonic() - t0
+            mounted.set()
             fill.done.wait(job.timeout)
             fill_s = time.monotonic() - t0
             if fill.error:

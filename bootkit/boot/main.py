@@ -55,7 +55,7 @@ def boot(cfg: BootConfig, newroot: str, unit: Optional[str]) -> int:
     import json
 
     from bootkit import daemon
-    from bootkit.boot.mount import mount_root, wait_for
+    from bootkit.boot.mount import mark_root_mounted, mount_root, wait_for
     from bootkit.boot.report import daemon_timeline, send_report
     from bootkit.boot.serve import run_daemon
     from bootkit.boot.status import RUN_DIR, STATUS_FILE
@@ -84,6 +84,7 @@ def boot(cfg: BootConfig, newroot: str, unit: Optional[str]) -> int:
         line = stages.failed(str(e))
         send_report(cfg, {**daemon_timeline(STATUS_FILE), **stages.timeline}, failed=line)
         return leave_failure(line)
+    mark_root_mounted(RUN_DIR)
     log.info("[%8.2f] ready: root mounted, switching root", time.monotonic())
     send_report(cfg, {**daemon_timeline(STATUS_FILE), **stages.timeline})
     return 0

@@ -45,6 +45,20 @@ def _unmount(path: str) -> None:
         log.warning("mount: could not unmount %s after the failure: %s", path, msg[-1] if msg else proc.returncode)
 
 
+#: made in the run directory once the root is mounted: stream mode's fill waits for it (``root_mounted``)
+MOUNTED_FLAG = "root-mounted"
+
+
+def mark_root_mounted(run_dir: str = RUN_DIR) -> None:
+    """Tell the root storage daemon that the root is mounted (the boot's own reads are done)."""
+    with open(os.path.join(run_dir, MOUNTED_FLAG), "w"):
+        pass
+
+
+def root_mounted(run_dir: str = RUN_DIR) -> bool:
+    return os.path.exists(os.path.join(run_dir, MOUNTED_FLAG))
+
+
 def mount_root(cfg: BootConfig, device: str, fstype: Optional[str], newroot: str, run_dir: str = RUN_DIR) -> str:
     """Mount ``device`` read-only and, unless ``rd.qcow2.overlay=none``, a tmpfs overlayfs at ``newroot``.
 

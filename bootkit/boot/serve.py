@@ -129,8 +129,11 @@ def run_daemon(cfg: BootConfig, stages: Stages, report: Any) -> int:
         from bootkit.fetch.stream import start_fill
 
         try:
+            from bootkit.boot.mount import root_mounted
+
+            # the fill starts once the boot's reads up to the root are done (the parent mounted the root)
             fill = start_fill(fetcher.streams, IMAGE_DIR, rate=cfg.fill_rate, reserve=cfg.minmem_mib << 20,
-                              report=lambda fields: status.update(fill=fields))  # fmt: skip
+                              report=lambda fields: status.update(fill=fields), gate=root_mounted)  # fmt: skip
         except Exception as e:  # the root is attached: a fill that cannot start must not take its server down
             log.warning("fill: WARNING: cannot start (%s: %s): stream mode stays lazy", type(e).__name__, e)
     status.refresh_every(10.0, lambda: counters(image, fetcher, devstats, fill))

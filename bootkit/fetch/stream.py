@@ -41,6 +41,8 @@ QUIET = 0.05
 FILL_ATTEMPTS = 3
 #: progress lines: one per this share of the image
 PROGRESS_STEP_PERCENT = 10
+#: how often a fill held back by its gate (the root not mounted yet) looks again, seconds
+GATE_POLL = 0.1
 
 
 class ChunkStore(Protocol):
@@ -270,8 +272,11 @@ class Fill:
         report: Optional[Callable[[Dict[str, Any]], None]] = None,
         quiet: float = QUIET,
         attempts: int = FILL_ATTEMPTS,
+        gate: Optional[Callable[[], bool]] = None,
     ) -> None:
         self.sources = list(sources)
+        #: the fill starts once this says so (the boot: once the root is mounted); None: at once
+        self.gate = gate
         self.rate = rate
         self.quiet = quiet
         self.attempts = attempts
@@ -321,6 +326,15 @@ class Fill:
 
     def _run(self) -> None:
         try:
+            if self.gate is not None:
+                # the boot's reads up to the root are the ones a machine waits for: on a shared uplink every
+                # fill request would slow down the other machines' (docs/fetch.md, "Stream mode")
+                while not self.gate():
+                    if self._stop.wait(GATE_POLL):
+                        return
+                log.info("[%8.2f] fill: the root is mounted: filling %s into %s", time.monotonic(),
+                         human_size(self.total), self.where)  # fmt: skip
+                self._started = time.monotonic()
             self._set(FillState.filling)
             for source in self.sources:
                 self._fill_source(source)
@@ -415,12 +429,13 @@ def start_fill(
     rate: int,
     reserve: int,
     report: Optional[Callable[[Dict[str, Any]], None]] = None,
+    gate: Optional[Callable[[], bool]] = None,
 ) -> Fill:
     """Attach a :class:`RamStore` under ``directory`` (made if missing) to each source and start the fill (with a
     local cache attached to every source already, the fill goes into the cache instead); when
     the image does not fit or the copy cannot be made, warn once and leave the sources lazy (the returned fill
     is in state ``lazy`` and never runs)."""
-    fill = Fill(sources, rate, report=report)
+    fill = Fill(sources, rate, report=report, gate=gate)
     if sources and all(s.store is not None for s in sources):
         # a local cache is attached already (bootkit.fetch.diskcache): the fill goes there, not into RAM
         fill.where = "the local cache"
