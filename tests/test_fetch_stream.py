@@ -261,7 +261,7 @@ def test_the_fill_waits_for_the_root_to_be_mounted(faulty: tuple[str, FaultState
     assert not fill.done.wait(0.5)
     assert fill.state is FillState.waiting and fill.filled == 0 and fill_requests(state) == boot_reads
     mark_root_mounted(str(run_dir))  # what bootkit-boot does once the root is mounted
-    assert fill.done.wait(30) and fill.state is FillState.complete
+    assert fill.done.wait(30) and fill.status()["state"] == FillState.complete.value
     assert fill_requests(state) > boot_reads
     assert source.pread(0, len(DATA)) == DATA
     source.close()

@@ -32,7 +32,7 @@ from typing import Any
 
 from bootkit.boot.report import MAX_REPORT, MAX_STAGES, REPORT_VERSION
 from bootkit.errors import BootkitError, UsageError
-from bootkit.host.httpconns import Connections
+from bootkit.host.httpconns import Connections, drain
 from bootkit.log import log, safe_text
 
 #: seconds a client has for its request, head and body (a slow or dead one holds a worker at most this long)
@@ -254,7 +254,7 @@ class _Server(http.server.HTTPServer):
         try:
             _Handler(sock, client_address, self, buffered)
         finally:
-            _drain(sock)
+            drain(sock)  # what is left of a refused body
         return False
 
     def server_close(self) -> None:
@@ -262,18 +262,6 @@ class _Server(http.server.HTTPServer):
         connections: Connections | None = getattr(self, "connections", None)
         if connections is not None:
             connections.close()
-
-
-def _drain(sock: socket.socket) -> None:
-    """Read what is left of a refused body (bounded, without waiting): unread bytes at close() make the kernel
-    send RST, which can destroy the answer before the client reads it."""
-    try:
-        sock.setblocking(False)
-        for _ in range(16):
-            if not sock.recv(65536):
-                break
-    except OSError:
-        pass
 
 
 @contextlib.contextmanager

@@ -299,16 +299,21 @@ class Connections:
             # TLS: the answer closes its own TLS socket (``sock`` was detached from it)
 
 
-def _refuse(sock: socket.socket, status: int) -> None:
-    """Send a short error answer without blocking, then close."""
+def drain(sock: socket.socket) -> None:
+    """Read what is left of a request (bounded, without waiting): unread bytes at close() make the kernel send
+    RST, which can destroy the answer before the client reads it."""
     try:
         sock.setblocking(False)
-        # unread bytes at close() make the kernel send RST, which can destroy the answer before it is read
         for _ in range(16):
             if not sock.recv(65536):
                 break
     except OSError:
         pass
+
+
+def _refuse(sock: socket.socket, status: int) -> None:
+    """Send a short error answer without blocking, then close."""
+    drain(sock)
     try:
         sock.send(_REFUSALS[status])
     except OSError:
