@@ -45,13 +45,19 @@ ADDRESS = re.compile(r"bootkit: address: (\S+) (\S+) (static|dynamic)")
 
 
 def addresses(vm: Guest) -> list[tuple[str, str, str]]:
-    """The ``bootkit: address:`` lines of the boot, as (interface, address, kind)."""
+    """The IPv4 ``bootkit: address:`` lines of the boot, as (interface, address, kind).
+
+    QEMU's user network also sends IPv6 router advertisements, so the boot NIC gets a SLAAC address (fec0::/64,
+    reported since bootkit-netinfo lists site-local addresses): that is no DHCP request, but it must be on the
+    boot NIC only, which this checks here for every caller."""
     found = []
     for line in vm.output.splitlines():
         m = ADDRESS.search(line)
         if m:
             found.append((m[1], m[2], m[3]))
-    return found
+    ipv6 = [f for f in found if ":" in f[1]]
+    assert all(interface == "bootnet" for interface, _, _ in ipv6), f"IPv6 on another NIC than the boot NIC: {ipv6}"
+    return [f for f in found if ":" not in f[1]]
 
 
 def command_line(vm: Guest) -> str:
