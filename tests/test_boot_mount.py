@@ -22,19 +22,23 @@ ROOT = Path(__file__).resolve().parent.parent
 #: runs inside the namespace: attach the filesystem image to a loop device, mount_root, report as JSON what
 #: happened and what is mounted under the test's directory, detach the loop device
 SCRIPT = """
-import json, subprocess, sys
+import json, os, subprocess, sys
 from bootkit.boot.cmdline import parse_cmdline
 from bootkit.boot.mount import mount_root
 from bootkit.errors import BootkitError
 
-image, run_dir, newroot, top = sys.argv[1:5]
+image, run_dir, newroot, top, fstype, path = sys.argv[1:7]
 cfg = parse_cmdline("root=qcow2:http://10.0.2.2/disk.qcow2")
 loop = subprocess.run(["losetup", "--find", "--show", "--read-only", image],
                       check=True, capture_output=True, text=True).stdout.strip()
 result = {}
 try:
     try:
-        result["done"] = mount_root(cfg, loop, "ext4", newroot, run_dir)
+        saved, os.environ["PATH"] = os.environ["PATH"], path
+        try:
+            result["done"] = mount_root(cfg, loop, fstype, newroot, run_dir)
+        finally:
+            os.environ["PATH"] = saved
         with open(newroot + "/marker") as f:
             result["marker"] = f.read()
     except BootkitError as e:
@@ -64,10 +68,12 @@ def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_ext4(d / "root.ext4", 8, label="bkroot", content=d / "tree")
 
 
-def mount_in_namespace(rootfs: Path, run_dir: Path, newroot: Path, top: Path) -> dict[str, object]:
+def mount_in_namespace(rootfs: Path, run_dir: Path, newroot: Path, top: Path, fstype: str = "ext4",
+                       path: str | None = None) -> dict[str, object]:
+    """``path``: the PATH mount_root runs with (default: this process's)."""
     proc = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private",
-         sys.executable, "-c", SCRIPT, str(rootfs), str(run_dir), str(newroot), str(top)],
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", SCRIPT,
+         str(rootfs), str(run_dir), str(newroot), str(top), fstype, os.environ["PATH"] if path is None else path],
         capture_output=True, text=True, timeout=60, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -76,8 +82,12 @@ def mount_in_namespace(rootfs: Path, run_dir: Path, newroot: Path, top: Path) ->
 
 
 def test_root_under_a_tmpfs_overlay(rootfs: Path, tmp_path: Path) -> None:
-    """The setup itself works: the same mounts succeed where nothing forces a failure."""
-    result = mount_in_namespace(rootfs, tmp_path / "run" / "bootkit", tmp_path / "sysroot", tmp_path)
+    """The setup itself works: the same mounts succeed where nothing forces a failure. With no mount(8) to
+    be found: the boot code's own mounts are system calls (a process each costs boot time under TCG)."""
+    empty = tmp_path / "no-tools"
+    empty.mkdir()
+    result = mount_in_namespace(rootfs, tmp_path / "run" / "bootkit", tmp_path / "sysroot", tmp_path,
+                                path=str(empty))
     assert "error" not in result, result
     assert result["marker"] == "bootkit lower\n"
     assert result["mounted"] == [f"{tmp_path}/run/bootkit/lower", f"{tmp_path}/run/bootkit/overlay",
@@ -90,4 +100,17 @@ def test_failed_overlay_leaves_nothing_mounted(rootfs: Path, tmp_path: Path) -> 
     run_dir = tmp_path / "run,x" / "bootkit"
     result = mount_in_namespace(rootfs, run_dir, tmp_path / "sysroot", tmp_path)
     assert str(result["error"]).startswith(f"mount -t overlay -o ro,lowerdir={run_dir}/lower,"), result
+    assert result["mounted"] == []
+
+
+def test_wrong_filesystem_type_is_one_line(rootfs: Path, tmp_path: Path) -> None:
+    """mount(2) refuses the lower root (an ext4 filesystem mounted as xfs): the line names the mount and
+    says what mount(8) would have said, and nothing stays mounted."""
+    if "xfs" not in Path("/proc/filesystems").read_text().split():
+        subprocess.run(["modprobe", "-q", "xfs"], check=False)
+    result = mount_in_namespace(rootfs, tmp_path / "run" / "bootkit", tmp_path / "sysroot", tmp_path, "xfs")
+    error = str(result["error"])
+    assert error.startswith("mount -t xfs -o ro /dev/loop"), result
+    assert error.endswith(f"{tmp_path}/run/bootkit/lower: wrong fs type, bad option or bad superblock (EINVAL)") \
+        or error.endswith("unknown filesystem type (ENODEV)"), result
     assert result["mounted"] == []

@@ -10,6 +10,8 @@ Runs inside the initramfs: standard library only, Python >= 3.9.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import time
 from typing import List, Optional, Sequence
@@ -21,7 +23,44 @@ from bootkit.log import log
 from bootkit.run import run
 
 
-def _mount(args: Sequence[str]) -> None:
+#: mount(2) flags of the options the boot code itself passes; anything else goes through mount(8)
+_FLAGS = {"ro": 1, "rw": 0}  # MS_RDONLY
+
+#: what mount(8) says for the errors mount(2) gives (util-linux's wording, shortened)
+_ERRORS = {
+    errno.EINVAL: "wrong fs type, bad option or bad superblock",
+    errno.ENODEV: "unknown filesystem type",
+    errno.ENOENT: "mount point or device does not exist",
+    errno.ENOTBLK: "not a block device",
+    errno.ENXIO: "no such device",
+    errno.EACCES: "permission denied or write-protected",
+    errno.EBUSY: "already mounted or busy",
+}
+
+
+def _mount(fstype: str, options: str, source: str, target: str) -> None:
+    """Mount through mount(2) when the options are the boot code's own (no process to start: each one costs
+    a large fraction of a second on an emulated CPU), through mount(8) otherwise (``rd.qcow2.rootflags``,
+    a filesystem type to detect). Either way a failure is one line naming the command and the cause."""
+    words = options.split(",")
+    known = [w for w in words if w in _FLAGS]
+    data = [w for w in words if w not in _FLAGS]
+    what = f"mount -t {fstype} -o {options} {source} {target}"
+    if fstype == "auto" or any("=" not in w for w in data):
+        # a word such as noatime is a flag mount(8) knows and this does not; key=value goes to the filesystem
+        _mount_command(["-t", fstype, "-o", options, source, target])
+        return
+    flags = 0
+    for w in known:
+        flags |= _FLAGS[w]
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(source.encode(), target.encode(), fstype.encode(), ctypes.c_ulong(flags),
+                  ",".join(data).encode() if data else None) != 0:
+        err = ctypes.get_errno()
+        raise BootFailed(f"{what}: {_ERRORS.get(err, os.strerror(err))} ({errno.errorcode.get(err, err)})")
+
+
+def _mount_command(args: Sequence[str]) -> None:
     proc = run(["mount", *args], check=False, capture=True)
     if proc.returncode != 0:
         msg = proc.stderr.decode(errors="replace").strip().splitlines()
@@ -69,7 +108,7 @@ def mount_root(cfg: BootConfig, device: str, fstype: Optional[str], newroot: str
     flags = ",".join(["ro", *([cfg.rootflags] if cfg.rootflags else [])])
     os.makedirs(newroot, exist_ok=True)
     if cfg.overlay.kind == "none":
-        _mount(["-t", fstype, "-o", flags, device, newroot])
+        _mount(fstype, flags, device, newroot)
         return f"{device} ({fstype}) read-only at {newroot}"
     lower, overlay = run_dir + "/lower", run_dir + "/overlay"
     os.makedirs(lower, exist_ok=True)
@@ -77,14 +116,14 @@ def mount_root(cfg: BootConfig, device: str, fstype: Optional[str], newroot: str
     size = f",size={cfg.overlay.size}" if cfg.overlay.size else ""
     mounted: List[str] = []
     try:
-        _mount(["-t", fstype, "-o", flags, device, lower])
+        _mount(fstype, flags, device, lower)
         mounted.append(lower)
-        _mount(["-t", "tmpfs", "-o", f"mode=0755{size}", "bootkit-overlay", overlay])
+        _mount("tmpfs", f"mode=0755{size}", "bootkit-overlay", overlay)
         mounted.append(overlay)
         os.makedirs(overlay + "/upper", exist_ok=True)
         os.makedirs(overlay + "/work", exist_ok=True)
         options = f"lowerdir={lower},upperdir={overlay}/upper,workdir={overlay}/work"
-        _mount(["-t", "overlay", "-o", ("rw," if cfg.rw else "ro,") + options, "overlay", newroot])
+        _mount("overlay", ("rw," if cfg.rw else "ro,") + options, "overlay", newroot)
     except BaseException:
         for path in reversed(mounted):
             _unmount(path)
