@@ -11,23 +11,18 @@ print ``PWNED42`` only when a shell evaluates them: the literal text never conta
 from __future__ import annotations
 
 import http.server
-import os
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dracut_shell import MODULE, boot_entry, in_namespace, module_script, source_die_hook
 
 from bootkit.boot.cmdline import parse_cmdline
 from bootkit.boot.serve import prepare
 from bootkit.boot.stages import Stages
 from bootkit.errors import BootkitError
 from bootkit.log import MAX_SAFE_TEXT, safe_text
-
-ROOT = Path(__file__).resolve().parent.parent
-MODULE = ROOT / "dracut-module" / "90bootkit"
-DRACUT_BASE = Path("/usr/lib/dracut/modules.d/99base")
 
 #: each runs a command when a shell evaluates it, in every quoting context dracut's die hook can put it in
 PAYLOAD = "$(echo PWNED$((6*7))) \"; echo PWNED$((6*7)); \" `echo PWNED$((6*7))` '; echo PWNED$((6*7)); '"
@@ -90,57 +85,6 @@ def test_failure_line_from_a_hostile_server_is_safe(hostile_url: str, tmp_path: 
     assert all(0x20 <= ord(c) < 0x7F for c in line)
 
 
-def _dracut_lib(tmp_path: Path) -> Path:
-    """dracut's dracut-lib.sh as the initramfs has it: its helpers where it looks for them (/lib, $PATH)."""
-    if not (DRACUT_BASE / "dracut-lib.sh").exists():
-        pytest.skip(f"{DRACUT_BASE} not found: install the Debian package 'dracut-core'")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name in ("dracut-getarg", "dracut-getargs"):
-        (bin_dir / name).symlink_to("/usr/lib/dracut/dracut-util")
-    lib = tmp_path / "dracut-lib.sh"
-    text = (DRACUT_BASE / "dracut-lib.sh").read_text()
-    lib.write_text(text.replace("/lib/dracut-dev-lib.sh", str(DRACUT_BASE / "dracut-dev-lib.sh")))
-    return lib
-
-
-def _in_namespace(script: str, tmp_path: Path, cmdline: str = "") -> subprocess.CompletedProcess[str]:
-    """Run ``script`` under bash in a private mount namespace: its own /run, /dev/kmsg and /proc/cmdline,
-    with dracut's shell library sourced first."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root for a private mount namespace (unshare -m)")
-    lib = _dracut_lib(tmp_path)
-    kmsg = tmp_path / "kmsg"
-    kmsg.touch()
-    (tmp_path / "cmdline").write_text(cmdline + "\n")
-    prologue = (
-        "mount -t tmpfs tmpfs /run\n"
-        f"mount --bind {kmsg} /dev/kmsg\n"
-        f"mount --bind {tmp_path / 'cmdline'} /proc/cmdline\n"
-        f"export PATH={tmp_path / 'bin'}:$PATH\n"
-        f". {lib}\n"
-        # after dracut-lib.sh, which sets the initramfs' own hookdir
-        f"export hookdir={tmp_path}/hooks\n"
-        'mkdir -p "$hookdir/emergency" "$hookdir/shutdown-emergency" /run/bootkit\n'
-    )
-    return subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "bash", "-c", prologue + script],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def _source_die_hook(tmp_path: Path) -> str:
-    """What sourcing the hook that dracut's die wrote prints (dracut sources it in the emergency path)."""
-    hook = tmp_path / "hooks" / "emergency" / "01-die.sh"
-    assert hook.exists(), "dracut's die did not run"
-    proc = subprocess.run(
-        ["bash", "-c", 'warn() { echo "$*"; }; . "$1"', "bash", str(hook)], capture_output=True, text=True
-    )
-    return proc.stdout + proc.stderr
-
-
 def test_failed_hook_gives_die_no_server_text(tmp_path: Path) -> None:
     """Even a cause file that was never sanitised (written here verbatim) cannot reach the sourced hook."""
     script = (
@@ -148,9 +92,9 @@ def test_failed_hook_gives_die_no_server_text(tmp_path: Path) -> None:
         "root=qcow2 NEWROOT=/nonexistent\n"
         f". {MODULE / 'qcow2-failed.sh'}\n"
     )
-    proc = _in_namespace(script, tmp_path)
+    proc = in_namespace(script, tmp_path)
     assert proc.returncode == 1, proc.stderr  # die exits 1
-    out = _source_die_hook(tmp_path)
+    out = source_die_hook(tmp_path)
     assert "bootkit: the root was not mounted" in out
     assert EXECUTED not in out + proc.stdout + proc.stderr
 
@@ -158,22 +102,13 @@ def test_failed_hook_gives_die_no_server_text(tmp_path: Path) -> None:
 def test_cmdline_hook_gives_die_only_safe_text(tmp_path: Path) -> None:
     """A command line that fails bootkit's check, with shell code in it: die gets the message without it.
 
-    The hook runs as shipped except for where it finds the boot code (the initramfs has it in
-    /usr/lib/bootkit; here it is this checkout)."""
-    entry = tmp_path / "bootkit-boot"
-    entry.write_text(
-        "#!/usr/bin/python3 -sE\nimport sys\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from bootkit.boot.main import main\n"
-        "sys.exit(main())\n"
-    )
-    entry.chmod(0o755)
-    hook = (MODULE / "parse-qcow2.sh").read_text().replace("/usr/lib/bootkit/bootkit-boot", str(entry))
-    (tmp_path / "parse-qcow2.sh").write_text(hook)
+    The systemd flavour's check, which runs in the hook itself (the shell flavour's starts the boot code in
+    the background: tests/test_dracut_boot_start.py)."""
+    hook = module_script(tmp_path, "parse-qcow2.sh", boot_entry(tmp_path))
     cmdline = f"root=qcow2:http://10.0.2.2/disk.qcow2 rd.qcow2.mode={PAYLOAD.replace(' ', '')}"
-    proc = _in_namespace(f". {tmp_path / 'parse-qcow2.sh'}\n", tmp_path, cmdline)
+    proc = in_namespace(f"export DRACUT_SYSTEMD=1\n. {hook}\n", tmp_path, cmdline)
     assert proc.returncode == 1, proc.stderr
-    out = _source_die_hook(tmp_path)
+    out = source_die_hook(tmp_path)
     assert "rd.qcow2.mode" in out
     assert EXECUTED not in out + proc.stdout + proc.stderr
 

@@ -1,15 +1,20 @@
 """The network helpers of bootkit's dracut module, run on the host: the arping wrapper that skips
-network-legacy's duplicate-address check for the lease the boot loader handed over, and the address report."""
+network-legacy's duplicate-address check for the lease the boot loader handed over, and the boot code's
+address report (bootkit/boot/netinfo.py)."""
 
 from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-MODULE = Path(__file__).resolve().parent.parent / "dracut-module" / "90bootkit"
+from bootkit.boot.netinfo import address_lines
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULE = ROOT / "dracut-module" / "90bootkit"
 LEASE_LINE = (
     "root=qcow2:http://10.0.2.2/disk.qcow2 ifname=bootnet:52:54:00:12:34:56 "
     "ip=10.0.2.15::10.0.2.2:255.255.255.0::bootnet:none:10.0.2.3 rd.neednet=1"
@@ -56,11 +61,38 @@ def test_every_other_call_runs_the_real_arping(tmp_path: Path, cmdline: str, arg
     assert _arping(tmp_path, cmdline, *args) == DELEGATED
 
 
+#: prints the address report of bootkit/boot/netinfo.py as the boot code does (its console format)
+NETINFO = (
+    "import sys; sys.path.insert(0, sys.argv[1]); from bootkit.boot.stages import setup_console; "
+    "from bootkit.boot.netinfo import print_addresses; setup_console(False); print_addresses()"
+)
+
+
+def _netinfo(*prefix: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*prefix, sys.executable, "-c", NETINFO, str(ROOT)], capture_output=True, text=True,
+                          timeout=30)
+
+
 def test_address_report_format() -> None:
-    proc = subprocess.run(["sh", str(MODULE / "bootkit-netinfo.sh")], capture_output=True, text=True, timeout=30)
+    proc = _netinfo()
     assert proc.returncode == 0
-    for line in proc.stdout.splitlines():
+    for line in proc.stderr.splitlines():
         assert re.fullmatch(r"bootkit: address: [A-Za-z0-9._?-]+ [0-9a-f:./]+ (static|dynamic)", line), line
+
+
+def test_address_report_of_hostile_names() -> None:
+    """What ``ip -o addr show`` prints is the kernel's, but a name is printed with [A-Za-z0-9._-] only."""
+    text = (
+        "1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever\n"
+        "2: bo$(x)`y`    inet 10.0.2.15/24 brd 10.0.2.255 scope global bootnet\\       valid_lft forever\n"
+        "2: bootnet    inet6 fe80::1/64 scope link \\       valid_lft forever preferred_lft forever\n"
+        "3: eth1    inet 192.0.2.7/24 scope global dynamic eth1\\       valid_lft 86395sec preferred_lft 86395sec\n"
+        "garbage\n"
+    )
+    assert address_lines(text) == [
+        "address: bo??x??y? 10.0.2.15/24 static",
+        "address: eth1 192.0.2.7/24 dynamic",
+    ]
 
 
 def _bootif_generator(tmp_path: Path, cmdline: str) -> dict[str, str]:
@@ -124,12 +156,9 @@ def test_address_report_lists_ipv4_and_ipv6_but_not_link_local() -> None:
     probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"cannot make a network namespace: {probe.stderr.decode(errors='replace').strip()}")
-    proc = subprocess.run(
-        ["unshare", "-n", "sh", "-c", f'{setup} && sh "$0"', str(MODULE / "bootkit-netinfo.sh")],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+    proc = _netinfo("unshare", "-n", "sh", "-c", f'{setup} && exec "$@"', "sh")
     assert proc.returncode == 0, proc.stderr
-    assert sorted(proc.stdout.splitlines()) == [
+    assert sorted(proc.stderr.splitlines()) == [
         "bootkit: address: bootnet 10.0.2.15/24 static",
         "bootkit: address: bootnet fec0::5054:ff:fe12:3456/64 static",
         "bootkit: address: peer0 2001:db8::7/64 dynamic",

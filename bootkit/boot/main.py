@@ -1,8 +1,10 @@
 """The boot sequence in the initramfs: fetch → verify → open → choose the root → attach → mount.
 
-Started by the dracut module (``/usr/lib/bootkit/bootkit-boot``) with argv[0] ``@bootkit``: by the netroot
-handler ``qcow2root`` once the network is up (shell initramfs), or by ``bootkit-root.service`` after
-``network-online.target`` (systemd initramfs).
+Started by the dracut module (``/usr/lib/bootkit/bootkit-boot``) with argv[0] ``@bootkit``: in the shell
+initramfs by the cmdline hook ``parse-qcow2.sh``, long before the network is up (``--wait-for``): it checks
+the command line and imports the runtime while udev and the network come up, then waits for the file the
+netroot handler ``qcow2root`` creates once an interface is up (docs/initramfs.md, "One Python process"); in
+the systemd initramfs by ``bootkit-root.service`` after ``network-online.target``.
 
 The process forks the NBD server daemon first (``bootkit.daemon.fork_daemon``: before any thread
 exists) and the daemon does the work that needs the image: download and verify it into ``/run`` (or open it
@@ -47,7 +49,7 @@ from bootkit.log import log, safe_text
 CMDLINE = "/proc/cmdline"
 
 
-def boot(cfg: BootConfig, newroot: str, unit: Optional[str]) -> int:
+def boot(cfg: BootConfig, newroot: str, unit: Optional[str], lock_fd: Optional[int] = None) -> int:
     """Fork the daemon, wait for its device, mount the root; 0 once the root is mounted at ``newroot``.
 
     Called after :func:`bootkit.boot.preload.preload`: these imports find their modules loaded.
@@ -56,15 +58,20 @@ def boot(cfg: BootConfig, newroot: str, unit: Optional[str]) -> int:
 
     from bootkit import daemon
     from bootkit.boot.mount import mark_root_mounted, mount_root, wait_for
+    from bootkit.boot.netinfo import print_addresses
     from bootkit.boot.report import daemon_timeline, send_report
     from bootkit.boot.serve import run_daemon
     from bootkit.boot.status import RUN_DIR, STATUS_FILE
 
+    print_addresses()
     stages = Stages()
     os.makedirs(RUN_DIR, exist_ok=True)
     log.info("[%8.2f] start: root=qcow2:%s", stages.started, cfg.url)
     report, fd = daemon.fork_daemon()
     if report is not None:  # the daemon
+        if lock_fd is not None:
+            # the lock stands for "the boot code is running": the daemon serves for ever and must not hold it
+            os.close(lock_fd)
         os._exit(run_daemon(cfg, stages, report))
     code, line = daemon.wait_daemon(fd)
     if code != 0:
@@ -90,13 +97,42 @@ def boot(cfg: BootConfig, newroot: str, unit: Optional[str]) -> int:
     return 0
 
 
+def wait_for_file(path: str, poll: float = 0.05) -> None:
+    """Return once ``path`` exists. No timeout of its own: dracut's main loop bounds the wait (``rd.retry``)
+    and ends the boot, and this process with it, when the network never comes up."""
+    while not os.path.exists(path):
+        time.sleep(poll)
+
+
+def write_status(path: str, code: int) -> None:
+    """The exit status for dracut's main loop (its finished hook tests that the file exists): written whole,
+    then renamed, so that the loop never reads half of it."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="ascii") as f:
+        f.write(f"{code}\n")
+    os.replace(tmp, path)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="bootkit-boot", allow_abbrev=False)
     parser.add_argument("--check-cmdline", action="store_true", help="only validate the command line")
     parser.add_argument("--newroot", default="/sysroot", help="where the root goes")
     parser.add_argument("--unit", help="systemd unit file to copy to /run/systemd/system")
     parser.add_argument("--cmdline", default=None, help="kernel command line (default: /proc/cmdline)")
+    parser.add_argument("--wait-for", metavar="FILE",
+                        help="check the command line and import the runtime now, boot once FILE exists")
+    parser.add_argument("--status-file", metavar="FILE", help="write the exit status to FILE when finished")
+    parser.add_argument("--lock-fd", type=int, metavar="FD",
+                        help="an inherited fd holding a lock that the netroot handler waits on: this process "
+                             "keeps it until it exits, the NBD server it leaves behind does not")
     args = parser.parse_args(argv)
+    code = run(args)
+    if args.status_file:
+        write_status(args.status_file, code)
+    return code
+
+
+def run(args: argparse.Namespace) -> int:
     text = args.cmdline
     if text is None:
         with open(CMDLINE, encoding="utf-8", errors="replace") as f:
@@ -104,25 +140,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = parse_cmdline(text)
     except ConfigError as e:
-        # parse-qcow2.sh hands this line to dracut's die: safe text only
-        sys.stderr.write(f"error: {safe_text(str(e))}\n")
-        if not args.check_cmdline:
-            leave_failure(f"bad kernel command line: {e}")
+        if args.check_cmdline:
+            # parse-qcow2.sh (systemd flavour) hands this line to dracut's die: safe text only
+            sys.stderr.write(f"error: {safe_text(str(e))}\n")
+        else:
+            line = safe_text(f"FAILED at cmdline: bad kernel command line: {e}")
+            sys.stderr.write(f"bootkit: {line}\n")
+            leave_failure(line)
         return 2
     setup_console(bool(cfg and cfg.debug))
     if cfg is None:
         sys.stderr.write("error: root= does not name a QCOW2 image (root=qcow2:<URL>)\n")
         return 2
+    if cfg.debug and (args.check_cmdline or args.wait_for):
+        log.info("python %s: command line ok: %s", sys.version.split()[0], cfg)
     if args.check_cmdline:
-        if cfg.debug:
-            log.info("python %s: command line ok: %s", sys.version.split()[0], cfg)
         return 0
     from bootkit.boot.preload import preload
 
     missing = preload(strict=False)
     if missing:
         return leave_failure(Stages().failed(f"bootkit runtime incomplete, missing modules: {', '.join(missing)}"))
-    return boot(cfg, args.newroot, args.unit)
+    if args.wait_for:
+        wait_for_file(args.wait_for)
+    return boot(cfg, args.newroot, args.unit, args.lock_fd)
 
 
 if __name__ == "__main__":

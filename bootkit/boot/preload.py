@@ -35,6 +35,7 @@ BOOTKIT_MODULES: Tuple[str, ...] = (
     "bootkit.boot.channel",
     "bootkit.boot.channelcache",
     "bootkit.boot.mount",
+    "bootkit.boot.netinfo",
     "bootkit.boot.serve",
     "bootkit.boot.report",
     "bootkit.boot.efiboot",

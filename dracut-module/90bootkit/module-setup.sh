@@ -94,8 +94,8 @@ install() {
     # HTTPS: the system CA bundle, for rd.qcow2.cacert= defaults
     inst_simple -o /etc/ssl/certs/ca-certificates.crt
 
-    # tools the boot code runs
-    inst_multiple mount umount modprobe sleep
+    # tools the boot code runs; flock: the shell flavour's netroot handler waits for the boot code with it
+    inst_multiple mount umount modprobe sleep flock
     inst_multiple -o blkid
     # rd.qcow2.cache.format=auto: mkfs.ext4 (mke2fs and its e2fsprogs libraries, about 0.6 MB); the ext4
     # module is installed above. Optional: without it the boot says so and boots without the cache.
@@ -127,8 +127,6 @@ from bootkit.boot.efiboot import main
 sys.exit(main())
 EOF
     chmod 0755 "$initdir/usr/lib/bootkit/bootkit-efi-bootif"
-    # prints the addresses the boot uses before the boot code starts (both flavours)
-    inst_script "$moddir/bootkit-netinfo.sh" /usr/lib/bootkit/bootkit-netinfo
 
     if dracut_module_included "systemd"; then
         inst_simple "$moddir/bootkit-root.service" "$systemdsystemunitdir/bootkit-root.service"
@@ -148,9 +146,12 @@ EOF
         inst_hook cmdline 15 "$moddir/bootkit-efi-bootif.sh"
         # netroot handler: /sbin/netroot runs /sbin/<scheme>root once an interface is up
         inst_script "$moddir/qcow2root.sh" /sbin/qcow2root
+        # the cmdline hook starts the boot code through this (argv[0] '@bootkit')
+        inst_script "$moddir/bootkit-start.sh" /usr/lib/bootkit/bootkit-start
         inst_hook pre-mount 10 "$moddir/qcow2-failed.sh"
         install_halt
         install_arping
+        install_ifup
     fi
     dracut_need_initqueue
 }
@@ -180,6 +181,14 @@ install_arping() {
     [[ -e $initdir$_arping && ! -L $initdir$_arping ]] || return 0
     mv "$initdir$_arping" "$initdir/usr/lib/bootkit/arping"
     inst_script "$moddir/bootkit-arping.sh" "$_arping"
+}
+
+# shell flavour: the boot loader's lease brought up in a handful of commands (bootkit-ifup.sh says why);
+# network-legacy's ifup moves to /usr/lib/bootkit/ifup behind the wrapper and does everything else.
+install_ifup() {
+    [[ -e $initdir/sbin/ifup && ! -L $initdir/sbin/ifup ]] || return 0
+    mv "$initdir/sbin/ifup" "$initdir/usr/lib/bootkit/ifup"
+    inst_script "$moddir/bootkit-ifup.sh" /sbin/ifup
 }
 
 # poweroff, reboot and halt for the shell initramfs: dracut's emergency path runs the one rd.emergency= names

@@ -1,5 +1,5 @@
 #!/bin/sh
-# cmdline hook: claim root=qcow2:<URL> (dracut's rootok/netroot model) and validate bootkit's options.
+# cmdline hook: claim root=qcow2:<URL> (dracut's rootok/netroot model) and start bootkit's boot code.
 # Sourced by dracut: return, never exit.
 
 # shellcheck source=/dev/null
@@ -10,18 +10,36 @@ case "$root" in
     qcow2:*) ;;
     *) return 0 ;;
 esac
+mkdir -p /run/bootkit
 
-# every rd.qcow2.* option is checked now, before the network comes up: a typo fails the boot at once.
-# dracut's die writes its message into a hook file that is sourced later, and the message quotes the command
-# line (which DHCP-fed boot loader variables may have filled): the boot code prints safe text only, and tr
-# keeps it that way here: printable ASCII except " $ ' \ ` (octal 133 and 135 are [ and ]).
-if ! _bootkit_out=$(/usr/bin/python3 -s -E /usr/lib/bootkit/bootkit-boot --check-cmdline 2>&1); then
-    _bootkit_out=$(printf '%s' "${_bootkit_out#error: }" | tr -c ' !#%&(-\133\135-_a-~' '?')
-    die "bootkit: $_bootkit_out"
+if [ -z "$DRACUT_SYSTEMD" ]; then
+    # Shell initramfs: one Python process for the whole boot, started now (docs/initramfs.md, "One Python
+    # process"). It checks every rd.qcow2.* option (a typo fails the boot before the network is up: it leaves
+    # its FAILED line in /run/bootkit/failed and its status in /run/bootkit/done, which ends dracut's main
+    # loop, and the pre-mount hook dies) and imports the runtime while udev and the network come up; then it
+    # waits for /run/bootkit/network-up, which the netroot handler (qcow2root) creates. It holds the lock on
+    # /run/bootkit/boot.lock until it exits, which is how qcow2root waits for it; the lock is taken here,
+    # before the process starts, so that no netroot handler can miss it.
+    exec 7> /run/bootkit/boot.lock
+    flock 7
+    # shellcheck disable=SC2154  # NEWROOT is set by dracut's init
+    /usr/lib/bootkit/bootkit-start --newroot "${NEWROOT:-/sysroot}" --wait-for /run/bootkit/network-up \
+        --status-file /run/bootkit/done --lock-fd 7 &
+    exec 7>&-
+else
+    # systemd initramfs: every rd.qcow2.* option is checked now, before the network comes up (the boot code
+    # runs later, in bootkit-root.service). dracut's die writes its message into a hook file that is sourced
+    # later, and the message quotes the command line (which DHCP-fed boot loader variables may have filled):
+    # the boot code prints safe text only, and tr keeps it that way here: printable ASCII except " $ ' \ `
+    # (octal 133 and 135 are [ and ]).
+    if ! _bootkit_out=$(/usr/bin/python3 -s -E /usr/lib/bootkit/bootkit-boot --check-cmdline 2>&1); then
+        _bootkit_out=$(printf '%s' "${_bootkit_out#error: }" | tr -c ' !#%&(-\133\135-_a-~' '?')
+        die "bootkit: $_bootkit_out"
+    fi
+    # with rd.qcow2.debug the check reports the interpreter and the parsed configuration
+    [ -n "$_bootkit_out" ] && info "$_bootkit_out"
+    unset _bootkit_out
 fi
-# with rd.qcow2.debug the check reports the interpreter and the parsed configuration
-[ -n "$_bootkit_out" ] && info "$_bootkit_out"
-unset _bootkit_out
 
 # read by dracut's init and /sbin/netroot
 # shellcheck disable=SC2034
@@ -31,7 +49,6 @@ root=qcow2
 rootok=1
 # the network must come up even without rd.neednet=1
 echo "rd.neednet=1" > /etc/cmdline.d/90bootkit-neednet.conf
-mkdir -p /run/bootkit
 # shell initramfs: the main loop ends when the root is mounted, or when the boot code gave up (then the
 # pre-mount hook dies); under systemd, bootkit-root.service orders itself before initrd-root-fs.target
 if [ -z "$DRACUT_SYSTEMD" ]; then
