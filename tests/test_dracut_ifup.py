@@ -104,10 +104,21 @@ def test_the_lease_is_configured_without_network_legacy(run_ifup: RunIfup, tmp_p
     ]  # fmt: skip
 
 
-def test_a_prefix_length_and_no_dns(run_ifup: RunIfup) -> None:
+def test_a_prefix_length_and_no_dns(run_ifup: RunIfup, tmp_path: Path) -> None:
     proc = run_ifup("ip=10.0.7.20::10.0.2.2:16::bootnet:none", "bootnet")
     assert proc.returncode == 0, proc.stderr
     assert "inet 10.0.7.20/16" in proc.stdout
+    assert not (tmp_path / "case" / "etc" / "resolv.conf").exists()
+
+
+def test_what_ipxe_writes_when_dhcp_gave_no_gateway_and_no_dns(run_ifup: RunIfup, tmp_path: Path) -> None:
+    """iPXE expands an unset ${netX/gateway} and ${dns} to nothing: empty fields, a trailing colon."""
+    proc = run_ifup("ip=10.0.2.15:::255.255.255.0::bootnet:none:", "bootnet")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "NETROOT bootnet" and "inet 10.0.2.15/24" in lines[1]
+    assert len(lines) == 2  # no default route
+    assert not (tmp_path / "case" / "state" / "net.bootnet.gw").exists()
 
 
 @pytest.mark.parametrize(
