@@ -124,11 +124,12 @@ def test_python_files_are_the_runtime_only() -> None:
     stdlib = {str(f) for f in files.stdlib}
     boot = {f.relative_to(pkgdata.package_dir().parent).as_posix() for f in files.bootkit}
     for needed in ("bootkit/boot/main.py", "bootkit/nbd/kernel.py", "bootkit/qcow2/image.py",
-                   "bootkit/fetch/download.py", "bootkit/errors.py"):  # fmt: skip
+                   "bootkit/fetch/download.py", "bootkit/errors.py", "bootkit/boot/efiboot.py"):  # fmt: skip
         assert needed in boot
     assert not [f for f in boot if f.startswith(("bootkit/host/cli", "bootkit/host/pxecfg")) or "initrd" in f]
     assert not [f for f in stdlib if "jinja2" in f or "requests" in f or "site-packages" in f]
-    for needed in ("http/client.py", "ssl.py", "json/__init__.py", "encodings/idna.py"):
+    # pathlib: the UEFI boot-NIC helper's, which runs as a process of its own (preload.OWN_PROCESS)
+    for needed in ("http/client.py", "ssl.py", "json/__init__.py", "encodings/idna.py", "pathlib.py"):
         assert any(f.endswith("/python3.11/" + needed) for f in stdlib), needed
     assert any("lib-dynload/_ssl." in f for f in stdlib)
     assert not any(f.endswith("/tkinter/__init__.py") or "/unittest/" in f for f in stdlib)
@@ -151,6 +152,7 @@ def test_trimmed_shell_initramfs(initrd_shell: InitrdResult) -> None:  # noqa: F
     assert missing_modules(initrd_shell, NETWORK_STACK_MODULES) == []
     for path in ("usr/bin/python3.11", "usr/lib/bootkit/bootkit-boot", "usr/lib/bootkit/bootkit/boot/main.py",
                  "usr/lib/bootkit/zstandard/__init__.py", "usr/sbin/qcow2root", "usr/sbin/dhclient",
+                 "usr/lib/bootkit/bootkit-start", "usr/sbin/ifup", "usr/lib/bootkit/ifup", "usr/bin/flock",
                  "/libdeflate.so.0", "/libzstd.so.1", "usr/lib/bootkit/bootkit-halt", "usr/sbin/poweroff",
                  "usr/sbin/reboot", "usr/sbin/halt"):  # fmt: skip
         assert any(n.endswith(path) or n == path for n in names), path

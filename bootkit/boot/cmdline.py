@@ -22,7 +22,6 @@ Runs inside the initramfs: standard library only, Python >= 3.9.
 
 from __future__ import annotations
 
-import difflib
 import enum
 import re
 import shlex
@@ -575,6 +574,8 @@ def _unknown(keys: List[str]) -> ConfigError:
     by_lower = {k.lower(): k for k in KNOWN_OPTIONS}
     names = []
     for key in keys:
+        import difflib  # only for a misspelt option, long before the root switch
+
         near = difflib.get_close_matches(key.lower(), list(by_lower), n=1)
         names.append(f"{key} (did you mean {by_lower[near[0]]}?)" if near else key)
     return ConfigError(

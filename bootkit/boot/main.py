@@ -36,7 +36,6 @@ from __future__ import annotations
 # cannot import anything (docs/initramfs.md, "After the root switch").
 import argparse
 import os
-import shutil
 import sys
 import time
 from typing import Optional, Sequence
@@ -85,7 +84,9 @@ def boot(cfg: BootConfig, newroot: str, unit: Optional[str], lock_fd: Optional[i
         if unit and os.path.isdir("/run/systemd/system"):
             # the real root's systemd must know the unit, or it stops it at the default-target isolate
             # and the server with it (docs/initramfs.md, "Root storage daemon")
-            shutil.copy(unit, "/run/systemd/system/")
+            copy = os.path.join("/run/systemd/system", os.path.basename(unit))
+            with open(unit, "rb") as src, open(copy, "wb") as dst:
+                dst.write(src.read())
         stages.done(what)
     except BootkitError as e:
         line = stages.failed(str(e))

@@ -22,7 +22,6 @@ from bootkit.boot.status import RUN_DIR
 from bootkit.log import log
 from bootkit.run import run
 
-
 #: mount(2) flags of the options the boot code itself passes; anything else goes through mount(8)
 _FLAGS = {"ro": 1, "rw": 0}  # MS_RDONLY
 

@@ -38,7 +38,6 @@ BOOTKIT_MODULES: Tuple[str, ...] = (
     "bootkit.boot.netinfo",
     "bootkit.boot.serve",
     "bootkit.boot.report",
-    "bootkit.boot.efiboot",
     "bootkit.boot.cacheopts",
     "bootkit.boot.cachedev",
     "bootkit.qcow2",
@@ -86,6 +85,10 @@ NOT_PRELOADED: Tuple[str, ...] = (
     "bootkit.qcow2.writer",
 )
 
+#: initramfs-side modules that run as processes of their own before the boot code starts (the UEFI boot-NIC
+#: helper, ``bootkit-efi-bootif``): not preloaded, but ``build-initrd`` puts what they import into the image
+OWN_PROCESS: Tuple[str, ...] = ("bootkit.boot.efiboot",)
+
 #: standard library modules used lazily somewhere on the boot, serve, error or log paths
 STDLIB_MODULES: Tuple[str, ...] = (
     "argparse",
@@ -107,14 +110,12 @@ STDLIB_MODULES: Tuple[str, ...] = (
     "http.client",
     "json",
     "logging",
-    "logging.handlers",
     "mmap",
     "os",
     "queue",
     "resource",
     "select",
     "selectors",
-    "shutil",
     "signal",
     "socket",
     "ssl",
@@ -127,7 +128,6 @@ STDLIB_MODULES: Tuple[str, ...] = (
     "urllib.error",
     "urllib.parse",
     "urllib.request",
-    "uuid",
     "zlib",
 )
 

@@ -166,8 +166,11 @@ _COLLECT = textwrap.dedent(
     """
     import json, sys
     sys.path[:0] = json.loads(sys.argv[1])
-    from bootkit.boot.preload import preload
+    import importlib
+    from bootkit.boot.preload import OWN_PROCESS, preload
     missing = preload(strict=False)
+    for name in OWN_PROCESS:
+        importlib.import_module(name)
     files = sorted({m.__file__ for m in list(sys.modules.values()) if getattr(m, "__file__", None)})
     stdlib = sys.prefix + "/lib/python%d.%d" % sys.version_info[:2]
     print(json.dumps({"missing": missing, "files": files, "stdlib": stdlib}))
