@@ -37,6 +37,7 @@ ip -n gw link set peer0 up
 #: stands in for network-legacy's ifup and for dracut's netroot: each says it ran, and with what
 FULL = '#!/bin/sh\necho "FULL IFUP $*"\n'
 NETROOT = '#!/bin/sh\necho "NETROOT $*"\nip -o -4 addr show dev bootnet\nip -4 route show default\n'
+QCOW2ROOT = '#!/bin/sh\necho "QCOW2ROOT $*"\n'
 
 
 #: runs bootkit-ifup.sh in a fresh namespace: (extra kernel arguments, *ifup's arguments, **options)
@@ -52,7 +53,7 @@ def run_ifup(tmp_path: Path) -> RunIfup:
             pytest.skip(f"{tool} not installed")
 
     def run(words: str, *args: str, cmdline_d: dict[str, str] | None = None, base: str = LEASE,
-            set_up: bool = False) -> subprocess.CompletedProcess[str]:
+            set_up: bool = False, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         d = tmp_path / "case"
         if d.exists():
             shutil.rmtree(d)
@@ -63,7 +64,8 @@ def run_ifup(tmp_path: Path) -> RunIfup:
             (d / "state" / "net.bootnet.did-setup").touch()
         for name, text in (cmdline_d or {}).items():
             (d / "cmdline.d" / name).write_text(text)
-        for name, text in (("ifup", FULL), ("netroot", NETROOT)):
+        (d / "hooks" / "netroot").mkdir(parents=True)
+        for name, text in (("ifup", FULL), ("netroot", NETROOT), ("qcow2root", QCOW2ROOT)):
             (d / name).write_text(text)
             (d / name).chmod(0o755)
         env = {
@@ -75,6 +77,9 @@ def run_ifup(tmp_path: Path) -> RunIfup:
             "BOOTKIT_PROC_HOSTNAME": str(d / "hostname"),
             "BOOTKIT_IFUP": str(d / "ifup"),
             "BOOTKIT_NETROOT": str(d / "netroot"),
+            "BOOTKIT_QCOW2ROOT": str(d / "qcow2root"),
+            "BOOTKIT_HOOKDIR": str(d / "hooks"),
+            **(env or {}),
         }
         script = SETUP + f'exec sh {MODULE / "bootkit-ifup.sh"} "$@"'
         return subprocess.run(["unshare", "--net", "--mount", "--propagation", "private", "sh", "-c", script,
@@ -170,3 +175,26 @@ def test_an_interface_that_was_set_up_is_left_alone(run_ifup: RunIfup) -> None:
     """network-legacy's rule: an interface that was set up is not set up again."""
     proc = run_ifup("ip=10.0.2.15::10.0.2.2:255.255.255.0::bootnet:none", "bootnet", set_up=True)
     assert (proc.returncode, proc.stdout) == (0, ""), proc.stderr
+
+
+def test_bootkits_root_runs_its_handler_as_netroot_would(run_ifup: RunIfup, tmp_path: Path) -> None:
+    """root=qcow2: and no netroot hooks: the handler runs directly with netroot's arguments, and the
+    interface is recorded as netroot's save_netinfo records it (first in /tmp/net.ifaces)."""
+    words = "ip=10.0.2.15::10.0.2.2:255.255.255.0::bootnet:none"
+    env = {"netroot": "qcow2:http://10.0.2.2/disk.qcow2", "NEWROOT": str(tmp_path / "sysroot")}
+    proc = run_ifup(words, "bootnet", env=env)
+    assert proc.stdout.splitlines() == [f"QCOW2ROOT bootnet qcow2:http://10.0.2.2/disk.qcow2 {tmp_path}/sysroot"], \
+        proc.stderr
+    assert (tmp_path / "case" / "state" / "net.ifaces").read_text() == "bootnet\n"
+
+
+def test_netroot_hooks_or_another_root_go_through_netroot(run_ifup: RunIfup, tmp_path: Path) -> None:
+    words = "ip=10.0.2.15::10.0.2.2:255.255.255.0::bootnet:none"
+    proc = run_ifup(words, "bootnet", env={"netroot": "nbd:10.0.2.2:10809"})
+    assert proc.stdout.startswith("NETROOT bootnet"), proc.stderr
+    hooks = tmp_path / "hook-case"
+    (hooks / "netroot").mkdir(parents=True)
+    (hooks / "netroot" / "50-site.sh").write_text("true\n")
+    proc = run_ifup(words, "bootnet", env={"netroot": "qcow2:http://10.0.2.2/disk.qcow2",
+                                           "BOOTKIT_HOOKDIR": str(hooks)})
+    assert proc.stdout.startswith("NETROOT bootnet"), proc.stderr

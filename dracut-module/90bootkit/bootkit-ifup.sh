@@ -162,12 +162,34 @@ fi
 : > "$_tmp/net.bootnet.did-setup"
 : > "$_tmp/net.$_have.did-setup"
 
-# what network-legacy's ifup does last: the online hooks, then the netroot handler
-for _f in /lib/dracut/hooks/initqueue/online/*.sh; do
+# what network-legacy's ifup does last: the online hooks, then dracut's netroot
+_hooks=${BOOTKIT_HOOKDIR:-/lib/dracut/hooks}
+for _f in "$_hooks"/initqueue/online/*.sh; do
     [ -e "$_f" ] || continue
     # shellcheck source=/dev/null
     command -v source_hook > /dev/null || . /lib/dracut-lib.sh
     source_hook initqueue/online bootnet
     break
 done
+# For bootkit's own root and no netroot hooks, what dracut's netroot would do comes down to running the
+# handler and recording the interface (save_netinfo): done here, without netroot's library and getarg
+# processes (about a second on an emulated CPU). Anything else goes through netroot.
+# shellcheck disable=SC2154  # netroot and NEWROOT: exported by dracut's init
+case "$netroot" in
+    qcow2:*)
+        for _f in "$_hooks"/netroot/*.sh; do
+            [ -e "$_f" ] && exec "${BOOTKIT_NETROOT:-/sbin/netroot}" bootnet
+        done
+        [ -d "${NEWROOT:-/sysroot}/proc" ] && exit 0
+        "${BOOTKIT_QCOW2ROOT:-/sbin/qcow2root}" bootnet "$netroot" "${NEWROOT:-/sysroot}"
+        # save_netinfo: the interface that booted first in /tmp/net.ifaces
+        _ifaces=bootnet _old=
+        [ -e "$_tmp/net.ifaces" ] && read -r _old < "$_tmp/net.ifaces"
+        for _i in $_old; do
+            [ "$_i" = bootnet ] || _ifaces="$_ifaces $_i"
+        done
+        echo "$_ifaces" > "$_tmp/net.ifaces"
+        exit 0
+        ;;
+esac
 exec "${BOOTKIT_NETROOT:-/sbin/netroot}" bootnet

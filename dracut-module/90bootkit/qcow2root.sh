@@ -8,15 +8,16 @@
 # to die with.
 
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
-# shellcheck source=/dev/null
-command -v info > /dev/null || . /lib/dracut-lib.sh
 
 netif=$1
 
 # several interfaces may come up: the first one that gets here boots
 mkdir -p /run/bootkit
 mkdir /run/bootkit/started 2> /dev/null || exit 0
-info "bootkit: network up on $netif"
+# what dracut's info does (its dracut-lib.sh is not sourced for this one line: a large script to parse on
+# a slow CPU); the name is the kernel's
+echo "<30>dracut: bootkit: network up on $netif" > "${BOOTKIT_KMSG:-/dev/kmsg}"
+[ "$DRACUT_QUIET" = no ] && echo "dracut: bootkit: network up on $netif" >&2
 
 : > /run/bootkit/network-up
 # the boot code holds this lock until it exits (the NBD server it leaves behind does not)
