@@ -35,7 +35,7 @@ ip -n gw link set peer0 up
 """
 
 #: stands in for network-legacy's ifup and for dracut's netroot: each says it ran, and with what
-FULL = '#!/bin/sh\necho "FULL IFUP $*"\n'
+FULL = '#!/bin/sh\necho "FULL IFUP $*"\nip -o -4 addr show dev bootnet\n'
 NETROOT = '#!/bin/sh\necho "NETROOT $*"\nip -o -4 addr show dev bootnet\nip -4 route show default\n'
 QCOW2ROOT = '#!/bin/sh\necho "QCOW2ROOT $*"\n'
 
@@ -198,3 +198,10 @@ def test_netroot_hooks_or_another_root_go_through_netroot(run_ifup: RunIfup, tmp
     proc = run_ifup(words, "bootnet", env={"netroot": "qcow2:http://10.0.2.2/disk.qcow2",
                                            "BOOTKIT_HOOKDIR": str(hooks)})
     assert proc.stdout.startswith("NETROOT bootnet"), proc.stderr
+
+
+def test_a_gateway_off_the_subnet_leaves_the_interface_to_network_legacy_as_it_was(run_ifup: RunIfup) -> None:
+    """The route cannot be set (the gateway is not on the lease's subnet): the address is taken off again
+    before network-legacy's ifup runs, which refuses an interface that already has it."""
+    proc = run_ifup("ip=192.168.7.20::10.0.2.2:16::bootnet:none", "bootnet")
+    assert proc.stdout.splitlines() == ["FULL IFUP bootnet"], proc.stderr

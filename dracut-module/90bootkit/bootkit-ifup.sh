@@ -129,8 +129,10 @@ done
 
 # no duplicate-address check: the firmware has just used this lease on this network (bootkit-arping.sh)
 ip addr add "$_addr/$_mask" brd + dev bootnet || _full "$@"
-if [ -n "$_gw" ]; then
-    ip route replace default via "$_gw" dev bootnet || _full "$@"
+if [ -n "$_gw" ] && ! ip route replace default via "$_gw" dev bootnet; then
+    # network-legacy starts over from an interface without the address (its ifup refuses one that has it)
+    ip addr del "$_addr/$_mask" dev bootnet
+    _full "$@"
 fi
 if [ -n "$_hostname" ]; then
     echo "$_hostname" > "${BOOTKIT_PROC_HOSTNAME:-/proc/sys/kernel/hostname}"
