@@ -7,7 +7,6 @@ qemu-io and sfdisk and served by bootkit's HTTP server on 127.0.0.1.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import re
@@ -26,6 +25,7 @@ from bootkit.boot.serve import Prepared, prepare
 from bootkit.boot.stages import BootFailed, Stages
 from bootkit.errors import ConfigError, FetchError, ImageError
 from bootkit.host.httpserve import http_server
+from bootkit.record import replace
 
 
 def sha256(path: Path) -> str:
@@ -249,7 +249,7 @@ def test_wrong_backing_pin_fails_in_lazy_mode(images: Path, base_url: str, tmp_p
     with pytest.raises(BootFailed, match=wrong):
         run_prepare(cfg, tmp_path)
     right = cfg.backing_sha256 | {"base.qcow2": sha256(images / "base.qcow2")}
-    ready = run_prepare(dataclasses.replace(cfg, backing_sha256=right), tmp_path)
+    ready = run_prepare(replace(cfg, backing_sha256=right), tmp_path)
     try:
         assert_serves(ready, images / "expected.raw")
     finally:

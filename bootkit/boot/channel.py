@@ -36,7 +36,6 @@ import os
 import re
 import time
 import urllib.parse
-from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 from bootkit.boot import ed25519
@@ -45,6 +44,7 @@ from bootkit.boot.stages import Stages
 from bootkit.boot.status import RUN_DIR
 from bootkit.errors import BootkitError
 from bootkit.log import log, safe_text
+from bootkit.record import record, replace
 
 FORMAT = 1
 MAGIC_KEY = "bootkit-channel"
@@ -106,7 +106,7 @@ def parse_time(text: str, where: str) -> int:
 # -- the channel file ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class Pin:
     """A file's pinned SHA-256 and the SHA-256 of its lazy-mode manifest."""
 
@@ -114,7 +114,7 @@ class Pin:
     manifest_sha256: str
 
 
-@dataclass(frozen=True)
+@record
 class Channel:
     """One version of a channel: which image to boot, its pins, and when the pointer is valid."""
 
@@ -298,7 +298,7 @@ class FileVersionStore(VersionStore):
         os.replace(tmp, path)
 
 
-@dataclass(frozen=True)
+@record
 class Trust:
     """What a channel is checked against: the trusted keys, the remembered versions and the clock."""
 

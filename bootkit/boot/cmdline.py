@@ -25,12 +25,12 @@ from __future__ import annotations
 import enum
 import re
 import shlex
-from dataclasses import dataclass, field, replace
 from typing import Dict, List, Mapping, Optional, Tuple, Union, cast
 
 from bootkit.boot.cacheopts import CacheFormat, parse_cache_device, parse_cache_format, parse_cache_max
 from bootkit.boot.urlhost import BadHost, split_authority
 from bootkit.errors import ConfigError
+from bootkit.record import field, record, replace
 
 #: bumped when an option is added or changes meaning; the options themselves are listed in KNOWN_OPTIONS
 CONTRACT_VERSION = 2
@@ -170,7 +170,7 @@ WIDEST_LEASE: Dict[LoaderVar, str] = {
 }
 
 
-@dataclass(frozen=True)
+@record
 class Arg:
     """One kernel argument whose text may hold values the boot loader fills in (:class:`LoaderVar`)."""
 
@@ -321,7 +321,7 @@ def option_name(key: str) -> str:
     return key
 
 
-@dataclass(frozen=True)
+@record
 class RootSpec:
     """Which partition or filesystem holds the root: ``kind`` is auto, number, label, uuid or partuuid."""
 
@@ -332,7 +332,7 @@ class RootSpec:
         return {"auto": "auto", "number": self.value}.get(self.kind, f"{self.kind.upper()}={self.value}")
 
 
-@dataclass(frozen=True)
+@record
 class Overlay:
     """The writable layer over the read-only root: ``tmpfs`` (with an optional size) or ``none``."""
 
@@ -349,7 +349,7 @@ def valid_tmpfs_size(size: str) -> bool:
     return bool(_TMPFS_SIZE.match(size)) and size.rstrip("%kKmMgG").strip("0") != ""
 
 
-@dataclass(frozen=True)
+@record
 class BootConfig:
     """Everything the boot code is asked for on the kernel command line."""
 

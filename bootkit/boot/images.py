@@ -24,7 +24,6 @@ import posixpath
 import re
 import time
 import urllib.parse
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from bootkit.boot.cmdline import BootConfig
@@ -32,6 +31,7 @@ from bootkit.boot.stages import BootFailed, Stages
 from bootkit.boot.status import RUN_DIR
 from bootkit.errors import ConfigError, ImageError
 from bootkit.log import human_size, log
+from bootkit.record import record
 from bootkit.run import run
 from bootkit.source import ByteSource, FileSource
 
@@ -73,7 +73,7 @@ def grow_run(cfg: BootConfig) -> None:
 _PINNABLE = re.compile(r"^[A-Za-z0-9._+-]+$")
 
 
-@dataclass(frozen=True)
+@record
 class Verification:
     """How one file of the chain is checked: where its expected hash comes from."""
 

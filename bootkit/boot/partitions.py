@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
 from typing import List, Optional, Protocol, Set
 
 from bootkit.boot.cmdline import RootSpec
 from bootkit.errors import BootkitError
+from bootkit.record import record
 
 SECTOR = 512
 
@@ -48,14 +48,14 @@ class Reader(Protocol):
     def pread(self, offset: int, length: int) -> bytes: ...
 
 
-@dataclass(frozen=True)
+@record
 class Filesystem:
     type: str
     uuid: str = ""
     label: str = ""
 
 
-@dataclass(frozen=True)
+@record
 class Partition:
     """A partition (``number`` >= 1) or, with number 0, the whole disk holding a bare filesystem."""
 

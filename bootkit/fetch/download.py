@@ -23,7 +23,6 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from bootkit.errors import BootkitError, UsageError
@@ -43,6 +42,7 @@ from bootkit.fetch.progress import Progress, human_duration
 from bootkit.fetch.ranges import content_range, if_range_validator
 from bootkit.fetch.room import check_fits, local_error
 from bootkit.log import human_size, log
+from bootkit.record import field, record
 
 #: bytes read from the network per block; each block is hashed and written while the next one is read
 BLOCK_SIZE = 1 << 20
@@ -54,7 +54,7 @@ PIPELINE_DEPTH = 4
 MAX_RESTARTS = 3
 
 
-@dataclass(frozen=True)
+@record
 class DownloadResult:
     """A verified file: where it is, how big, its SHA-256 and the URL it came from (the mirror that finished)."""
 

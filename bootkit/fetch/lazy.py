@@ -22,7 +22,6 @@ Runs inside the initramfs: standard library only, Python >= 3.9.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
@@ -36,6 +35,7 @@ from bootkit.fetch.mirrors import Mirror, MirrorSet
 from bootkit.fetch.options import FetchOptions
 from bootkit.fetch.rangeclient import RangeClient
 from bootkit.log import human_size, log
+from bootkit.record import replace
 
 DEFAULT_CACHE_BYTES = 64 << 20
 DEFAULT_READAHEAD = 8
@@ -396,7 +396,7 @@ class HTTPSource:
             self._clients[self.name] = rc
             return rc
         retry = client.Retry(self.name, self.options)
-        once = dataclasses.replace(self.options, retries=0)
+        once = replace(self.options, retries=0)
         while True:
             error: Optional[BootkitError] = None
             for mirror in self.mirrors.mirrors:
@@ -417,7 +417,7 @@ class HTTPSource:
             rc = self._clients.get(mirror.url)
         if rc is not None:
             return rc
-        rc = RangeClient(mirror.url, dataclasses.replace(self.options, retries=0))
+        rc = RangeClient(mirror.url, replace(self.options, retries=0))
         if rc.size != self._size:
             rc.close()
             raise SizeMismatch(f"{mirror.url}: has {rc.size} bytes, {self.name} has {self._size}: not the same file")

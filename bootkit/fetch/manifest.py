@@ -22,11 +22,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from bootkit.errors import ConfigError, UsageError
 from bootkit.fetch.options import FetchOptions
+from bootkit.record import record
 
 MAGIC = "bootkit-manifest 1"
 DEFAULT_CHUNK_SIZE = 1 << 20
@@ -43,7 +43,7 @@ def _check_chunk_size(chunk_size: int, where: str) -> None:
         )
 
 
-@dataclass(frozen=True)
+@record
 class Manifest:
     """The size, chunk size, whole-image SHA-256 and per-chunk SHA-256 digests (raw 32 bytes) of an image."""
 

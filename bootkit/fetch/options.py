@@ -7,15 +7,16 @@ Runs inside the initramfs: standard library only, Python >= 3.9.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
-# the command-line contract owns what a hash and a verification mode are; `bootkit fetch` takes the same
 from bootkit.boot.cmdline import HEX64, VERIFY_MODES
 from bootkit.errors import UsageError
 
+# the command-line contract owns what a hash and a verification mode are; `bootkit fetch` takes the same
+from bootkit.record import record
 
-@dataclass(frozen=True)
+
+@record
 class FetchOptions:
     """Settings of a download (ram mode) or of an HTTP byte source (lazy mode).
 

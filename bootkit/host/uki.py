@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from bootkit.boot.cmdline import DHCP_NETWORK, BootConfig
@@ -33,6 +33,7 @@ from bootkit.host import pe
 from bootkit.host.pxecfg.cmdline import MAX_CMDLINE, boot_config
 from bootkit.host.pxecfg.model import Entry, Machine
 from bootkit.log import human_size, log
+from bootkit.record import replace
 from bootkit.run import run
 
 #: systemd's EFI stub in Debian's systemd-boot-efi

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import socket
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from bootkit.log import log
 from bootkit.nbd import protocol as p
 from bootkit.nbd.receiver import Receiver
+from bootkit.record import record
 
 if TYPE_CHECKING:
     from bootkit.nbd.server import NBDServer
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 CONTEXT_ID = 1
 
 
-@dataclass(frozen=True)
+@record
 class Session:
     """What the client chose during the handshake, for the transmission phase."""
 
