@@ -124,14 +124,18 @@ def test_python_files_are_the_runtime_only() -> None:
     stdlib = {str(f) for f in files.stdlib}
     boot = {f.relative_to(pkgdata.package_dir().parent).as_posix() for f in files.bootkit}
     for needed in ("bootkit/boot/main.py", "bootkit/nbd/kernel.py", "bootkit/qcow2/image.py",
-                   "bootkit/fetch/download.py", "bootkit/errors.py", "bootkit/boot/efiboot.py"):  # fmt: skip
+                   "bootkit/fetch/download.py", "bootkit/fetch/http1.py", "bootkit/errors.py",
+                   "bootkit/boot/efiboot.py"):  # fmt: skip
         assert needed in boot
     assert not [f for f in boot if f.startswith(("bootkit/host/cli", "bootkit/host/pxecfg")) or "initrd" in f]
     assert not [f for f in stdlib if "jinja2" in f or "requests" in f or "site-packages" in f]
-    # pathlib: the UEFI boot-NIC helper's, which runs as a process of its own (preload.OWN_PROCESS)
-    for needed in ("http/client.py", "ssl.py", "json/__init__.py", "encodings/idna.py", "pathlib.py"):
+    # pathlib: the UEFI boot-NIC helper's, which runs as a process of its own (preload.OWN_PROCESS); ssl: imported
+    # at boot only for HTTPS, but always in the image
+    for needed in ("ssl.py", "json/__init__.py", "encodings/idna.py", "pathlib.py"):
         assert any(f.endswith("/python3.11/" + needed) for f in stdlib), needed
     assert any("lib-dynload/_ssl." in f for f in stdlib)
+    # bootkit speaks HTTP itself (bootkit.fetch.http1): http.client and its email package stay out
+    assert not any(f.endswith(("/http/client.py", "/email/parser.py")) for f in stdlib)
     assert not any(f.endswith("/tkinter/__init__.py") or "/unittest/" in f for f in stdlib)
     assert (files.zstandard / "__init__.py").exists()
 

@@ -1,12 +1,12 @@
-"""Ed25519 signature verification through the libcrypto that Python's ``ssl`` module already links.
+"""Ed25519 signature verification through the libcrypto that Python's ``hashlib`` already links.
 
-The initramfs carries no crypto package: ``_ssl`` (which bootkit needs for https anyway) is linked against
-OpenSSL's libcrypto, and dracut installs that library with it (module-setup.sh resolves the C extensions'
-libraries with ldd). So verifying costs no bytes in the initramfs. The calls are OpenSSL's one-shot
+The initramfs carries no crypto package: ``_hashlib`` (loaded by every boot, for SHA-256) and ``_ssl`` are
+linked against OpenSSL's libcrypto, and dracut installs that library with them (module-setup.sh resolves the
+C extensions' libraries with ldd). So verifying costs no bytes in the initramfs. The calls are OpenSSL's one-shot
 signature API (``EVP_PKEY_new_raw_public_key``, ``EVP_DigestVerifyInit`` with no digest, ``EVP_DigestVerify``:
 plain Ed25519 of RFC 8032, which OpenSSL 1.1.1 and 3.x both have; not Ed25519ph).
 
-The library is found by where the process already mapped it (``/proc/self/maps`` after ``import _ssl``),
+The library is found by where the process already mapped it (``/proc/self/maps`` after ``import _hashlib``),
 then by its usual sonames: ``ctypes.util.find_library`` needs ``ldconfig`` or a compiler, which an
 initramfs does not have.
 
@@ -86,9 +86,9 @@ def fingerprint(raw: bytes) -> str:
 
 
 def _mapped_libcrypto() -> Optional[str]:
-    """The path of the libcrypto this process has mapped (through ``_ssl``), or None."""
+    """The path of the libcrypto this process has mapped (through ``_hashlib``), or None."""
     try:
-        import _ssl  # noqa: F401  (links libcrypto; bootkit imports it for https anyway)
+        import _hashlib  # noqa: F401  (links libcrypto; hashlib has loaded it already)
     except ImportError:
         return None
     try:
@@ -168,7 +168,7 @@ def verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
             lib.ERR_clear_error()
             raise CryptoUnavailable("libcrypto refused to set up an Ed25519 verification")
         ok: bool = lib.EVP_DigestVerify(ctx, signature, len(signature), message, len(message)) == 1
-        # a bad signature leaves an entry on OpenSSL's per-thread error queue; _ssl reads that queue too
+        # a bad signature leaves an entry on OpenSSL's per-thread error queue; _ssl and _hashlib read that queue too
         lib.ERR_clear_error()
         return ok
     finally:

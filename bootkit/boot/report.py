@@ -119,13 +119,11 @@ def post(url: str, body: bytes, timeout: float = REPORT_TIMEOUT, cacert: Optiona
         conn, target = connect(parse_url(url), FetchOptions(verify="none", timeout=timeout, cacert=cacert,
                                                             insecure=insecure))  # fmt: skip
         try:
-            conn.putrequest("POST", target, skip_accept_encoding=True)
+            headers = {"Content-Type": "application/json"}
             host_field = getattr(conn, "bootkit_host_field", None)
             if host_field is not None:
-                conn.putheader("Host", host_field)
-            conn.putheader("Content-Type", "application/json")
-            conn.putheader("Content-Length", str(len(body)))
-            conn.endheaders(body)
+                headers["Host"] = host_field
+            conn.request("POST", target, body, headers)
             response = conn.getresponse()
             response.read(4096)
             status = response.status

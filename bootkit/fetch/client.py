@@ -1,6 +1,6 @@
 """HTTP(S) plumbing shared by the downloader and the lazy byte source.
 
-Connections (``http.client``, one TLS context per CA setting), ``http_proxy``/``https_proxy``/``no_proxy``,
+Connections (``bootkit.fetch.http1``, one TLS context per CA setting), ``http_proxy``/``https_proxy``/``no_proxy``,
 redirects with loop detection, the mapping of HTTP statuses and socket exceptions to ``bootkit.fetch.errors``,
 and the retry policy (exponential backoff with jitter, bounded attempts and total time).
 
@@ -10,20 +10,20 @@ Runs inside the initramfs: standard library only, Python >= 3.9.
 from __future__ import annotations
 
 import functools
-import http.client
+import os
 import random
 import re
 import socket
-import ssl
+import sys
 import threading
 import time
 import urllib.parse
-import urllib.request
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from bootkit import __version__
 from bootkit.boot.urlhost import BadHost, split_authority
 from bootkit.errors import BootkitError, FetchError, UsageError
+from bootkit.fetch import http1
 from bootkit.fetch.errors import (
     FetchTimeout,
     GaveUp,
@@ -35,6 +35,9 @@ from bootkit.fetch.errors import (
 )
 from bootkit.fetch.options import FetchOptions
 from bootkit.log import log
+
+if TYPE_CHECKING:
+    import ssl
 
 USER_AGENT = f"bootkit/{__version__}"
 MAX_REDIRECTS = 10
@@ -87,7 +90,13 @@ def parse_url(url: str) -> Url:
 
 @functools.lru_cache(maxsize=8)
 def ssl_context(cacert: Optional[str], insecure: bool) -> ssl.SSLContext:
-    """The system CA bundle, or only ``cacert``; ``insecure`` verifies nothing (self-signed lab servers)."""
+    """The system CA bundle, or only ``cacert``; ``insecure`` verifies nothing (self-signed lab servers).
+
+    ``ssl`` is imported here, at the first HTTPS connection, not with this module: loading it and OpenSSL's
+    TLS half costs a boot from plain HTTP a few tenths of a second of an emulated CPU. The boot code imports
+    it up front when a connection may come after the root switch (``bootkit.boot.preload``)."""
+    import ssl
+
     if insecure:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
@@ -99,12 +108,42 @@ def ssl_context(cacert: Optional[str], insecure: bool) -> ssl.SSLContext:
         raise UsageError(f"cacert {cacert}: cannot load CA certificates: {e}") from e
 
 
+def _environment_proxies() -> Dict[str, str]:
+    """``<scheme>_proxy`` variables by scheme ("no" for ``no_proxy``), as ``urllib.request`` reads them: any
+    case, the lower-case spelling wins, and an empty lower-case value unsets. Written out here because
+    ``urllib.request`` brings ``tempfile``, ``shutil`` and the bz2 and lzma modules with it, which cost the
+    boot a quarter of a second on an emulated CPU (docs/initramfs.md, "One Python process")."""
+    proxies: Dict[str, str] = {}
+    for name, value in os.environ.items():
+        if value and name.lower().endswith("_proxy"):
+            proxies[name.lower()[:-6]] = value
+    for name, value in os.environ.items():
+        if name.endswith("_proxy"):
+            if value:
+                proxies[name[:-6]] = value
+            else:
+                proxies.pop(name[:-6], None)
+    return proxies
+
+
+def _bypassed(host: str, no_proxy: str) -> bool:
+    """Whether ``no_proxy`` (comma-separated names, each also matching its subdomains; "*" for all) covers
+    ``host``."""
+    if no_proxy.strip() == "*":
+        return True
+    host = host.lower()
+    for name in no_proxy.split(","):
+        name = name.strip().lstrip(".").lower()
+        if name and (host == name or host.endswith("." + name)):
+            return True
+    return False
+
+
 def _proxy_for(url: Url) -> Optional[Tuple[str, int]]:
     """(host, port) of the proxy ``http_proxy``/``https_proxy`` name for ``url``, unless ``no_proxy`` says no."""
-    proxies = urllib.request.getproxies_environment()
+    proxies = _environment_proxies()
     proxy = proxies.get(url.scheme)
-    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
-    if not proxy or bypass(url.host, proxies):
+    if not proxy or _bypassed(url.host, proxies.get("no", "")):
         return None
     if "://" not in proxy:
         proxy = "http://" + proxy
@@ -157,39 +196,39 @@ class Pins:
         return create_connection
 
 
-def connect(url: Url, options: FetchOptions, pins: Optional[Pins] = None) -> Tuple[http.client.HTTPConnection, str]:
+def connect(url: Url, options: FetchOptions, pins: Optional[Pins] = None) -> Tuple[http1.HTTPConnection, str]:
     """A (not yet connected) connection for ``url`` and the request target to send on it; with ``pins``, it
     connects to the addresses found the first time (see ``Pins``)."""
     conn, target = _connection(url, options)
     if "%" in url.host:
-        # a zone id is for getaddrinfo only; http.client would put it into the Host header
+        # a zone id is for getaddrinfo only; it must not go into the Host header
         conn.bootkit_host_field = url.host_field()  # type: ignore[attr-defined]
     if pins is not None:
-        conn._create_connection = pins.connector(conn.host, conn.port)  # type: ignore[attr-defined]
+        conn.create_connection = pins.connector(conn.host, conn.port)
     return conn, target
 
 
-def _connection(url: Url, options: FetchOptions) -> Tuple[http.client.HTTPConnection, str]:
+def _connection(url: Url, options: FetchOptions) -> Tuple[http1.HTTPConnection, str]:
     proxy = _proxy_for(url)
     if url.scheme == "https":
         context = ssl_context(options.cacert, options.insecure)
         if proxy is None:
-            return http.client.HTTPSConnection(url.host, url.port, timeout=options.timeout, context=context), url.target
-        conn = http.client.HTTPSConnection(proxy[0], proxy[1], timeout=options.timeout, context=context)
+            return http1.HTTPSConnection(url.host, url.port, timeout=options.timeout, context=context), url.target
+        conn = http1.HTTPSConnection(proxy[0], proxy[1], timeout=options.timeout, context=context)
         conn.set_tunnel(url.host, url.port)
         return conn, url.target
     if proxy is None:
-        return http.client.HTTPConnection(url.host, url.port, timeout=options.timeout), url.target
+        return http1.HTTPConnection(url.host, url.port, timeout=options.timeout), url.target
     # a plain-HTTP proxy takes the absolute URL in the request line
-    return http.client.HTTPConnection(proxy[0], proxy[1], timeout=options.timeout), url.text
+    return http1.HTTPConnection(proxy[0], proxy[1], timeout=options.timeout), url.text
 
 
 def request(
-    conn: http.client.HTTPConnection,
+    conn: http1.HTTPConnection,
     target: str,
     headers: Optional[Dict[str, str]] = None,
     method: str = "GET",
-) -> http.client.HTTPResponse:
+) -> http1.HTTPResponse:
     all_headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     host_field = getattr(conn, "bootkit_host_field", None)
     if host_field is not None:
@@ -202,8 +241,8 @@ def request(
 class Opened(NamedTuple):
     """A response whose headers have arrived; the caller reads the body and closes ``conn``."""
 
-    conn: http.client.HTTPConnection
-    response: http.client.HTTPResponse
+    conn: http1.HTTPConnection
+    response: http1.HTTPResponse
     #: the URL after redirects
     url: str
 
@@ -245,7 +284,7 @@ def open_url(
         log.debug("fetch: redirected to %s", current)
 
 
-def check_status(response: http.client.HTTPResponse, url: str, expected: Tuple[int, ...] = (200,)) -> None:
+def check_status(response: http1.HTTPResponse, url: str, expected: Tuple[int, ...] = (200,)) -> None:
     """Raise the error that fits a status outside ``expected``."""
     status = response.status
     if status in expected:
@@ -259,23 +298,25 @@ def check_status(response: http.client.HTTPResponse, url: str, expected: Tuple[i
 
 
 def classify(exc: BaseException, url: str, timeout: float) -> BootkitError:
-    """Turn a socket, TLS or http.client exception into a one-line FetchError naming ``url``."""
+    """Turn a socket, TLS or HTTP protocol exception into a one-line FetchError naming ``url``."""
     if isinstance(exc, BootkitError):
         return exc
-    if isinstance(exc, ssl.SSLCertVerificationError):
+    # ssl is in sys.modules whenever an HTTPS connection was tried (ssl_context imports it)
+    ssl = sys.modules.get("ssl")
+    if ssl is not None and isinstance(exc, ssl.SSLCertVerificationError):
         return TLSError(
             f"{url}: TLS certificate verification failed: {exc.verify_message or exc.reason}"
             " (give the CA file with --cacert, or --insecure for a self-signed lab server)"
         )
-    if isinstance(exc, ssl.SSLError):
+    if ssl is not None and isinstance(exc, ssl.SSLError):
         return TransientError(f"{url}: TLS error: {exc.reason or exc}")
     if isinstance(exc, socket.timeout):  # TimeoutError on 3.10+
         return TransientError(f"{url}: no data for {timeout:g} s (timed out)")
     if isinstance(exc, socket.gaierror):
         return TransientError(f"{url}: cannot resolve host: {exc.strerror}")
-    if isinstance(exc, http.client.IncompleteRead):
+    if isinstance(exc, http1.IncompleteRead):
         return TransientError(f"{url}: connection closed early ({exc.expected} bytes missing)")
-    if isinstance(exc, http.client.HTTPException):
+    if isinstance(exc, http1.HTTPException):
         return TransientError(f"{url}: bad HTTP response: {type(exc).__name__} {exc}".rstrip())
     if isinstance(exc, OSError):
         return TransientError(f"{url}: {exc.strerror or exc}")

@@ -12,11 +12,10 @@ Runs inside the initramfs: standard library only, Python >= 3.9.
 
 from __future__ import annotations
 
-import http.client
 import threading
 from typing import Dict, List, Optional, Tuple
 
-from bootkit.fetch import client
+from bootkit.fetch import client, http1
 from bootkit.fetch.errors import HTTPStatusError, RemoteChanged
 from bootkit.fetch.options import FetchOptions
 from bootkit.fetch.ranges import check_range_length, content_range, if_range_validator, read_range, shown_header
@@ -29,7 +28,7 @@ class RangeClient:
         self.name = url
         self.options = options
         self._lock = threading.Lock()
-        self._idle: List[http.client.HTTPConnection] = []
+        self._idle: List[http1.HTTPConnection] = []
         self._closed = False
         # the server's addresses are looked up here, once: the source goes on reading after switch_root
         self._pins = client.Pins()
@@ -43,7 +42,7 @@ class RangeClient:
         conn, reused = self._get_conn()
         try:
             data = self._range_on(conn, offset, length)
-        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+        except (http1.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
             conn.close()
             if not reused:
                 raise
@@ -59,13 +58,13 @@ class RangeClient:
         self._put_conn(conn)
         return data
 
-    def open_from(self, conn: http.client.HTTPConnection, offset: int) -> http.client.HTTPResponse:
+    def open_from(self, conn: http1.HTTPConnection, offset: int) -> http1.HTTPResponse:
         """Ask on ``conn`` for everything from ``offset`` to the end; the answer is checked, the body unread."""
         response = client.request(conn, self._target, self._headers(f"bytes={offset}-"))
         self._check(response, offset, self.size - 1)
         return response
 
-    def connect(self) -> http.client.HTTPConnection:
+    def connect(self) -> http1.HTTPConnection:
         """A new connection (not from the idle ones) to the pinned addresses."""
         return client.connect(self._url_parts(), self.options, self._pins)[0]
 
@@ -87,7 +86,7 @@ class RangeClient:
             headers["If-Range"] = self.validator
         return headers
 
-    def _range_on(self, conn: http.client.HTTPConnection, offset: int, length: int) -> bytes:
+    def _range_on(self, conn: http1.HTTPConnection, offset: int, length: int) -> bytes:
         last = offset + length - 1
         response = client.request(conn, self._target, self._headers(f"bytes={offset}-{last}"))
         self._check(response, offset, last)
@@ -96,7 +95,7 @@ class RangeClient:
             conn.close()
         return data
 
-    def _check(self, response: http.client.HTTPResponse, offset: int, last: int) -> None:
+    def _check(self, response: http1.HTTPResponse, offset: int, last: int) -> None:
         """A 206 with bytes ``offset``-``last`` of the file opened, or the error that says what came instead."""
         if response.status in (200, 416):
             response.close()
@@ -121,13 +120,13 @@ class RangeClient:
     def _url_parts(self) -> client.Url:
         return client.parse_url(self.url)
 
-    def _get_conn(self) -> Tuple[http.client.HTTPConnection, bool]:
+    def _get_conn(self) -> Tuple[http1.HTTPConnection, bool]:
         with self._lock:
             if self._idle:
                 return self._idle.pop(), True
         return self.connect(), False
 
-    def _put_conn(self, conn: http.client.HTTPConnection) -> None:
+    def _put_conn(self, conn: http1.HTTPConnection) -> None:
         if conn.sock is None:
             return
         with self._lock:
