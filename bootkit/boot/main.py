@@ -34,13 +34,12 @@ from __future__ import annotations
 # runtime took about 4 s there under TCG; docs/performance.md, "Where the boot time goes"). The boot path
 # imports everything in main() (bootkit.boot.preload) before it forks the daemon: after switch_root the daemon
 # cannot import anything (docs/initramfs.md, "After the root switch").
-import argparse
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple, Union
 
-from bootkit.boot.cmdline import BootConfig, parse_cmdline
+from bootkit.boot.cmdline import BootConfig, Mode, parse_cmdline
 from bootkit.boot.stages import Stages, leave_failure, setup_console
 from bootkit.errors import BootkitError, ConfigError
 from bootkit.log import log, safe_text
@@ -114,26 +113,93 @@ def write_status(path: str, code: int) -> None:
     os.replace(tmp, path)
 
 
+#: bootkit-boot's options: option -> (attribute in Args, takes a value, help)
+OPTIONS: Dict[str, Tuple[str, bool, str]] = {
+    "--check-cmdline": ("check_cmdline", False, "only validate the command line"),
+    "--newroot": ("newroot", True, "where the root goes (default: /sysroot)"),
+    "--unit": ("unit", True, "systemd unit file to copy to /run/systemd/system"),
+    "--cmdline": ("cmdline", True, "kernel command line (default: /proc/cmdline)"),
+    "--wait-for": ("wait_for", True, "check the command line and import the runtime now, boot once FILE exists"),
+    "--status-file": ("status_file", True, "write the exit status to FILE when finished"),
+    "--lock-fd": ("lock_fd", True, "an inherited fd holding a lock that the netroot handler waits on: this "
+                                   "process keeps it until it exits, the NBD server it leaves behind does not"),
+}
+
+
+class Args:
+    """bootkit-boot's options. Parsed by hand: ``argparse`` (with ``gettext`` and its message machinery) costs
+    the boot about a tenth of a second of an emulated CPU, for options that only the dracut module passes."""
+
+    def __init__(self) -> None:
+        self.check_cmdline = False
+        self.newroot = "/sysroot"
+        self.unit: Optional[str] = None
+        self.cmdline: Optional[str] = None
+        self.wait_for: Optional[str] = None
+        self.status_file: Optional[str] = None
+        self.lock_fd: Optional[int] = None
+
+
+USAGE = "usage: bootkit-boot [--check-cmdline] [--cmdline TEXT] [--newroot DIR] [--unit FILE] " \
+        "[--wait-for FILE] [--status-file FILE] [--lock-fd FD]"
+
+
+class UsageExit(Exception):
+    """A bad bootkit-boot option: the message, then exit status 2."""
+
+
+def parse_args(argv: Sequence[str]) -> Args:
+    """``--opt VALUE`` or ``--opt=VALUE``, each option once; an unknown or repeated one raises UsageExit."""
+    args = Args()
+    seen = set()
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        name, eq, value = word.partition("=")
+        spec = OPTIONS.get(name)
+        if spec is None:
+            raise UsageExit(f"unrecognized argument: {safe_text(word)}")
+        attr, takes_value, _ = spec
+        if name in seen:
+            raise UsageExit(f"{name} given twice")
+        seen.add(name)
+        if not takes_value:
+            if eq:
+                raise UsageExit(f"{name} takes no value")
+            setattr(args, attr, True)
+        else:
+            if not eq:
+                i += 1
+                if i == len(argv):
+                    raise UsageExit(f"{name} needs a value")
+                value = argv[i]
+            converted: Union[str, int] = value
+            if attr == "lock_fd":
+                if not value.isdigit():
+                    raise UsageExit(f"{name}: not a file descriptor number: {safe_text(value)}")
+                converted = int(value)
+            setattr(args, attr, converted)
+        i += 1
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="bootkit-boot", allow_abbrev=False)
-    parser.add_argument("--check-cmdline", action="store_true", help="only validate the command line")
-    parser.add_argument("--newroot", default="/sysroot", help="where the root goes")
-    parser.add_argument("--unit", help="systemd unit file to copy to /run/systemd/system")
-    parser.add_argument("--cmdline", default=None, help="kernel command line (default: /proc/cmdline)")
-    parser.add_argument("--wait-for", metavar="FILE",
-                        help="check the command line and import the runtime now, boot once FILE exists")
-    parser.add_argument("--status-file", metavar="FILE", help="write the exit status to FILE when finished")
-    parser.add_argument("--lock-fd", type=int, metavar="FD",
-                        help="an inherited fd holding a lock that the netroot handler waits on: this process "
-                             "keeps it until it exits, the NBD server it leaves behind does not")
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in words or "--help" in words:
+        sys.stdout.write(USAGE + "\n\n" + "".join(f"  {o:16} {h}\n" for o, (_, _, h) in OPTIONS.items()))
+        return 0
+    try:
+        args = parse_args(words)
+    except UsageExit as e:
+        sys.stderr.write(f"{USAGE}\nbootkit-boot: error: {e}\n")
+        return 2
     code = run(args)
     if args.status_file:
         write_status(args.status_file, code)
     return code
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: Args) -> int:
     text = args.cmdline
     if text is None:
         with open(CMDLINE, encoding="utf-8", errors="replace") as f:
@@ -159,7 +225,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from bootkit.boot.preload import preload
 
-    missing = preload(strict=False)
+    # TLS up front only when the image is read after the root switch (lazy and stream mode); in ram mode
+    # every connection is made before it, and the first HTTPS one imports ssl itself
+    missing = preload(strict=False, fallbacks=False, tls=cfg.mode is not Mode.ram)
     if missing:
         return leave_failure(Stages().failed(f"bootkit runtime incomplete, missing modules: {', '.join(missing)}"))
     if args.wait_for:

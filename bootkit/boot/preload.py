@@ -22,6 +22,7 @@ BOOTKIT_MODULES: Tuple[str, ...] = (
     "bootkit.boot.preload",
     "bootkit.errors",
     "bootkit.log",
+    "bootkit.record",
     "bootkit.source",
     "bootkit.run",
     "bootkit.daemon",
@@ -58,6 +59,7 @@ BOOTKIT_MODULES: Tuple[str, ...] = (
     "bootkit.nbd.kernel",
     "bootkit.fetch",
     "bootkit.fetch.client",
+    "bootkit.fetch.http1",
     "bootkit.fetch.download",
     "bootkit.fetch.errors",
     "bootkit.fetch.lazy",
@@ -91,15 +93,12 @@ OWN_PROCESS: Tuple[str, ...] = ("bootkit.boot.efiboot",)
 
 #: standard library modules used lazily somewhere on the boot, serve, error or log paths
 STDLIB_MODULES: Tuple[str, ...] = (
-    "argparse",
     "base64",
     "binascii",
     "codecs",
     "concurrent.futures",
     "concurrent.futures.thread",
     "ctypes",
-    "dataclasses",
-    "email.parser",
     "encodings.ascii",
     "encodings.idna",
     "encodings.latin_1",
@@ -107,7 +106,6 @@ STDLIB_MODULES: Tuple[str, ...] = (
     "errno",
     "fcntl",
     "hashlib",
-    "http.client",
     "json",
     "logging",
     "mmap",
@@ -118,44 +116,57 @@ STDLIB_MODULES: Tuple[str, ...] = (
     "selectors",
     "signal",
     "socket",
-    "ssl",
     "stat",
     "struct",
     "subprocess",
     "threading",
     "time",
     "traceback",
-    "urllib.error",
     "urllib.parse",
-    "urllib.request",
     "zlib",
 )
 
-#: third-party modules: zstandard decodes zstd-compressed clusters
+#: TLS (https URLs): imported up front only when a connection may come after the root switch
+TLS_MODULES: Tuple[str, ...] = ("ssl",)
+
+#: third-party modules: zstandard decodes zstd-compressed clusters when the system's libzstd is missing
 EXTRA_MODULES: Tuple[str, ...] = ("zstandard",)
 
 
-def preload(*, strict: bool = True) -> List[str]:
+def preload(*, strict: bool = True, fallbacks: bool = True, tls: bool = True) -> List[str]:
     """Import every module the runtime may need; returns the names that could not be imported.
 
     ``strict`` raises on the first missing module (the boot code: a missing module must fail now, not after
     the root switch); non-strict is for ``build-initrd`` while parts of bootkit are still missing, and for a
-    ``--daemon`` on a host without zstandard.
+    ``--daemon`` on a host without zstandard. ``fallbacks=False`` (the boot code) imports a module that stands
+    in for a C library (``zstandard`` for libzstd) only when that library is missing: loading it costs the
+    boot a tenth of a second of an emulated CPU for a decoder it would never call. ``tls=False`` (the boot
+    code, when nothing reaches the network after the root switch) leaves ``ssl`` to the first HTTPS
+    connection, which imports it from the initramfs like any other module before the switch.
     """
     missing: List[str] = []
-    for name in STDLIB_MODULES + EXTRA_MODULES + BOOTKIT_MODULES:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            if strict:
-                raise
-            missing.append(name)
-    # traceback formats exceptions lazily through linecache and its tokenizer
-    import linecache  # noqa: F401
-    import tokenize  # noqa: F401
 
+    def load(names: Tuple[str, ...]) -> None:
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                if strict:
+                    raise
+                missing.append(name)
+
+    load(STDLIB_MODULES)
+    if tls:
+        load(TLS_MODULES)
     # libdeflate and libzstd (shared libraries the reader uses through ctypes when present): opened now
     from bootkit.qcow2 import compress
 
     compress.preload()
+    if fallbacks or not compress.LIBZSTD.load():
+        load(EXTRA_MODULES)
+    load(BOOTKIT_MODULES)
+    # traceback formats exceptions lazily through linecache and its tokenizer
+    import linecache  # noqa: F401
+    import tokenize  # noqa: F401
+
     return missing

@@ -2,4 +2,4 @@
 # Starts bootkit's boot code (bootkit/boot/main.py) with argv[0] '@bootkit': the NBD server it leaves behind
 # is a root storage daemon that nothing modelled on systemd's killing spree may kill (systemd
 # docs/ROOT_STORAGE_DAEMONS.md). Python finds its prefix without a path in argv[0].
-exec -a @bootkit /usr/bin/python3 -s -E /usr/lib/bootkit/bootkit-boot "$@"
+exec -a @bootkit /usr/bin/python3 -S -E /usr/lib/bootkit/bootkit-boot "$@"

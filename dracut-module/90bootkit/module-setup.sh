@@ -104,7 +104,7 @@ install() {
 
     # the entry point (written here rather than shipped, so that everything in this directory is shell)
     cat > "$initdir/usr/lib/bootkit/bootkit-boot" << 'EOF'
-#!/usr/bin/python3 -sE
+#!/usr/bin/python3 -SE
 """Entry point of bootkit's boot code in the initramfs (bootkit/boot/main.py)."""
 import sys
 
@@ -117,7 +117,7 @@ EOF
     inst_hook cmdline 90 "$moddir/parse-qcow2.sh"
     # the boot NIC's BOOTIF= from the UEFI variables (bootkit/boot/efiboot.py), for both flavours
     cat > "$initdir/usr/lib/bootkit/bootkit-efi-bootif" << 'EOF'
-#!/usr/bin/python3 -sE
+#!/usr/bin/python3 -SE
 """Print the BOOTIF= value of the NIC the firmware booted from (bootkit/boot/efiboot.py)."""
 import sys
 
@@ -198,7 +198,7 @@ install_ifup() {
 # Python is in the image anyway (a static busybox would add 2 MB and a build dependency).
 install_halt() {
     cat > "$initdir/usr/lib/bootkit/bootkit-halt" << 'EOF'
-#!/usr/bin/python3 -sE
+#!/usr/bin/python3 -SE
 """poweroff, reboot, halt of bootkit's shell initramfs (by the name it is run as): sync, then reboot(2)."""
 import ctypes
 import os

@@ -32,7 +32,7 @@ else
     # later, and the message quotes the command line (which DHCP-fed boot loader variables may have filled):
     # the boot code prints safe text only, and tr keeps it that way here: printable ASCII except " $ ' \ `
     # (octal 133 and 135 are [ and ]).
-    if ! _bootkit_out=$(/usr/bin/python3 -s -E /usr/lib/bootkit/bootkit-boot --check-cmdline 2>&1); then
+    if ! _bootkit_out=$(/usr/bin/python3 -S -E /usr/lib/bootkit/bootkit-boot --check-cmdline 2>&1); then
         _bootkit_out=$(printf '%s' "${_bootkit_out#error: }" | tr -c ' !#%&(-\133\135-_a-~' '?')
         die "bootkit: $_bootkit_out"
     fi
