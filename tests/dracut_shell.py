@@ -75,11 +75,11 @@ def boot_entry(tmp_path: Path) -> Path:
     site = str(Path(zstandard.__file__).resolve().parent.parent)
     entry = tmp_path / "bootkit-boot"
     entry.write_text(
-        "#!/usr/bin/python3 -sE\nimport sys\n"
+        "#!/usr/bin/python3 -SE\nimport sys\n"
         f"sys.path.insert(0, {site!r})\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from bootkit.boot.main import main\n"
-        "sys.exit(main())\n"
+        "from bootkit.boot.main import entry\n"
+        "entry()\n"
     )
     entry.chmod(0o755)
     return entry

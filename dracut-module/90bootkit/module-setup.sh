@@ -109,9 +109,9 @@ install() {
 import sys
 
 sys.path.insert(0, "/usr/lib/bootkit")
-from bootkit.boot.main import main
+from bootkit.boot.main import entry
 
-sys.exit(main())
+entry()
 EOF
     chmod 0755 "$initdir/usr/lib/bootkit/bootkit-boot"
     inst_hook cmdline 90 "$moddir/parse-qcow2.sh"
