@@ -1,4 +1,4 @@
-"""Boot-time benchmark: bootkit's netboot against dracut's own network roots and two local-disk floors.
+"""Boot-time benchmark: bootkit's netboot against dracut's own network roots and three local-disk floors.
 
 Same guest (QEMU TCG, 1 vCPU, same RAM), same kernel, same root content, one run::
 
@@ -6,7 +6,9 @@ Same guest (QEMU TCG, 1 vCPU, same RAM), same kernel, same root content, one run
 
 The rows (qemu-tests/bkharness/bootrows.py): floor A (a bare busybox initramfs mounts the root from a local
 virtio disk),
-floor B (dracut ``base`` + ``rootfs-block``, only the disk drivers, the same disk), dracut's NBD root
+floor B (dracut ``base`` + ``rootfs-block``, only the disk drivers, the same disk), floor C (floor B with
+dracut's network handler bringing the boot NIC up from the handed-over static configuration before it mounts
+the same disk: what dracut's network costs before any network root starts), dracut's NBD root
 (``nbd`` module, ``nbd-client`` against ``qemu-nbd --read-only`` serving the same QCOW2), dracut's livenet
 (``root=live:`` of the same tree as squashfs), both peers once with ``ip=dhcp`` and once with the static
 configuration the lease handover gives; bootkit with iPXE's lease handed to the kernel (shell and systemd
@@ -45,6 +47,7 @@ from bkharness.bootrows import (
     boot_bootkit,
     boot_floor_a,
     boot_floor_b,
+    boot_floor_c,
     boot_peer,
     rows_for,
 )
@@ -60,6 +63,8 @@ def boot_row(setup: Setup, row: Row, d: Path) -> tuple[Result, bool]:
         return boot_floor_a(setup, row, d), False
     if row.kind is Kind.floor_b:
         return boot_floor_b(setup, row, d), False
+    if row.kind is Kind.floor_c:
+        return boot_floor_c(setup, row, d), False
     if row.is_peer:
         return boot_peer(setup, row, d), False
     return boot_bootkit(setup, row, d)
@@ -106,8 +111,9 @@ def table(rows: list[Row], results: dict[Row, list[Result]]) -> list[str]:
 
 
 def stage_table(rows: list[Row], results: dict[Row, list[Result]]) -> list[str]:
-    """Guest-clock seconds at which each stage's console line appeared (median over runs), per row."""
-    out = ["| boot | " + " | ".join(STAGES) + " |", "|---|" + "---:|" * len(STAGES)]
+    """Guest-clock seconds at which each stage's console line appeared (median over runs), per row, and the
+    guest CPU seconds the boot used until the target (one vCPU: the clock minus the idle time)."""
+    out = ["| boot | " + " | ".join(STAGES) + " | CPU busy |", "|---|" + "---:|" * (len(STAGES) + 1)]
     for r in rows:
         if not results[r]:
             continue
@@ -116,6 +122,8 @@ def stage_table(rows: list[Row], results: dict[Row, list[Result]]) -> list[str]:
             vals = [s[stage]["guest_s"] for s in (x.stages for x in results[r]) if stage in s]
             nums = [v for v in vals if v is not None]
             cells.append(f"{statistics.median(nums):.2f}" if nums else "-")
+        busy = [b for b in (x.guest_busy_s for x in results[r]) if b is not None]
+        cells.append(f"{statistics.median(busy):.2f}" if busy else "-")
         out.append(f"| {r.label} | " + " | ".join(cells) + " |")
     return out
 
@@ -132,12 +140,16 @@ def targets(rows: list[Row], results: dict[Row, list[Result]], systemd: bool) ->
         lease = best([r for r in rows if r.kind is Kind.bootkit and r.net is Net.lease and r.systemd == systemd])
         floor_a = best([r for r in rows if r.kind is Kind.floor_a])
         floor_b = best([r for r in rows if r.kind is Kind.floor_b])
+        floor_c = best([r for r in rows if r.kind is Kind.floor_c])
         peer = best([r for r in rows if r.is_peer and r.net is Net.dhcp])
         if lease is None:
             return out
         if floor_b is not None:
             out.append(f"{title}: bootkit lease / floor B = {lease / floor_b:.2f} (target <= 1.40: "
                        f"{'met' if lease / floor_b <= 1.4 else 'NOT met'})")
+        if floor_b is not None and floor_c is not None:
+            out.append(f"{title}: floor C / floor B = {floor_c / floor_b:.2f} (dracut's network bring-up alone); "
+                       f"bootkit lease / floor C = {lease / floor_c:.2f}")
         if peer is not None:
             out.append(f"{title}: faster dracut peer (ip=dhcp) / bootkit lease = {peer / lease:.2f} "
                        f"(target >= 1.50: {'met' if peer / lease >= 1.5 else 'NOT met'})")

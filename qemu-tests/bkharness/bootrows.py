@@ -10,6 +10,7 @@ directly from QEMU (``-kernel``), as a local disk needs no network.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,8 @@ class Kind(enum.StrEnum):
 
     floor_a = "floor A: busybox initramfs, local disk"
     floor_b = "floor B: dracut, local disk"
+    #: floor B with dracut's network handler bringing the boot NIC up before the root (rd.neednet=1)
+    floor_c = "floor C: dracut network up, local disk"
     nbd = "dracut NBD root"
     livenet = "dracut livenet"
     bootkit = "bootkit"
@@ -101,6 +104,7 @@ def rows_for(systemd: bool) -> list[Row]:
     return [
         Row(Kind.floor_a, Net.none, systemd),
         Row(Kind.floor_b, Net.none, systemd),
+        Row(Kind.floor_c, Net.static, systemd),
         Row(Kind.nbd, Net.dhcp, systemd),
         Row(Kind.nbd, Net.static, systemd),
         Row(Kind.livenet, Net.dhcp, systemd),
@@ -134,7 +138,8 @@ class Setup:
             if kind is Kind.bootkit:
                 pieces.initrd(out, systemd=systemd, drivers=("virtio_net",))
             else:
-                peer = {Kind.floor_b: Peer.local, Kind.nbd: Peer.nbd, Kind.livenet: Peer.livenet}[kind]
+                peer = {Kind.floor_b: Peer.local, Kind.floor_c: Peer.local_net, Kind.nbd: Peer.nbd,
+                        Kind.livenet: Peer.livenet}[kind]
                 peer_initrd(out, peer, kver=self.kernel.kver, kmoddir=self.kernel.kmoddir, systemd=systemd)
             self._initrds[key] = out
         return self._initrds[key]
@@ -150,6 +155,13 @@ class Result:
     guest_target_s: float
     host_target_s: float
     stages: dict[str, dict[str, float | None]]
+    #: seconds the guest's one vCPU had been idle at the proof (the proof's ``idle=``; None in older runs)
+    guest_idle_s: float | None = None
+
+    @property
+    def guest_busy_s(self) -> float | None:
+        """Guest CPU seconds used from kernel start to the proof: with one vCPU, the clock minus the idle time."""
+        return None if self.guest_idle_s is None else round(self.guest_target_s - self.guest_idle_s, 2)
 
     @property
     def host_kernel_s(self) -> float:
@@ -161,11 +173,13 @@ class Result:
 
     def to_json(self) -> dict[str, object]:
         return {"guest_target_s": self.guest_target_s, "host_target_s": self.host_target_s,
-                "host_kernel_s": self.host_kernel_s, "stages": self.stages}
+                "host_kernel_s": self.host_kernel_s, "guest_idle_s": self.guest_idle_s, "stages": self.stages}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Result:
-        return cls(float(d["guest_target_s"]), float(d["host_target_s"]), d["stages"])
+        idle = d.get("guest_idle_s")
+        return cls(float(d["guest_target_s"]), float(d["host_target_s"]), d["stages"],
+                   None if idle is None else float(idle))
 
 
 def _finish(vm: Guest, check: Callable[[Proof], list[str]], what: str) -> Result:
@@ -176,7 +190,12 @@ def _finish(vm: Guest, check: Callable[[Proof], list[str]], what: str) -> Result
     if problems:
         raise AssertionError(f"{what}: " + "; ".join(problems))
     stages = {s.name: {"host_s": s.host_s, "guest_s": s.guest_s} for s in stage_times(vm.lines)}
-    return Result(proof.uptime, round(host, 2), stages)
+    idle = next((float(m[1]) for line in vm.lines if (m := _IDLE.match(line.text))), None)
+    return Result(proof.uptime, round(host, 2), stages, idle)
+
+
+#: the proof's idle line (qemu-tests/rootfs/common/usr/libexec/bootkit-proof)
+_IDLE = re.compile(r"^BOOTKIT-PROOF-INFO idle=(\d+(?:\.\d+)?)$")
 
 
 def _same_data(image: images.RootImage) -> Callable[[Proof], list[str]]:
@@ -206,6 +225,17 @@ def boot_floor_a(setup: Setup, row: Row, d: Path) -> Result:
 
 def boot_floor_b(setup: Setup, row: Row, d: Path) -> Result:
     args = [*GUEST_KERNEL_ARGS, *_DRACUT_ARGS, *_LOCAL_ARGS, f"root=/dev/vda{setup.image.root_partition}", "rw"]
+    with qemu_direct(setup.kernel.vmlinuz, setup.initrd(row.kind, row.systemd), " ".join(args),
+                     disks=[setup.image.raw], memory_mib=MEMORY_MIB, log_dir=d, name=row.key) as vm:
+        return _finish(vm, _same_data(setup.image), row.label)
+
+
+def boot_floor_c(setup: Setup, row: Row, d: Path) -> Result:
+    """Floor B's disk and root, with dracut's network handler configuring the boot NIC from the handed-over
+    static configuration first: ``rd.neednet=1`` makes dracut's main loop wait for the interface before it
+    mounts the root, as it does for a network root. No fetch, no network root: dracut's own network cost."""
+    args = [*GUEST_KERNEL_ARGS, *_DRACUT_ARGS, *_LOCAL_ARGS, f"root=/dev/vda{setup.image.root_partition}", "rw",
+            *STATIC_ARGS, "rd.neednet=1"]
     with qemu_direct(setup.kernel.vmlinuz, setup.initrd(row.kind, row.systemd), " ".join(args),
                      disks=[setup.image.raw], memory_mib=MEMORY_MIB, log_dir=d, name=row.key) as vm:
         return _finish(vm, _same_data(setup.image), row.label)

@@ -5,6 +5,9 @@ same root content through each of them, with the same kernel, so the table shows
 
 * :attr:`Peer.local`  ``base`` + ``rootfs-block`` with only the disk drivers: the root from a local virtio disk
   (the floor of everything dracut does before the root is mounted);
+* :attr:`Peer.local_net`  the same with the network handler and the NIC's driver: the root still from the local
+  disk, the boot NIC brought up first (``rd.neednet=1``), so the difference to :attr:`Peer.local` is what
+  dracut's own network bring-up costs before any network root can start;
 * :attr:`Peer.nbd`  dracut-network's ``nbd`` module and ``nbd-client``: ``netroot=nbd:SERVER:PORT`` against
   ``qemu-nbd --read-only`` serving the same QCOW2, the root partition under a tmpfs overlay
   (``overlay-root``'s ``rootovl``, as dracut makes a read-only network root writable);
@@ -48,6 +51,7 @@ class Peer(enum.StrEnum):
     """A way stock dracut boots the test root, and what its initramfs needs."""
 
     local = "local"
+    local_net = "local-net"
     nbd = "nbd"
     livenet = "livenet"
 
@@ -57,6 +61,8 @@ class Peer(enum.StrEnum):
         handler = "systemd-networkd" if systemd else "network-legacy"
         if self is Peer.local:
             return (*base, "rootfs-block")
+        if self is Peer.local_net:
+            return (*base, handler, "network", "rootfs-block")
         if self is Peer.nbd:
             return (*base, handler, "nbd", "overlay-root")
         return (*base, handler, "livenet", "dmsquash-live")
@@ -66,11 +72,14 @@ class Peer(enum.StrEnum):
         file system where the peer mounts an ext4 (livenet's squashfs, loop and overlay come with its modules)."""
         if self is Peer.local:
             return (*_DISK_DRIVERS, "ext4")
+        if self is Peer.local_net:
+            return (*_DISK_DRIVERS, *_NET_DRIVERS, "ext4")
         return (*_NET_DRIVERS, "ext4") if self is Peer.nbd else _NET_DRIVERS
 
     def package(self) -> str:
         """The Debian package that holds the peer's dracut module (for the error when it is missing)."""
-        return {Peer.local: "dracut-core", Peer.nbd: "dracut-network", Peer.livenet: "dracut-live"}[self]
+        return {Peer.local: "dracut-core", Peer.local_net: "dracut-network", Peer.nbd: "dracut-network",
+                Peer.livenet: "dracut-live"}[self]
 
 
 class PeerMissing(Exception):
@@ -79,12 +88,14 @@ class PeerMissing(Exception):
 
 def check_peer(peer: Peer) -> None:
     """One line naming the package to install when the peer cannot be built or served here."""
-    need = {Peer.local: ["95rootfs-block"], Peer.nbd: ["95nbd", "90overlay-root"],
+    need = {Peer.local: ["95rootfs-block"], Peer.local_net: ["95rootfs-block", "40network"],
+            Peer.nbd: ["95nbd", "90overlay-root"],
             Peer.livenet: ["90livenet", "90dmsquash-live"]}[peer]
     for mod in need:
         if not (DRACUT_DIR / "modules.d" / mod).is_dir():
             raise PeerMissing(f"dracut module {mod} not found: install the Debian package {peer.package()!r}")
-    tools = {Peer.local: [], Peer.nbd: [("nbd-client", "nbd-client"), ("qemu-nbd", "qemu-utils")],
+    tools = {Peer.local: [], Peer.local_net: [],
+             Peer.nbd: [("nbd-client", "nbd-client"), ("qemu-nbd", "qemu-utils")],
              Peer.livenet: [("mksquashfs", "squashfs-tools"), ("curl", "curl")]}[peer]
     for tool, package in tools:
         if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
