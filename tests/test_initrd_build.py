@@ -168,7 +168,7 @@ def test_trimmed_shell_initramfs(initrd_shell: InitrdResult) -> None:  # noqa: F
 def test_trimmed_systemd_initramfs(initrd_systemd: InitrdResult) -> None:  # noqa: F811
     names = contents(initrd_systemd.output)
     for path in ("bootkit-root.service", "system-generators/bootkit-generator", "systemd-networkd",
-                 "system-generators/bootkit-top-generator",
+                 "system-generators/bootkit-top-generator", "system-generators/bootkit-lease-generator",
                  "usr/lib/bootkit/bootkit/boot/main.py"):  # fmt: skip
         assert any(n.endswith(path) for n in names), path
     assert not any(n.endswith("sbin/qcow2root") for n in names)

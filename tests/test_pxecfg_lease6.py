@@ -120,12 +120,12 @@ def test_the_widest_ipv6_line_fits_the_kernel_limit() -> None:
     assert "ip=[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]::[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:128:" in line
 
 
-def _static6_generator(tmp_path: Path, cmdline: str) -> dict[str, str]:
+def _lease_generator(tmp_path: Path, cmdline: str) -> dict[str, str]:
     proc_cmdline = tmp_path / "cmdline"
     proc_cmdline.write_text(cmdline + "\n")
     out = tmp_path / "network"
     proc = subprocess.run(
-        ["sh", str(MODULE / "bootkit-static6-generator.sh")],
+        ["sh", str(MODULE / "bootkit-lease-generator.sh")],
         env={"PATH": "/usr/bin:/bin", "BOOTKIT_PROC_CMDLINE": str(proc_cmdline), "BOOTKIT_NETWORK_DIR": str(out)},
         capture_output=True, text=True, timeout=30, cwd=tmp_path,
     )  # fmt: skip
@@ -133,11 +133,20 @@ def _static6_generator(tmp_path: Path, cmdline: str) -> dict[str, str]:
     return {p.relative_to(out).as_posix(): p.read_text() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
-def test_static6_generator_stops_router_solicitation_on_the_handed_over_interface(tmp_path: Path) -> None:
-    line = "ifname=bootnet:52:54:00:12:34:56 ip=[fec0::5054:ff:fe12:3456]::[fe80::2]:64::bootnet:none rd.neednet=1"
-    files = _static6_generator(tmp_path, line)
-    assert list(files) == ["90-bootnet.network.d/50-bootkit-static6.conf"]
-    assert "[Network]\nIPv6AcceptRA=no\n" in files["90-bootnet.network.d/50-bootkit-static6.conf"]
+@pytest.mark.parametrize(
+    "cmdline",
+    [
+        "ifname=bootnet:52:54:00:12:34:56 ip=[fec0::5054:ff:fe12:3456]::[fe80::2]:64::bootnet:none rd.neednet=1",
+        # the IPv4 lease pxe-config writes, with and without a host name and DNS servers
+        "root=qcow2:http://10.0.2.2/d.qcow2 ifname=bootnet:52:54:00:12:34:56 "
+        "ip=10.0.2.15::10.0.2.2:255.255.255.0::bootnet:none rd.neednet=1",
+        "ifname=bootnet:52:54:00:12:34:56 ip=10.0.2.15::10.0.2.2:255.255.255.0:node1:bootnet:none:10.0.2.3:10.0.2.4",
+    ],
+)
+def test_lease_generator_stops_router_solicitation_on_the_handed_over_interface(tmp_path: Path, cmdline: str) -> None:
+    files = _lease_generator(tmp_path, cmdline)
+    assert list(files) == ["90-bootnet.network.d/50-bootkit-lease.conf"]
+    assert "[Network]\nIPv6AcceptRA=no\n" in files["90-bootnet.network.d/50-bootkit-lease.conf"]
 
 
 @pytest.mark.parametrize(
@@ -145,11 +154,17 @@ def test_static6_generator_stops_router_solicitation_on_the_handed_over_interfac
     [
         "ip=auto6",
         "ifname=bootnet:52:54:00:12:34:56 ip=::::node6:bootnet:auto6",  # the fallback: SLAAC wanted
-        "ip=10.0.2.15::10.0.2.2:255.255.255.0::bootnet:none",  # IPv4
+        "ip=dhcp",
+        "ip=bootnet:dhcp",  # GRUB's fallback: DHCP on the boot NIC
         "ip=[fec0::5]::[fe80::2]:64::eth0:none",  # not bootkit's boot interface
+        "ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:none",
         "ip=[fec0::5]::[fe80::2]:64::bootnet:dhcp6",
         "'ip=[fec0::5]::[fe80::2]:64::bootnet:none'",  # quotes: not split the way the kernel splits
+        # an IPv4 lease, but the image is at an IPv6 address: router advertisements may be what reaches it
+        "root=qcow2:http://[fd00::1]:8080/d.qcow2 ip=10.0.2.15::10.0.2.2:255.255.255.0::bootnet:none",
+        # a second ip= of the user's: not the line pxe-config wrote
+        "ip=10.0.2.15::10.0.2.2:255.255.255.0::bootnet:none ip=eth1:dhcp6",
     ],
 )
-def test_static6_generator_leaves_every_other_line_alone(tmp_path: Path, cmdline: str) -> None:
-    assert _static6_generator(tmp_path, cmdline) == {}
+def test_lease_generator_leaves_every_other_line_alone(tmp_path: Path, cmdline: str) -> None:
+    assert _lease_generator(tmp_path, cmdline) == {}

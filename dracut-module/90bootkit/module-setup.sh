@@ -137,9 +137,9 @@ EOF
                 "$systemdutildir/system-generators/bootkit-bootif-generator"
             # with vlan=/bond=, network-online waits for the VLAN or bond rather than --any link
             inst_script "$moddir/bootkit-top-generator.sh" "$systemdutildir/system-generators/bootkit-top-generator"
-            # the IPv6 configuration handed over: no router solicitation of networkd's own
-            inst_script "$moddir/bootkit-static6-generator.sh" \
-                "$systemdutildir/system-generators/bootkit-static6-generator"
+            # the lease handed over: no router solicitation of networkd's own, no wait for one
+            inst_script "$moddir/bootkit-lease-generator.sh" \
+                "$systemdutildir/system-generators/bootkit-lease-generator"
         fi
     else
         # before network-legacy's parse-ip-opts.sh (cmdline 20): BOOTIF= from the UEFI variables
