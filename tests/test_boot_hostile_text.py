@@ -99,18 +99,44 @@ def test_failed_hook_gives_die_no_server_text(tmp_path: Path) -> None:
     assert EXECUTED not in out + proc.stdout + proc.stderr
 
 
-def test_cmdline_hook_gives_die_only_safe_text(tmp_path: Path) -> None:
-    """A command line that fails bootkit's check, with shell code in it: die gets the message without it.
-
-    The systemd flavour's check, which runs in the hook itself (the shell flavour's starts the boot code in
-    the background: tests/test_dracut_boot_start.py)."""
-    hook = module_script(tmp_path, "parse-qcow2.sh", boot_entry(tmp_path))
+def test_systemd_cmdline_hook_claims_the_root_and_runs_nothing(tmp_path: Path) -> None:
+    """systemd flavour: the hook only claims root=qcow2: and forces rd.neednet; the command line (shell code in
+    it) is checked by the boot code that bootkit-root.service starts, not here, so no die hook holds its text."""
+    ran = tmp_path / "entry-ran"
+    entry = tmp_path / "fake-bootkit-boot"
+    entry.write_text(f"#!/bin/sh\ntouch {ran}\n")
+    entry.chmod(0o755)
+    hook = module_script(tmp_path, "parse-qcow2.sh", entry)
     cmdline = f"root=qcow2:http://10.0.2.2/disk.qcow2 rd.qcow2.mode={PAYLOAD.replace(' ', '')}"
-    proc = in_namespace(f"export DRACUT_SYSTEMD=1\n. {hook}\n", tmp_path, cmdline)
-    assert proc.returncode == 1, proc.stderr
-    out = source_die_hook(tmp_path)
-    assert "rd.qcow2.mode" in out
-    assert EXECUTED not in out + proc.stdout + proc.stderr
+    script = (
+        f'export DRACUT_SYSTEMD=1\n. {hook}\necho "claimed $root $rootok"\n'
+        "cat /etc/cmdline.d/90bootkit-neednet.conf\n"
+    )
+    proc = in_namespace("mount -t tmpfs tmpfs /etc\nmkdir -p /etc/cmdline.d\n" + script, tmp_path, cmdline)
+    assert proc.returncode == 0, proc.stderr
+    assert "claimed qcow2 1" in proc.stdout and "rd.neednet=1" in proc.stdout
+    assert not (tmp_path / "hooks" / "emergency" / "01-die.sh").exists()
+    assert not ran.exists()
+    assert EXECUTED not in proc.stdout + proc.stderr
+
+
+def test_systemd_unit_refuses_a_bad_line_before_it_waits(tmp_path: Path) -> None:
+    """The boot code as bootkit-root.service starts it (the unit's own options, --wait-for a file nobody
+    creates): a bad option with shell code in it ends it at once with one safe FAILED line, status 2."""
+    unit = (MODULE / "bootkit-root.service").read_text()
+    (exec_start,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
+    options = exec_start.split("/usr/lib/bootkit/bootkit-boot ", 1)[1].split()
+    assert "--wait-for" in options
+    cmdline = f"root=qcow2:http://10.0.2.2/disk.qcow2 rd.qcow2.mode={PAYLOAD.replace(' ', '')}"
+    entry = boot_entry(tmp_path)
+    proc = in_namespace(f'"{entry}" {" ".join(options)}; echo "status $?"\ncat /run/bootkit/failed\n', tmp_path,
+                        cmdline, timeout=60)  # fmt: skip
+    assert "status 2" in proc.stdout, proc.stdout + proc.stderr
+    failed = [line for line in proc.stderr.splitlines() if "FAILED at cmdline" in line]
+    assert len(failed) == 1 and "rd.qcow2.mode" in failed[0], proc.stderr
+    assert not UNSAFE & set(failed[0].removeprefix("bootkit: "))
+    assert failed[0].removeprefix("bootkit: ") in proc.stdout  # the same line in /run/bootkit/failed
+    assert EXECUTED not in proc.stdout + proc.stderr
 
 
 def _sh_quote(text: str) -> str:

@@ -56,7 +56,9 @@ def generate(tmp_path: Path, cmdline: str, shell: str = "sh") -> tuple[Path, Pat
 def claimed(normal: Path, early: Path) -> bool:
     mount = early / "sysroot.mount"
     link = normal / "initrd-root-fs.target.requires" / "bootkit-root.service"
-    assert mount.exists() == link.is_symlink()
+    # the boot code starts early and waits for this unit to say the network is online
+    network_up = normal / "initrd-root-fs.target.wants" / "bootkit-network-up.service"
+    assert mount.exists() == link.is_symlink() == network_up.is_symlink()
     return mount.exists()
 
 
@@ -105,6 +107,12 @@ def test_the_unit_is_fixed_text_whatever_the_url(tmp_path: Path) -> None:
     assert not Path("/tmp/bootkit-pwned").exists()
     link = normal2 / "initrd-root-fs.target.requires" / "bootkit-root.service"
     assert str(link.readlink()) == "/usr/lib/systemd/system/bootkit-root.service"
+    assert sorted(p.name for p in normal2.iterdir()) == [
+        "initrd-root-fs.target.requires",
+        "initrd-root-fs.target.wants",
+    ]
+    wants = normal2 / "initrd-root-fs.target.wants" / "bootkit-network-up.service"
+    assert str(wants.readlink()) == "/usr/lib/systemd/system/bootkit-network-up.service"
 
 
 _WORDS = st.sampled_from(

@@ -98,8 +98,10 @@ def boot(cfg: BootConfig, newroot: str, unit: Optional[str], lock_fd: Optional[i
 
 
 def wait_for_file(path: str, poll: float = 0.05) -> None:
-    """Return once ``path`` exists. No timeout of its own: dracut's main loop bounds the wait (``rd.retry``)
-    and ends the boot, and this process with it, when the network never comes up."""
+    """Return once ``path`` exists. No timeout of its own: in the shell flavour dracut's main loop bounds the
+    wait (``rd.retry``) and ends the boot, and this process with it, when the network never comes up; under
+    systemd ``bootkit-network-up.service`` creates the file once ``network-online.target`` is reached, which
+    ``systemd-networkd-wait-online``'s own timeout bounds (then the fetch fails with the network's error)."""
     while not os.path.exists(path):
         time.sleep(poll)
 
@@ -223,7 +225,7 @@ def run(args: Args) -> int:
         cfg = parse_cmdline(text)
     except ConfigError as e:
         if args.check_cmdline:
-            # parse-qcow2.sh (systemd flavour) hands this line to dracut's die: safe text only
+            # a line for whoever runs the check (a hook's die, a user at a shell): safe text only
             sys.stderr.write(f"error: {safe_text(str(e))}\n")
         else:
             line = safe_text(f"FAILED at cmdline: bad kernel command line: {e}")

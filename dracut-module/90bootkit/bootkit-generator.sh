@@ -94,3 +94,8 @@ Where=/sysroot
 Options=bind
 UNIT
 ln -sf /usr/lib/systemd/system/bootkit-root.service "$normal_dir/initrd-root-fs.target.requires/bootkit-root.service"
+# the boot code starts at once and waits for the network itself: this unit tells it network-online.target is
+# reached (a .wants link, not a Wants= in bootkit-root.service, whose copy the real root's systemd loads)
+mkdir -p "$normal_dir/initrd-root-fs.target.wants"
+ln -sf /usr/lib/systemd/system/bootkit-network-up.service \
+    "$normal_dir/initrd-root-fs.target.wants/bootkit-network-up.service"

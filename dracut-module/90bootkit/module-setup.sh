@@ -130,6 +130,8 @@ EOF
 
     if dracut_module_included "systemd"; then
         inst_simple "$moddir/bootkit-root.service" "$systemdsystemunitdir/bootkit-root.service"
+        inst_simple "$moddir/bootkit-network-up.service" "$systemdsystemunitdir/bootkit-network-up.service"
+        inst_multiple touch
         inst_script "$moddir/bootkit-generator.sh" "$systemdutildir/system-generators/bootkit-generator"
         install_wait_online
         if dracut_module_included "systemd-networkd"; then

@@ -26,20 +26,10 @@ if [ -z "$DRACUT_SYSTEMD" ]; then
     /usr/lib/bootkit/bootkit-start --newroot "${NEWROOT:-/sysroot}" --wait-for /run/bootkit/network-up \
         --status-file /run/bootkit/done --lock-fd 7 &
     exec 7>&-
-else
-    # systemd initramfs: every rd.qcow2.* option is checked now, before the network comes up (the boot code
-    # runs later, in bootkit-root.service). dracut's die writes its message into a hook file that is sourced
-    # later, and the message quotes the command line (which DHCP-fed boot loader variables may have filled):
-    # the boot code prints safe text only, and tr keeps it that way here: printable ASCII except " $ ' \ `
-    # (octal 133 and 135 are [ and ]).
-    if ! _bootkit_out=$(/usr/bin/python3 -S -E /usr/lib/bootkit/bootkit-boot --check-cmdline 2>&1); then
-        _bootkit_out=$(printf '%s' "${_bootkit_out#error: }" | tr -c ' !#%&(-\133\135-_a-~' '?')
-        die "bootkit: $_bootkit_out"
-    fi
-    # with rd.qcow2.debug the check reports the interpreter and the parsed configuration
-    [ -n "$_bootkit_out" ] && info "$_bootkit_out"
-    unset _bootkit_out
 fi
+# systemd initramfs: bootkit-root.service runs the same one process, started right after this hook's service
+# (dracut-cmdline.service): it checks every rd.qcow2.* option before the network is up, and a bad one fails
+# the unit, which isolates emergency.target.
 
 # read by dracut's init and /sbin/netroot
 # shellcheck disable=SC2034
