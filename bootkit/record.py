@@ -7,12 +7,14 @@ initramfs under an emulated CPU the boot paid about half a second for it before 
 ordinary functions instead: the same constructor (positional or keyword, defaults, ``field(default_factory=)``,
 ``__post_init__``), equality and hashing over the fields in order, the same ``repr``, and assignment refused.
 ``replace()`` is ``dataclasses.replace``. Type checkers see them as dataclasses (``dataclass_transform``).
+:class:`Choice` is the other value type the boot code's records hold: a closed set of words.
 
 Runs inside the initramfs: standard library only, Python >= 3.9.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import TYPE_CHECKING, Any, Callable, Dict, Tuple, Type, TypeVar
 
 if TYPE_CHECKING:
@@ -143,3 +145,17 @@ def replace(obj: T, **changes: Any) -> T:
         raise TypeError(f"{type(obj).__name__} has no field {sorted(unknown)[0]!r}")
     values.update(changes)
     return type(obj)(**values)
+
+
+class Choice(str, enum.Enum):
+    """A closed set of words; ``str()`` and f-strings give the word itself on every Python version."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+    @classmethod
+    def words(cls) -> Tuple[str, ...]:
+        return tuple(str(m.value) for m in cls)

@@ -13,12 +13,8 @@ from hypothesis import strategies as st
 from bootkit.boot.cacheopts import CacheFormat
 from bootkit.boot.cmdline import (
     DEFAULT_FILL_RATE,
-    DHCP_NETWORK,
     KNOWN_OPTIONS,
-    Arg,
     BootConfig,
-    Loader,
-    LoaderVar,
     Mode,
     Overlay,
     OverlayKind,
@@ -29,6 +25,7 @@ from bootkit.boot.cmdline import (
     parse_cmdline,
     split_cmdline,
 )
+from bootkit.boot.loaderargs import DHCP_NETWORK, Arg, Loader, LoaderVar
 from bootkit.errors import ConfigError
 
 URL = "http://10.0.2.2:8080/images/disk.qcow2"

@@ -1,8 +1,8 @@
-"""What the boot entry point imports before it does anything: the systemd initramfs's cmdline hook runs
-``bootkit-boot --check-cmdline`` before udev and the network, so each module it imports is boot time (under an
-emulated CPU, seconds: docs/performance.md, "Where the boot time goes"). The boot path still imports the whole
-runtime before it forks the daemon, which cannot import after the root switch (in the shell initramfs, while
-udev and the network come up: docs/initramfs.md, "One Python process").
+"""What the boot entry point imports before it does anything: ``bootkit-boot --check-cmdline`` (a check a user
+or a hook can run) imports the command-line parser only, since each module is boot time under an emulated CPU
+(seconds: docs/performance.md, "Where the boot time goes"). The boot path imports the whole runtime before it
+forks the daemon, which cannot import after the root switch (in both flavours while udev and the network come
+up: docs/initramfs.md, "One Python process").
 
 Each check runs the entry point the way the initramfs does (``python3 -S -E``, a fresh interpreter) and
 lists the modules loaded at exit.

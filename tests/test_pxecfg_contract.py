@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from pxecfg_fixtures import GOLDEN, run_cli
 
-from bootkit.boot.cmdline import WIDEST_LEASE, BootConfig, RootSpec
+from bootkit.boot.cmdline import BootConfig, RootSpec
+from bootkit.boot.loaderargs import WIDEST_LEASE
 from bootkit.host.pxecfg.cmdline import Network, boot_config, kernel_cmdline
 from bootkit.host.pxecfg.load import load_file
 

@@ -12,7 +12,8 @@ import pytest
 from pxecfg_fixtures import GOLDEN, run_cli
 from testtools import require_tools
 
-from bootkit.boot.cmdline import Arg, BootConfig, Loader, LoaderVar, split_cmdline
+from bootkit.boot.cmdline import BootConfig, split_cmdline
+from bootkit.boot.loaderargs import Arg, Loader, LoaderVar
 from bootkit.host.pxecfg.cmdline import Network, boot_config, kernel_cmdline, network_choices
 from bootkit.host.pxecfg.load import load_file
 from bootkit.host.pxecfg.model import IpConfig

@@ -13,7 +13,8 @@ import pytest
 from pxecfg_fixtures import GOLDEN
 from test_pxecfg_lease import IPXE_EXPANSIONS, _networkd_files
 
-from bootkit.boot.cmdline import WIDEST_LEASE, BootConfig, Loader, LoaderVar
+from bootkit.boot.cmdline import BootConfig
+from bootkit.boot.loaderargs import WIDEST_LEASE, Loader, LoaderVar
 from bootkit.host.pxecfg.cmdline import Network, boot_config, kernel_cmdline, network_choices
 from bootkit.host.pxecfg.load import load_file
 from bootkit.host.pxecfg.model import Config

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from pxecfg_fixtures import run_cli
 
-from bootkit.boot.cmdline import BootConfig, Loader, split_cmdline
+from bootkit.boot.cmdline import BootConfig, split_cmdline
+from bootkit.boot.loaderargs import Loader
 from bootkit.host.pxecfg.cmdline import Network, boot_config, kernel_args, kernel_cmdline, network_choices
 from bootkit.host.pxecfg.load import load_file
 from bootkit.host.pxecfg.model import IpConfig

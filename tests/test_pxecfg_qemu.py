@@ -42,7 +42,8 @@ from bkharness.netboot import bootfile
 from pxecfg_fixtures import logged_http_server, run_cli
 from testtools import require_tools
 
-from bootkit.boot.cmdline import Loader, LoaderVar, join_args
+from bootkit.boot.cmdline import join_args
+from bootkit.boot.loaderargs import Loader, LoaderVar
 from bootkit.host.kernelpkg import Kernel
 from bootkit.host.pxecfg.cmdline import kernel_words, network_choices
 from bootkit.host.pxecfg.load import load_file

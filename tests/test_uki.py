@@ -14,7 +14,8 @@ import pytest
 from pxecfg_fixtures import run_cli
 from testtools import require_tools
 
-from bootkit.boot.cmdline import NETWORK_KEYS, Loader, join_args, split_cmdline
+from bootkit.boot.cmdline import NETWORK_KEYS, join_args, split_cmdline
+from bootkit.boot.loaderargs import Loader
 from bootkit.host import pe
 from bootkit.host.pxecfg.cmdline import kernel_args
 from bootkit.host.pxecfg.load import load_file

@@ -27,6 +27,7 @@ BOOTKIT_MODULES: Tuple[str, ...] = (
     "bootkit.run",
     "bootkit.daemon",
     "bootkit.boot.cmdline",
+    "bootkit.boot.loaderargs",
     "bootkit.boot.urlhost",
     "bootkit.boot.partitions",
     "bootkit.boot.status",

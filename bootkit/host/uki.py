@@ -27,7 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bootkit.boot.cmdline import DHCP_NETWORK, BootConfig
+from bootkit.boot.cmdline import BootConfig
+from bootkit.boot.loaderargs import DHCP_NETWORK
 from bootkit.errors import BootkitError, ConfigError, UsageError
 from bootkit.host import pe
 from bootkit.host.pxecfg.cmdline import MAX_CMDLINE, boot_config

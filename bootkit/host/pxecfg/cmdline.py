@@ -15,16 +15,13 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from bootkit.boot.cmdline import (
+from bootkit.boot.cmdline import BootConfig, OverlayKind, Verify, join_args
+from bootkit.boot.loaderargs import (
     WIDEST_LEASE,
     Arg,
-    BootConfig,
     Loader,
     LoaderVar,
-    OverlayKind,
-    Verify,
     boot_nic_dhcp_network,
-    join_args,
     lease6_network,
     lease_network,
 )

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from bootkit.boot.cacheopts import CacheFormat
-from bootkit.boot.cmdline import BootConfig, Loader
+from bootkit.boot.cmdline import BootConfig
+from bootkit.boot.loaderargs import Loader
 from bootkit.errors import ConfigError
 from bootkit.host.pxecfg import network as net
 from bootkit.host.pxecfg import resolve

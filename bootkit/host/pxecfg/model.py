@@ -16,11 +16,11 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
 from bootkit.boot.cacheopts import CacheFormat
-from bootkit.boot.cmdline import Arg
 from bootkit.boot.cmdline import Mode as Mode
 from bootkit.boot.cmdline import Overlay as Overlay
 from bootkit.boot.cmdline import OverlayKind as OverlayKind
 from bootkit.boot.cmdline import RootSpec as RootSpec
+from bootkit.boot.loaderargs import Arg
 
 
 class Bootloader(enum.StrEnum):

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import jinja2
 
-from bootkit.boot.cmdline import Arg, Loader, LoaderVar
+from bootkit.boot.loaderargs import Arg, Loader, LoaderVar
 from bootkit.errors import ConfigError
 from bootkit.host.pxecfg import shim
 from bootkit.host.pxecfg.cmdline import Network, kernel_words, network_choices
