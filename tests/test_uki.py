@@ -7,16 +7,21 @@ real sbverify. The kernel and initramfs are files of odd sizes (the layout does 
 
 from __future__ import annotations
 
+import base64
 import re
 from pathlib import Path
 
 import pytest
+from initrd_fixtures import contract_json, make_initramfs
 from pxecfg_fixtures import run_cli
 from testtools import require_tools
 
-from bootkit.boot.cmdline import NETWORK_KEYS, join_args, split_cmdline
+from bootkit.boot.channel import TRUST_FILE
+from bootkit.boot.cmdline import CONTRACT_FILE, NETWORK_KEYS, join_args, split_cmdline
+from bootkit.boot.ed25519 import fingerprint
 from bootkit.boot.loaderargs import Loader
 from bootkit.host import pe
+from bootkit.host.initrd import read_trust_key
 from bootkit.host.pxecfg.cmdline import kernel_args
 from bootkit.host.pxecfg.load import load_file
 from bootkit.host.uki import PAGE, SECTIONS, STUB, UKI_NETWORK, uki_args
@@ -274,3 +279,64 @@ def test_pe_reader_names_the_field(data: bytes, message: str) -> None:
     with pytest.raises(pe.PeError) as e:
         pe.parse(data, "x")
     assert str(e.value) == message
+
+
+# -- signed channels: the UKI's initramfs must trust a channel key ------------------------------------------
+
+CHANNEL_LINE = "root=qcow2:channel:http://10.0.0.1/stable.json ro ip=dhcp rd.neednet=1 console=ttyS0"
+
+
+def channel_key(directory: Path) -> tuple[Path, bytes]:
+    """An Ed25519 public key as openssl writes it (what ``--trust-key`` takes), and its raw bytes."""
+    require_tools("openssl")
+    key, pub = directory / "channel.key", directory / "channel.pub"
+    run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", key], capture=True)
+    run(["openssl", "pkey", "-in", key, "-pubout", "-out", pub], capture=True)
+    return pub, read_trust_key(pub)
+
+
+def test_a_channel_line_with_an_initramfs_that_trusts_a_key(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                            parts: tuple[Path, Path]) -> None:  # fmt: skip
+    _, raw = channel_key(tmp_path)
+    kernel, _ = parts
+    initrd = make_initramfs(tmp_path / "initrd-keys.img", {
+        CONTRACT_FILE: contract_json(), TRUST_FILE: base64.b64encode(raw) + b"\n",
+    })  # fmt: skip
+    out = tmp_path / "uki.efi"
+    status, stdout, err = build(capsys, (kernel, initrd), out, "--cmdline", CHANNEL_LINE)
+    assert status == 0, err
+    assert f"signed channels (root=qcow2:channel:) trusted from keys {fingerprint(raw)}\n" in stdout
+    assert out.exists()
+
+
+@pytest.mark.parametrize("initrd_files", ["no keys", "not an initramfs"])
+def test_a_channel_line_with_an_initramfs_that_trusts_no_key_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, parts: tuple[Path, Path], initrd_files: str
+) -> None:
+    kernel, fake = parts
+    initrd = fake if initrd_files == "not an initramfs" else make_initramfs(tmp_path / "initrd-nokeys.img")
+    out = tmp_path / "uki.efi"
+    status, stdout, err = build(capsys, (kernel, initrd), out, "--cmdline", CHANNEL_LINE)
+    assert status == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    if initrd_files == "no keys":
+        assert err == ("error: the command line boots a signed channel (root=qcow2:channel:http://10.0.0.1/"
+                       "stable.json), and the initramfs trusts no channel key: give --trust-key PUB (or an --initrd "
+                       "built with it)\n")  # fmt: skip
+    else:
+        assert err.startswith(f"error: --initrd {initrd}: "), err
+    assert stdout == "" and not out.exists()
+
+
+def test_trust_key_is_for_the_initramfs_built_here(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                   parts: tuple[Path, Path]) -> None:  # fmt: skip
+    pub, _ = channel_key(tmp_path)
+    kernel, _ = parts
+    out = tmp_path / "uki.efi"
+    status, _, err = build(capsys, parts, out, "--cmdline", CHANNEL_LINE, "--trust-key", pub)
+    assert (status, err) == (2, "error: --systemd/--drivers/--trust-key are about the initramfs built here; --initrd "
+                                "gives a built one\n")  # fmt: skip
+    # building the initramfs here for a channel line: refused before dracut runs when no key is given
+    status, _, err = run_cli(capsys, "build-uki", "-o", str(out), "--kernel", str(kernel), "--cmdline", CHANNEL_LINE)
+    assert status == 2 and err.startswith("error: the command line boots a signed channel"), err
+    assert "would trust no channel key: give --trust-key PUB" in err
+    assert not out.exists()

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bootkit.errors import UsageError
+
+if TYPE_CHECKING:
+    from bootkit.boot.cmdline import BootConfig
 
 DESCRIPTION = """\
 Build a unified kernel image (UKI) for UEFI HTTP Boot and Secure Boot: systemd's EFI stub with the kernel,
@@ -15,7 +18,8 @@ bootkit's initramfs (built here with build-initrd's options, or given with --ini
 as sections, signed with the site's Secure Boot key (--sign-key/--sign-cert) and checked with sbverify. The
 command line is the one pxe-config writes for an entry of a TOML description (--toml/--entry/--machine), with
 DHCP as its network part, or given whole with --cmdline. Under Secure Boot the firmware verifies every byte of
-it, the pinned image hash included. See docs/secure-boot.md.
+it, the pinned image hash included. A line that boots a signed channel (root=qcow2:channel:) needs an initramfs
+that trusts a channel key (--trust-key). See docs/secure-boot.md.
 """
 
 
@@ -38,6 +42,9 @@ def register(sub: Any) -> None:
                        help="kernel modules, .../lib/modules/VER (as build-initrd)")
     parts.add_argument("--systemd", action="store_true", help="build a systemd initramfs (as build-initrd)")
     parts.add_argument("--drivers", metavar="LIST", help="NIC drivers for the initramfs built here (as build-initrd)")
+    parts.add_argument("--trust-key", dest="trust_keys", action="append", default=[], type=Path, metavar="PUB",
+                       help="Ed25519 public key whose signed channels the initramfs built here boots (as "
+                            "build-initrd; repeatable)")  # fmt: skip
     parts.add_argument("--stub", type=Path, metavar="FILE",
                        help="systemd EFI stub (default: /usr/lib/systemd/boot/efi/linuxx64.efi.stub)")
     signing = p.add_argument_group("Secure Boot signature")
@@ -46,16 +53,16 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=_build_uki)
 
 
-def _command_line(args: argparse.Namespace) -> tuple[str, str]:
-    """(the line, the os-release PRETTY_NAME) from --toml/--entry/--machine or --cmdline."""
+def _command_line(args: argparse.Namespace) -> tuple[str, str, BootConfig]:
+    """(the line, the os-release PRETTY_NAME, the line as the initramfs reads it) from --toml/--entry/--machine
+    or --cmdline."""
     from bootkit.boot.cmdline import join_args
     from bootkit.host.uki import check_cmdline, uki_args
 
     if args.cmdline is not None:
         if args.toml is not None or args.entry is not None or args.machine is not None:
             raise UsageError("--cmdline contradicts --toml/--entry/--machine: give the line one way")
-        check_cmdline(args.cmdline, "--cmdline")
-        return args.cmdline, "bootkit netboot"
+        return args.cmdline, "bootkit netboot", check_cmdline(args.cmdline, "--cmdline")
     if args.toml is None:
         if args.entry is not None or args.machine is not None:
             raise UsageError("--entry/--machine name things in a description: give --toml FILE too")
@@ -81,8 +88,28 @@ def _command_line(args: argparse.Namespace) -> tuple[str, str]:
         names = ", ".join(e.name for e in config.entries)
         raise UsageError(f"--entry {name}: {args.toml} has no such entry (entries: {names})") from None
     line = join_args(uki_args(entry, machine))
-    check_cmdline(line, f"{args.toml}: entry {entry.name!r}")
-    return line, f"bootkit {entry.name}" + (f" on {machine.mac}" if machine is not None else "")
+    cfg = check_cmdline(line, f"{args.toml}: entry {entry.name!r}")
+    return line, f"bootkit {entry.name}" + (f" on {machine.mac}" if machine is not None else ""), cfg
+
+
+def _channel_keys(initrd: Path, cfg: BootConfig) -> tuple[bytes, ...]:
+    """With a signed channel on the line (``root=qcow2:channel:``): the keys the initramfs trusts, refused
+    when there are none (the machine would refuse every channel). Without one: ()."""
+    if not cfg.channel:
+        return ()
+    from bootkit.host.pxecfg.initramfs import UnreadableInitramfs, read_trust_keys
+
+    try:
+        with initrd.open("rb") as f:
+            keys = read_trust_keys(f.read, what=f"--initrd {initrd}")
+    except OSError as e:
+        raise UsageError(f"--initrd {initrd}: cannot read: {e.strerror or e}") from None
+    except UnreadableInitramfs as e:
+        raise UsageError(str(e)) from None
+    if not keys:
+        raise UsageError(f"the command line boots a signed channel (root=qcow2:channel:{cfg.url}), and the "
+                         "initramfs trusts no channel key: give --trust-key PUB (or an --initrd built with it)")
+    return keys
 
 
 def _build_uki(args: argparse.Namespace) -> int:
@@ -92,9 +119,14 @@ def _build_uki(args: argparse.Namespace) -> int:
     if (args.sign_key is None) != (args.sign_cert is None):
         raise UsageError("--sign-key and --sign-cert go together: give both, or neither for an unsigned UKI")
     builds_initrd = args.initrd is None
-    if not builds_initrd and (args.systemd or args.drivers is not None):
-        raise UsageError("--systemd/--drivers are about the initramfs built here; --initrd gives a built one")
-    line, pretty_name = _command_line(args)
+    if not builds_initrd and (args.systemd or args.drivers is not None or args.trust_keys):
+        raise UsageError("--systemd/--drivers/--trust-key are about the initramfs built here; --initrd gives a "
+                         "built one")
+    line, pretty_name, cfg = _command_line(args)
+    trust_keys = tuple(initrd_mod.read_trust_key(p) for p in args.trust_keys)
+    if builds_initrd and cfg.channel and not trust_keys:
+        raise UsageError(f"the command line boots a signed channel (root=qcow2:channel:{cfg.url}), and the "
+                         "initramfs built here would trust no channel key: give --trust-key PUB")
     signing = None if args.sign_key is None else uki.Signing(args.sign_key, args.sign_cert)
     stub = args.stub or uki.STUB
 
@@ -110,7 +142,7 @@ def _build_uki(args: argparse.Namespace) -> int:
                 drivers = tuple(d.strip() for d in args.drivers.split(",") if d.strip())
             built = initrd_mod.build_initrd(initrd_mod.InitrdOptions(
                 output=Path(tmp) / "initrd.img", kver=args.kver, kmoddir=args.kmoddir, systemd=args.systemd,
-                drivers=drivers,
+                drivers=drivers, trust_keys=trust_keys,
             ))  # fmt: skip
             log.info("build-uki: %s", initrd_mod.describe(built))
             initrd = built.output
@@ -119,6 +151,7 @@ def _build_uki(args: argparse.Namespace) -> int:
             kernel = initrd_mod.resolve_kernel(args.kver, args.kmoddir)[2]
         if kernel is None:
             raise UsageError("no kernel found next to the modules: give --kernel FILE")
+        keys = _channel_keys(initrd, cfg)
         result = uki.build_uki(uki.UkiOptions(
             output=args.output,
             kernel=kernel,
@@ -130,4 +163,8 @@ def _build_uki(args: argparse.Namespace) -> int:
         ))  # fmt: skip
     print(uki.describe(result))
     print(f"command line: {line}")
+    if keys:
+        from bootkit.boot.ed25519 import fingerprint
+
+        print(f"signed channels (root=qcow2:channel:) trusted from keys {', '.join(map(fingerprint, keys))}")
     return 0

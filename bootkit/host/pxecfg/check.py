@@ -37,9 +37,9 @@ from bootkit.boot.channel import (
 )
 from bootkit.boot.channel import check_channel as check_channel_values
 from bootkit.boot.cmdline import CONTRACT_FILE, PREFIX, option_name
-from bootkit.boot.ed25519 import SIGNATURE_SIZE, BadKey, parse_public_key
+from bootkit.boot.ed25519 import SIGNATURE_SIZE
 from bootkit.host.pxecfg.cmdline import kernel_args
-from bootkit.host.pxecfg.initramfs import UnreadableInitramfs, read_member
+from bootkit.host.pxecfg.initramfs import UnreadableInitramfs, read_member, read_trust_keys
 from bootkit.host.pxecfg.model import Artifact, Config, Entry
 from bootkit.log import human_size, log
 
@@ -234,8 +234,11 @@ def check_initrds(config: Config, *, timeout: float = 30.0) -> list[str]:
                 continue
             try:
                 with _initrd_reader(session, initrd, timeout) as read:
-                    keys = _trusted_keys(read_member(read, TRUST_FILE, what=url), url)
-            except (UnreadableInitramfs, requests.RequestException, OSError) as e:
+                    keys = read_trust_keys(read, what=url)
+            except UnreadableInitramfs as e:
+                problems.append(str(e))
+                continue
+            except (requests.RequestException, OSError) as e:
                 problems.append(f"{url}: {TRUST_FILE}: {e}")
                 continue
             if not keys:
@@ -244,16 +247,6 @@ def check_initrds(config: Config, *, timeout: float = 30.0) -> list[str]:
                 continue
             problems += [p for e in channels for p in check_channel_entry(session, e, keys, timeout)]
     return problems
-
-
-def _trusted_keys(data: bytes | None, url: str) -> tuple[bytes, ...]:
-    if data is None:
-        return ()
-    try:
-        text = data.decode("ascii")
-        return tuple(parse_public_key(line, f"{url}: {TRUST_FILE}") for line in text.splitlines() if line.strip())
-    except (UnicodeDecodeError, BadKey) as e:
-        raise UnreadableInitramfs(f"not a list of keys ({e})") from None
 
 
 def check_channel_entry(session: requests.Session, entry: Entry, keys: tuple[bytes, ...], timeout: float) -> list[str]:

@@ -4,7 +4,8 @@ padding between them. dracut writes an uncompressed early-microcode archive firs
 (``--no-early-microcode``, as ``bootkit build-initrd`` does), then the main archive compressed as asked
 (``--zstd``; dracut's default is gzip).
 
-Used by ``pxe-config --check`` to read which command-line contract an initramfs understands. The image is
+Used by ``pxe-config --check`` to read which command-line contract an initramfs understands, and by it and
+``build-uki`` to read which channel keys it trusts (:func:`read_trust_keys`). The image is
 read as a stream (a local file or an HTTP body), never whole into memory, and everything in it is hostile:
 names and sizes are bounded, a malformed archive is one :class:`UnreadableInitramfs` line.
 """
@@ -169,3 +170,19 @@ def _read_member(s: _Stream, name: str, what: str, limit: int) -> bytes | None:
                 f"gzip-compressed; starts with {magic.hex()})"
             )
         compressed = expect_archive = True
+
+
+def read_trust_keys(read: Callable[[int], bytes], *, what: str) -> tuple[bytes, ...]:
+    """The Ed25519 keys whose signed channels the initramfs boots (``build-initrd --trust-key``): its
+    ``channel-keys`` file, one key a line; () when it has none."""
+    from bootkit.boot.channel import TRUST_FILE
+    from bootkit.boot.ed25519 import BadKey, parse_public_key
+
+    data = read_member(read, TRUST_FILE, what=what)
+    if data is None:
+        return ()
+    try:
+        text = data.decode("ascii")
+        return tuple(parse_public_key(line, f"{what}: {TRUST_FILE}") for line in text.splitlines() if line.strip())
+    except (UnicodeDecodeError, BadKey) as e:
+        raise UnreadableInitramfs(f"{what}: {TRUST_FILE}: not a list of keys ({e})") from None
