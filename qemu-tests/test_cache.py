@@ -39,6 +39,8 @@ from bootkit.run import run
 
 BOOT_TIMEOUT = 300.0
 CACHE_DISK_SIZE = 160 << 20
+#: the cache partition as the kernel line names it (its GPT name, which sfdisk writes below)
+CACHE_SPEC = "PARTLABEL=bootkit-cache"
 #: the cache partition's byte offset on the cache disk (sfdisk's default alignment)
 PART_OFFSET = 1 << 20
 #: what opening a file's server costs besides its chunks (the size probe asks for byte 0; slack for a retry)
@@ -85,7 +87,7 @@ def boot(kernel: Any, initrd: Path, disk: Path, url: str, pins: list[str], *, wo
     append = " ".join((
         f"root=qcow2:{url}",
         "rd.qcow2.mode=stream", "rd.qcow2.fill-rate=0", *pins,
-        "rd.qcow2.cache=PARTLABEL=bootkit-cache", "rd.qcow2.cache.format=auto",
+        f"rd.qcow2.cache={CACHE_SPEC}", "rd.qcow2.cache.format=auto",
         "rd.qcow2.overlay=tmpfs", "rw", "ip=dhcp", "rd.neednet=1",
         *GUEST_KERNEL_ARGS, "rd.shell=0", "rd.emergency=poweroff",
     ))  # fmt: skip
@@ -130,6 +132,8 @@ def test_cache_fills_then_boots_offline_then_fetches_only_the_delta(
             vm.expect(rf"0 of {len(base_chunks)} chunks in the local cache", BOOT_TIMEOUT)
             after_fill(vm, web, bulk_sha256)
             boot_dir.prove(vm, root, BOOT_TIMEOUT, mode="stream", cache="cold", root="stream", initrd="shell")
+            # bootkit status on the booted system: the cache the line names, the image server asked
+            assert vm.seen(rf'status: "cache": \{{ .*"device": "{CACHE_SPEC}", "server_contacted": true \}}'), vm.tail()
         first = fetched(web)
     assert vm.seen(r"fill complete: .* in the local cache"), vm.tail()
     size = base.stat().st_size
@@ -146,6 +150,8 @@ def test_cache_fills_then_boots_offline_then_fetches_only_the_delta(
                   r"and was not contacted", BOOT_TIMEOUT)  # fmt: skip
         after_fill(vm, None, bulk_sha256)
         boot_dir.prove(vm, root, BOOT_TIMEOUT, mode="stream", cache="warm-offline", root="stream", initrd="shell")
+        status = rf'status: "cache": \{{ "complete": true, "device": "{CACHE_SPEC}", "server_contacted": false \}}'
+        assert vm.seen(status), vm.tail()
     assert vm.seen(rf"fetch: manifest {base_pin} from the local cache"), vm.tail()
 
     # 3. base + new overlay, one base chunk damaged on the host: the overlay and that chunk are fetched

@@ -11,6 +11,7 @@ rollback, wrong image) need no guest: tests/test_channel_boot.py runs them throu
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -102,3 +103,7 @@ def test_publish_sign_to_a_channel_boot(kernel: Any, shell_initrd: Path, busybox
             assert vm.seen(rf"channel: channel stable version 1 signed by key {fingerprint(pub)}, valid until "
                            rf"\S+: {channel.image} sha256 {channel.pin.sha256}")  # fmt: skip
             assert vm.seen(r"chunks verified by manifest")
+            # bootkit status on the booted system names the channel that chose the image
+            assert vm.seen(rf'status: "channel": \{{ "expires": "\S+", "image": "{re.escape(channel.image)}", '
+                           rf'"name": "stable", "url": "{re.escape(web.guest_url)}/stable.json", "version": 1 \}}'), \
+                vm.tail()  # fmt: skip

@@ -51,6 +51,8 @@ def test_second_boot_from_the_cache_with_the_server_gone(
             source.pread(0, source.size)  # every chunk: what stream mode's fill does
         assert first.image.pread(0, len(disk)) == disk
         assert not first.fetcher.offline
+        # what bootkit status shows: every chunk now on the cache disk, the server asked for them
+        assert first.source() == {"cache": {"device": "/dev/x", "complete": True, "server_contacted": True}}
         first.close()
     # the server is gone (its port closed); the same command line
     cache = DiskCache.open(str(tmp_path / "cache"))
@@ -61,6 +63,7 @@ def test_second_boot_from_the_cache_with_the_server_gone(
         assert second.root.number == 0 and second.root.fs is not None and second.root.fs.label == "root"
         assert second.image.pread(0, len(disk)) == disk
         assert second.fetcher.offline
+        assert second.source() == {"cache": {"device": "/dev/x", "complete": True, "server_contacted": False}}
         assert cache.stats["cache_misses"] == 0 and cache.stats["cache_hits"] > 0
     finally:
         second.close()

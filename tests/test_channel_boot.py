@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from boot_fixtures import DPS_ROOT_X86_64, Part, make_disk, make_ext4, need
 
-from bootkit.boot.channel import Channel, ChannelRefused, FileVersionStore, Pin, Trust, follow, load_keys
+from bootkit.boot.channel import Channel, ChannelRefused, FileVersionStore, Pin, Trust, follow, format_time, load_keys
 from bootkit.boot.cmdline import BootConfig, parse_cmdline
 from bootkit.boot.ed25519 import parse_public_key
 from bootkit.boot.serve import Prepared, prepare
@@ -140,6 +140,11 @@ def test_channel_boots_its_image_pinned(site: Site, tmp_path: Path, mode: str) -
         else:
             assert cfg.manifest_sha256 == channel.pin.manifest_sha256
             assert cfg.backing_sha256 == {base: pin.sha256, base + ".manifest": pin.manifest_sha256}
+        # what bootkit status shows: the channel that named the image, no cache
+        assert ready.source() == {"channel": {
+            "url": f"{site.url}stable.json", "name": channel.name, "version": channel.version,
+            "image": channel.image, "expires": format_time(channel.expires),
+        }}  # fmt: skip
     finally:
         ready.close()
     assert (tmp_path / "state" / "stable.version").read_text() == f"{channel.version}\n"

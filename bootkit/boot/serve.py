@@ -16,7 +16,7 @@ import posixpath
 import time
 from typing import Any, Dict, Optional
 
-from bootkit.boot.channel import ChannelRefused, Trust, follow
+from bootkit.boot.channel import Channel, ChannelRefused, Trust, follow, format_time
 from bootkit.boot.cmdline import BootConfig
 from bootkit.boot.images import IMAGE_DIR, ImageFetcher, grow_run
 from bootkit.boot.partitions import Partition, choose_root, read_disk
@@ -30,8 +30,36 @@ class Prepared:
     """A verified, opened image and the partition that holds the root; ``cfg`` is the configuration it was
     fetched with (after a channel named the image: with the channel's pins)."""
 
-    def __init__(self, image: Any, fetcher: ImageFetcher, root: Partition, cfg: BootConfig) -> None:
+    def __init__(self, image: Any, fetcher: ImageFetcher, root: Partition, cfg: BootConfig,
+                 channel: Optional[Channel] = None, channel_url: Optional[str] = None) -> None:  # fmt: skip
         self.image, self.fetcher, self.root, self.cfg = image, fetcher, root, cfg
+        #: the signed channel that named the image (``root=qcow2:channel:<channel_url>``), or None
+        self.channel, self.channel_url = channel, channel_url
+
+    def source(self) -> Dict[str, Any]:
+        """Where the image came from, for the status file: the signed channel that named it (its name, version
+        and expiry; every field checked when the channel was parsed), and the local cache (the device as the
+        command line names it, whether it holds the whole image, and whether the image server was contacted).
+        Read again while the root is served: a lazy read of a chunk the cache lacks contacts the server."""
+        facts: Dict[str, Any] = {}
+        fetcher = self.fetcher
+        if self.channel is not None:
+            facts["channel"] = {
+                "url": self.channel_url,
+                "name": self.channel.name,
+                "version": self.channel.version,
+                "image": self.channel.image,
+                "expires": format_time(self.channel.expires),
+            }
+        if fetcher.cache is not None:
+            facts["cache"] = {
+                "device": self.cfg.cache,
+                # every chunk of the image is on the cache disk: this machine needs no image server
+                "complete": cache_complete(fetcher),
+                # the image server was asked for something during this boot (the files' sizes, missing chunks)
+                "server_contacted": not fetcher.offline,
+            }
+        return facts
 
     def close(self) -> None:
         self.image.close()
@@ -46,6 +74,7 @@ def prepare(cfg: BootConfig, stages: Stages, image_dir: str = IMAGE_DIR, trust: 
     from bootkit import qcow2
 
     channel = None
+    channel_url = cfg.url if cfg.channel else None
     if cfg.channel:
         if trust is None and cache is not None:  # versions remembered on the cache disk survive power-off
             from bootkit.boot.channel import load_keys
@@ -77,7 +106,7 @@ def prepare(cfg: BootConfig, stages: Stages, image_dir: str = IMAGE_DIR, trust: 
         image.close()
         fetcher.close()
         raise
-    return Prepared(image, fetcher, root, cfg)
+    return Prepared(image, fetcher, root, cfg, channel, channel_url)
 
 
 def run_daemon(cfg: BootConfig, stages: Stages, report: Any) -> int:
@@ -123,6 +152,7 @@ def run_daemon(cfg: BootConfig, stages: Stages, report: Any) -> int:
         server_pid=os.getpid(),
         timeline=stages.timeline,
         counters=counters(image, fetcher, devstats),
+        **ready.source(),
     )
     fill = None
     if fetcher.streams:
@@ -136,16 +166,21 @@ def run_daemon(cfg: BootConfig, stages: Stages, report: Any) -> int:
                               report=lambda fields: status.update(fill=fields), gate=root_mounted)  # fmt: skip
         except Exception as e:  # the root is attached: a fill that cannot start must not take its server down
             log.warning("fill: WARNING: cannot start (%s: %s): stream mode stays lazy", type(e).__name__, e)
-    status.refresh_every(10.0, lambda: counters(image, fetcher, devstats, fill))
+    status.refresh_every(10.0, lambda: {"counters": counters(image, fetcher, devstats, fill), **ready.source()})
     report.send(0, json.dumps({"device": device, "fstype": root.fs.type if root.fs else None}))
     attachment.wait()
     return 0
 
 
+def cache_complete(fetcher: ImageFetcher) -> bool:
+    """True when every file of the image is read through the local cache and the cache holds all its chunks."""
+    stores = [getattr(s, "store", None) for s in fetcher.sources]
+    return bool(fetcher.remotes) and all(store is not None and store.complete() for store in stores)
+
+
 def _say_if_local(fetcher: ImageFetcher) -> None:
     """One console line when the local cache holds every chunk of the image: the boot needs no image server."""
-    stores = [getattr(s, "store", None) for s in fetcher.sources]
-    if not fetcher.remotes or not all(store is not None and store.complete() for store in stores):
+    if not cache_complete(fetcher):
         return
     contacted = "" if fetcher.offline else " (it was contacted for the chunks that were missing)"
     log.info("[%8.2f] cache: booted from the local cache: every chunk is local, the image server is not needed%s",

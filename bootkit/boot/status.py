@@ -45,15 +45,16 @@ class StatusFile:
                 os.close(fd)
             os.replace("status.json.tmp", "status.json", src_dir_fd=self._dirfd, dst_dir_fd=self._dirfd)
 
-    def refresh_every(self, seconds: float, counters: Callable[[], Dict[str, Any]]) -> threading.Thread:
-        """Rewrite the counters every ``seconds`` from a daemon thread (the NBD server process)."""
+    def refresh_every(self, seconds: float, fields: Callable[[], Dict[str, Any]]) -> threading.Thread:
+        """Merge ``fields()`` (the counters, and whatever else changes while the root is served) into the
+        status every ``seconds``, from a daemon thread (the NBD server process)."""
 
         def loop() -> None:
             while True:
                 threading.Event().wait(seconds)
                 # a status file must never take the root's server down
                 with contextlib.suppress(Exception):
-                    self.update(counters=counters())
+                    self.update(**fields())
 
         t = threading.Thread(target=loop, name="bootkit-status", daemon=True)
         t.start()
