@@ -93,8 +93,8 @@ def _command_line(args: argparse.Namespace) -> tuple[str, str, BootConfig]:
 
 
 def _channel_keys(initrd: Path, cfg: BootConfig) -> tuple[bytes, ...]:
-    """With a signed channel on the line (``root=qcow2:channel:``): the keys the initramfs trusts, refused
-    when there are none (the machine would refuse every channel). Without one: ()."""
+    """With a signed channel on the line (``root=qcow2:channel:``): the keys the given ``--initrd`` trusts,
+    read out of it, refused when there are none (the machine would refuse every channel). Without one: ()."""
     if not cfg.channel:
         return ()
     from bootkit.host.pxecfg.initramfs import UnreadableInitramfs, read_trust_keys
@@ -136,6 +136,7 @@ def _build_uki(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bootkit-uki.") as tmp:
         kernel = args.kernel
         initrd = args.initrd
+        keys: tuple[bytes, ...] = ()
         if builds_initrd:
             drivers = None
             if args.drivers is not None:
@@ -147,11 +148,14 @@ def _build_uki(args: argparse.Namespace) -> int:
             log.info("build-uki: %s", initrd_mod.describe(built))
             initrd = built.output
             kernel = kernel or built.vmlinuz
+            # the keys the build installed (a channel line without any was refused before it)
+            keys = built.trust_keys if cfg.channel else ()
         elif kernel is None:
             kernel = initrd_mod.resolve_kernel(args.kver, args.kmoddir)[2]
         if kernel is None:
             raise UsageError("no kernel found next to the modules: give --kernel FILE")
-        keys = _channel_keys(initrd, cfg)
+        if not builds_initrd:
+            keys = _channel_keys(initrd, cfg)
         result = uki.build_uki(uki.UkiOptions(
             output=args.output,
             kernel=kernel,
