@@ -7,9 +7,8 @@ their values and the rules that tie them together live here and nowhere else. A 
 
 Parsed once into a frozen :class:`BootConfig`; every value is checked here, so that a typo fails the boot
 as soon as the boot code starts (right after dracut's cmdline hooks), before the network comes up, with one
-line naming the option. Unknown options that look
-like ours (anything starting with ``rd.qcow``) are errors too, with the nearest known name: a mistyped
-``rd.qcow2.sha256`` must not silently turn pinning off.
+line naming the option. Unknown options that look like ours (anything starting with ``rd.qcow``) are errors
+too, with the nearest known name: a mistyped ``rd.qcow2.sha256`` must not silently turn pinning off.
 
 Options come and go with releases while a fleet boots initramfs images of several ages, so each initramfs
 records which :data:`CONTRACT_VERSION` and :data:`KNOWN_OPTIONS` it understands (:func:`contract_info`,

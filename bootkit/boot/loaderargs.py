@@ -143,8 +143,6 @@ DHCP_NETWORK: Tuple[Arg, ...] = (Arg.of("ip=dhcp"), Arg.of("rd.neednet=1"))
 BOOT_IFNAME = "bootnet"
 
 
-
-
 # Both use dracut's full ``ip=`` form, which dracut and systemd-network-generator read alike:
 #   ip=<client-IP>:[<peer>]:<gateway-IP>:<netmask>:<client_hostname>:<interface>:<autoconf>[:<dns1>]
 # and pin the interface by MAC with ``ifname=``, which both know (systemd-network-generator ignores BOOTIF=).
